@@ -1,0 +1,230 @@
+"""Reads a `.wandb` run file (offline or synced run folder) from any record boundary onwards.
+
+Framing, CRC checks, history items and summary deltas are decoded by the C scanner
+(`_wandb_scan`); the few remaining record kinds are decoded here with wandb's proto classes.
+Reading stops at the end of the file, at an incomplete tail (a live or killed run: not an
+error, the next read resumes there) or at a corrupt record (reported with file and offset;
+everything before it is kept).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from google.protobuf.json_format import MessageToDict
+from wandb.proto import wandb_internal_pb2 as pb
+
+from mvdata_assets.runs import _wandb_scan
+
+HEADER = struct.Struct("<4sHB")
+HEADER_BYTES = HEADER.size
+MAGIC = (b":W&B", 0xBEE1, 0)
+BLOCK = 32768
+DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+
+# Record oneof field numbers the C scanner hands back (see wandb_internal.proto).
+CONFIG, STATS, RUN, EXIT, FINAL, HEADER_RECORD, FOOTER, PREEMPTING, ENVIRONMENT = (
+    5,
+    7,
+    17,
+    18,
+    20,
+    21,
+    22,
+    23,
+    26,
+)
+
+HISTORY_SCHEMA = pa.schema(
+    [
+        ("step", pa.int64()),
+        ("timestamp", pa.float64()),
+        ("runtime_s", pa.float64()),
+        ("key", pa.string()),
+        ("value", pa.float64()),
+        ("value_json", pa.string()),
+    ]
+)
+
+
+class NotAWandbFile(ValueError):
+    """The file is empty or does not start with the `.wandb` header."""
+
+
+@dataclass
+class RunHeader:
+    run_id: str
+    entity: str
+    project: str
+    display_name: str
+    group: str
+    job_type: str
+    tags: list[str]
+    host: str
+    notes: str
+    sweep_id: str
+    started_at: datetime | None
+
+
+@dataclass
+class Chunk:
+    """What one stretch of the file held. Dict values of None mean "removed"."""
+
+    end_offset: int
+    history: pa.Table
+    history_records: int
+    summary: dict[str, str | None]
+    run: RunHeader | None = None
+    config: list[tuple[str, str | None]] = field(default_factory=list)
+    environment: dict[str, Any] = field(default_factory=dict)
+    stats: list[tuple[datetime, str, str]] = field(default_factory=list)
+    exit_code: int | None = None
+    exit_runtime_s: float | None = None
+    problem: str | None = None  # a corrupt record: reading stopped there
+    incomplete_at: int | None = None  # the file ends inside this record (live or killed run)
+
+
+def check_header(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(HEADER_BYTES)
+    if not head:
+        raise NotAWandbFile(f"{path}: empty file")
+    if len(head) < HEADER_BYTES or HEADER.unpack(head) != MAGIC:
+        raise NotAWandbFile(f"{path}: not a W&B run file (bad header {head!r})")
+
+
+def read_chunks(path: Path, start: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """Chunks of decoded records from `start` (0 or a record boundary returned earlier)."""
+    check_header(path)
+    offset = max(start, HEADER_BYTES)
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        want = chunk_bytes
+        while offset < size:
+            f.seek(offset)
+            # end each read on a block boundary so no fragment is split between reads
+            span = want - (offset + want) % BLOCK
+            data = f.read(span)
+            at_eof = offset + len(data) >= size
+            result = _wandb_scan.scan(data, offset)
+            stop = result["stop"]
+            problem = None
+            if result["status"] == 2:
+                problem = f"{path}: corrupt record at offset {result['error_offset']}: {result['error']}"
+            incomplete = result["status"] == 1 and at_eof and stop < size
+            if result["records"] or problem or incomplete:
+                chunk = _chunk(result, problem)
+                chunk.incomplete_at = stop if incomplete else None
+                yield chunk
+            if problem or (result["status"] == 1 and at_eof):
+                return
+            if stop == offset:
+                want *= 2  # one record larger than the read: read more at once
+                continue
+            offset = stop
+            want = chunk_bytes
+
+
+def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:
+    rows = result["rows"]
+    keys = pa.array(result["keys"], pa.string())
+    key_ids = pa.Array.from_buffers(pa.int32(), rows, [None, pa.py_buffer(result["key"])])
+    history = pa.Table.from_arrays(
+        [
+            pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(result["step"])]),
+            pa.Array.from_buffers(pa.float64(), rows, [None, pa.py_buffer(result["timestamp"])]),
+            pa.Array.from_buffers(pa.float64(), rows, [None, pa.py_buffer(result["runtime"])]),
+            keys.take(key_ids),
+            pa.Array.from_buffers(
+                pa.float64(), rows, [pa.py_buffer(result["value_valid"]), pa.py_buffer(result["value"])]
+            ),
+            pa.Array.from_buffers(
+                pa.string(),
+                rows,
+                [
+                    pa.py_buffer(result["json_valid"]),
+                    pa.py_buffer(result["json_offsets"]),
+                    pa.py_buffer(result["json_data"]),
+                ],
+            ),
+        ],
+        schema=HISTORY_SCHEMA,
+    )
+    chunk = Chunk(
+        end_offset=result["stop"],
+        history=history,
+        history_records=result["history_records"],
+        summary=result["summary"],
+        problem=problem,
+    )
+    for kind, payload in result["others"]:
+        _decode_other(chunk, kind, pb.Record.FromString(payload))
+    return chunk
+
+
+def _timestamp(ts: Any) -> datetime | None:
+    if not ts.seconds and not ts.nanos:
+        return None
+    return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
+
+
+def _item_key(item: Any) -> str:
+    return item.key or ".".join(item.nested_key)
+
+
+def _config_updates(config: Any) -> list[tuple[str, str | None]]:
+    updates: list[tuple[str, str | None]] = [(_item_key(i), i.value_json) for i in config.update]
+    updates += [(_item_key(i), None) for i in config.remove]
+    return updates
+
+
+def _decode_other(chunk: Chunk, kind: int, record: Any) -> None:
+    if kind == RUN:
+        run = record.run
+        chunk.run = RunHeader(
+            run_id=run.run_id,
+            entity=run.entity,
+            project=run.project,
+            display_name=run.display_name,
+            group=run.run_group,
+            job_type=run.job_type,
+            tags=list(run.tags),
+            host=run.host,
+            notes=run.notes,
+            sweep_id=run.sweep_id,
+            started_at=_timestamp(run.start_time),
+        )
+        chunk.config += _config_updates(run.config)
+        for item in run.summary.update:  # a resumed run carries its summary so far
+            chunk.summary.setdefault(_item_key(item), item.value_json)
+    elif kind == CONFIG:
+        chunk.config += _config_updates(record.config)
+    elif kind == ENVIRONMENT:
+        env = MessageToDict(record.environment, preserving_proto_field_name=True)
+        env.pop("writer_id", None)
+        env.pop("_info", None)
+        chunk.environment.update(env)
+    elif kind == STATS:
+        when = _timestamp(record.stats.timestamp)
+        chunk.stats += [(when, item.key, item.value_json) for item in record.stats.item]
+    elif kind == EXIT:
+        chunk.exit_code = record.exit.exit_code
+        chunk.exit_runtime_s = float(record.exit.runtime) if record.exit.runtime else None
+
+
+def legacy_metadata(run_dir: Path) -> dict[str, Any]:
+    """Older SDKs (≤0.15) wrote the environment to files/wandb-metadata.json instead of a record."""
+    path = run_dir / "files" / "wandb-metadata.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
