@@ -1,0 +1,188 @@
+"""Dagster wiring for the W&B half: tables filled by the offline sync engine, and parquet exports."""
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetExecutionContext,
+    AssetKey,
+    AssetSpec,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    TableColumn,
+    TableSchema,
+    asset_check,
+    multi_asset,
+)
+
+from mvdata_assets.runs import exports
+from mvdata_assets.runs.offline import SyncReport, sync_offline
+from mvdata_assets.runs.store import SCHEMA
+from mvdata_assets.settings import load_settings
+from mvdata_assets.warehouse import WarehouseResource
+
+GROUP = "wandb"
+TABLES = ("runs", "history", "config", "summary", "metadata", "system_metrics")
+METADATA_EXPORTS = ("runs_metadata", *(f"runs_metadata_{s}" for s in exports.METADATA_SLICES))
+
+
+def table_key(name: str) -> AssetKey:
+    return AssetKey([GROUP, name])
+
+
+def export_key(name: str) -> AssetKey:
+    return AssetKey([GROUP, "exports", name])
+
+
+class SyncConfig(Config):
+    force_refresh: bool = False
+    """Re-read every run file from its start instead of from where the last sync stopped."""
+
+
+class ExportConfig(Config):
+    force_rewrite: bool = False
+
+
+def _table_metadata(conn, table: str) -> dict:
+    columns = conn.execute(
+        "SELECT column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
+        [SCHEMA, table],
+    ).fetchall()
+    count = conn.execute(f"SELECT count(*) FROM {SCHEMA}.{table}").fetchone()[0]
+    preview = conn.execute(f"SELECT * FROM {SCHEMA}.{table} LIMIT 5").fetchall()
+    header = "| " + " | ".join(c for c, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
+    body = "".join("| " + " | ".join(str(v)[:40].replace("|", "\\|") for v in row) + " |\n" for row in preview)
+    return {
+        "dagster/row_count": MetadataValue.int(count),
+        "dagster/column_schema": TableSchema(columns=[TableColumn(c, t) for c, t in columns]),
+        "preview": MetadataValue.md(header + body),
+        "table": MetadataValue.text(f"{SCHEMA}.{table}"),
+    }
+
+
+def _sync_metadata(report: SyncReport) -> dict:
+    return {
+        "runs_new": MetadataValue.int(report.count("new")),
+        "runs_updated": MetadataValue.int(report.count("grown", "replaced", "refreshed")),
+        "runs_unchanged": MetadataValue.int(report.count("unchanged")),
+        "bytes_read": MetadataValue.int(report.bytes_read),
+        "seconds": MetadataValue.float(round(report.seconds, 3)),
+        "problems": MetadataValue.json(report.problems),
+    }
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(table_key(t), group_name=GROUP, kinds={"duckdb", "wandb"}, description=f"{SCHEMA}.{t}")
+        for t in TABLES
+    ],
+    can_subset=False,
+    description="Syncs every run under MVDATA_WANDB_OFFLINE_DIRS into the warehouse, incrementally.",
+)
+def wandb_offline_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: WarehouseResource):
+    settings = load_settings()
+    with warehouse.get_connection() as conn:
+        report = sync_offline(
+            conn,
+            settings.wandb_offline_dirs,
+            force_refresh=config.force_refresh,
+            running_window_s=settings.running_window_s,
+        )
+        for problem in report.problems:
+            context.log.warning(problem)
+        context.log.info(
+            f"{len(report.files)} run files: {report.count('new')} new, "
+            f"{report.count('grown', 'replaced', 'refreshed')} updated, {report.count('unchanged')} unchanged; "
+            f"{report.bytes_read} bytes in {report.seconds:.2f} s"
+        )
+        shared = _sync_metadata(report)
+        for table in TABLES:
+            yield MaterializeResult(
+                asset_key=table_key(table),
+                metadata={
+                    **shared,
+                    "rows_written": MetadataValue.int(report.rows.get(table, 0)),
+                    **_table_metadata(conn, table),
+                },
+            )
+
+
+def _export_results(context: AssetExecutionContext, which: str, force: bool, warehouse: WarehouseResource):
+    settings = load_settings()
+    with warehouse.get_connection() as conn:
+        written = exports.export_all(conn, settings.exports, which, force=force, log=context.log.info)
+    for export in written:
+        yield MaterializeResult(
+            asset_key=export_key(export.name),
+            metadata={
+                "path": MetadataValue.path(str(export.path)),
+                "dagster/row_count": MetadataValue.int(export.rows),
+                "rewritten": MetadataValue.bool(export.rewritten),
+                "dagster/column_schema": TableSchema(columns=[TableColumn(n, t) for n, t in export.columns[:200]]),
+            },
+        )
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(
+            export_key(name),
+            group_name=GROUP,
+            kinds={"parquet"},
+            deps=[table_key(t) for t in TABLES if t != "history"],
+            description=f"{name}.parquet: one row per run",
+        )
+        for name in METADATA_EXPORTS
+    ],
+    can_subset=False,
+)
+def wandb_metadata_exports(context: AssetExecutionContext, config: ExportConfig, warehouse: WarehouseResource):
+    yield from _export_results(context, "metadata", config.force_rewrite, warehouse)
+
+
+@multi_asset(
+    specs=[
+        AssetSpec(
+            export_key("runs_history"),
+            group_name=GROUP,
+            kinds={"parquet"},
+            deps=[table_key("history"), table_key("runs")],
+            description="runs_history.parquet: one row per run and step, one column per metric",
+        )
+    ],
+)
+def wandb_history_export(context: AssetExecutionContext, config: ExportConfig, warehouse: WarehouseResource):
+    yield from _export_results(context, "history", config.force_rewrite, warehouse)
+
+
+@asset_check(asset=table_key("history"), description="No (run, step, key) appears twice in wandb.history.")
+def history_has_no_duplicates(warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.get_connection() as conn:
+        duplicates = conn.execute(
+            f"""SELECT count(*) FROM (SELECT 1 FROM {SCHEMA}.history
+                GROUP BY entity, project, run_id, step, key HAVING count(*) > 1)"""
+        ).fetchone()[0]
+    return AssetCheckResult(
+        passed=duplicates == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"duplicate_keys": MetadataValue.int(duplicates)},
+    )
+
+
+@asset_check(asset=table_key("history"), description="Every history row belongs to a run in wandb.runs.")
+def history_runs_exist(warehouse: WarehouseResource) -> AssetCheckResult:
+    with warehouse.get_connection() as conn:
+        orphans = conn.execute(
+            f"""SELECT count(*) FROM {SCHEMA}.history h
+                ANTI JOIN {SCHEMA}.runs r USING (entity, project, run_id)"""
+        ).fetchone()[0]
+    return AssetCheckResult(
+        passed=orphans == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"orphan_rows": MetadataValue.int(orphans)},
+    )
+
+
+wandb_assets = [wandb_offline_tables, wandb_metadata_exports, wandb_history_export]
+wandb_checks = [history_has_no_duplicates, history_runs_exist]

@@ -1,0 +1,47 @@
+"""Every MVDATA_* setting, read from the environment in one place."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def _float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    wandb_offline_dirs: tuple[Path, ...]
+    running_window_s: float
+    lock_timeout_s: float
+
+    @property
+    def warehouse(self) -> Path:
+        return self.home / "warehouse.duckdb"
+
+    @property
+    def exports(self) -> Path:
+        return self.home / "exports"
+
+
+def load_settings() -> Settings:
+    home = Path(os.environ.get("MVDATA_HOME") or ".mvdata").expanduser().absolute()
+    dirs = tuple(
+        Path(p).expanduser().absolute() for p in os.environ.get("MVDATA_WANDB_OFFLINE_DIRS", "").split(":") if p
+    )
+    return Settings(
+        home=home,
+        wandb_offline_dirs=dirs,
+        # a run with no exit record counts as running while its file changed this recently
+        running_window_s=_float("MVDATA_WANDB_RUNNING_WINDOW_S", 300.0),
+        lock_timeout_s=_float("MVDATA_WAREHOUSE_LOCK_TIMEOUT_S", 600.0),
+    )
