@@ -26,17 +26,16 @@ def report() -> int:
     print(f"\nW&B runs in the warehouse ({len(runs)}):")
     print(f"  {'project':<14} {'run':<10} {'name':<22} {'state':<9} {'last step':>9} {'history rows':>12}")
     for project, run_id, name, state, last_step, rows in runs:
-        print(
-            f"  {project:<14} {run_id:<10} {name:<22} {state:<9} {last_step if last_step is not None else '-':>9} {rows:>12}"
-        )  # noqa: E501
+        step = "-" if last_step is None else last_step
+        print(f"  {project:<14} {run_id:<10} {name:<22} {state:<9} {step:>9} {rows:>12}")
     print("\nRows per table: " + ", ".join(f"wandb.{t} {n:,}" for t, n in counts.items()))
     print(f"Warehouse: {settings.warehouse}")
     exports = sorted(settings.exports.glob("*.parquet"))
     print(f"Exports ({len(exports)} parquet files): {settings.exports}")
     query = "SELECT key, count(*) FROM wandb.history GROUP BY key"
-    print(f"""Query:     .venv/bin/python -c "import duckdb; duckdb.connect('{settings.warehouse}').sql('{query}').show()"""")
+    print(f"Query: .venv/bin/python -c \"import duckdb; duckdb.connect('{settings.warehouse}').sql('{query}').show()\"")
     dirs = ":".join(str(d) for d in settings.wandb_offline_dirs)
-    print(f"Open the UI: MVDATA_WANDB_OFFLINE_DIRS={dirs} .venv/bin/dagster dev -w workspace.yaml  (http://127.0.0.1:3000)")
+    print(f"Open the UI: MVDATA_WANDB_OFFLINE_DIRS={dirs} .venv/bin/dagster dev -w workspace.yaml")
     return 0
 
 
