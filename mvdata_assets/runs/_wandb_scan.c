@@ -54,7 +54,7 @@ static int buf_reserve(Buf *b, size_t extra) {
     size_t cap = b->cap ? b->cap : 4096;
     while (cap < b->len + extra) cap *= 2;
     char *d = realloc(b->data, cap);
-    if (!d) { PyErr_NoMemory(); return -1; }
+    if (!d) return -1;
     b->data = d;
     b->cap = cap;
     return 0;
@@ -105,7 +105,7 @@ static uint64_t fnv1a(const char *s, size_t n) {
 static int table_grow(Table *t) {
     size_t cap = t->cap ? t->cap * 2 : 256;
     Entry *slots = calloc(cap, sizeof(Entry));
-    if (!slots) { PyErr_NoMemory(); return -1; }
+    if (!slots) return -1;
     for (size_t i = 0; i < t->cap; i++) {
         Entry *e = &t->slots[i];
         if (!e->key) continue;
@@ -132,13 +132,13 @@ static Entry *table_get(Table *t, const char *key, size_t n) {
     if (t->count >= t->by_id_cap) {
         size_t c = t->by_id_cap ? t->by_id_cap * 2 : 256;
         Entry **b = realloc(t->by_id, c * sizeof(Entry *));
-        if (!b) { PyErr_NoMemory(); return NULL; }
+        if (!b) return NULL;
         t->by_id = b;
         t->by_id_cap = c;
     }
     Entry *e = &t->slots[j];
     e->key = malloc(n ? n : 1);
-    if (!e->key) { PyErr_NoMemory(); return NULL; }
+    if (!e->key) return NULL;
     memcpy(e->key, key, n);
     e->key_len = n;
     e->hash = h;
@@ -311,11 +311,12 @@ typedef struct {
     Table keys;
     /* summary: last value per key over this chunk */
     Table summary;
-    PyObject *others; /* list of (field, bytes) */
+    Buf others;       /* records for Python: [u32 field][u32 length][payload] ... */
+    size_t others_count;
     Item item;
     Buf scratch;      /* typed-value JSON text */
-    Buf arena;        /* copies of assembled multi-fragment payloads that summary values point into */
-    PyObject *arena_list;
+    char **arena;     /* copies of assembled multi-fragment payloads that summary values point into */
+    size_t arena_count, arena_cap;
 } Scan;
 
 static int emit_row(Scan *s, int64_t step, double ts, double rt, int32_t key_id, int value_kind,
@@ -331,7 +332,7 @@ static int emit_row(Scan *s, int64_t step, double ts, double rt, int32_t key_id,
     if (buf_put(&s->value, &value, 8) < 0 || bit_put(&s->value_valid, i, value_ok) < 0) return -1;
     int keep_json = value_kind != 1;
     if (keep_json && buf_put(&s->json_data, json, json_len) < 0) return -1;
-    if (s->json_data.len > INT32_MAX) { PyErr_SetString(PyExc_OverflowError, "history chunk too large"); return -1; }
+    if (s->json_data.len > INT32_MAX) return -1; /* chunks are 16 MiB: cannot happen */
     off = (int32_t)s->json_data.len;
     if (buf_put(&s->json_off, &off, 4) < 0 || bit_put(&s->json_valid, i, keep_json) < 0) return -1;
     s->rows++;
@@ -475,17 +476,25 @@ static int scan_record(Scan *s, const unsigned char *p, size_t n, int assembled)
         if (f == 3) {
             if (assembled) {
                 /* keep the payload alive: summary values point into it */
-                PyObject *keep = PyBytes_FromStringAndSize((const char *)ptr, (Py_ssize_t)len);
-                if (!keep || PyList_Append(s->arena_list, keep) < 0) { Py_XDECREF(keep); return -1; }
-                Py_DECREF(keep);
-                ptr = (const unsigned char *)PyBytes_AS_STRING(keep);
+                if (s->arena_count == s->arena_cap) {
+                    size_t cap = s->arena_cap ? s->arena_cap * 2 : 16;
+                    char **a = realloc(s->arena, cap * sizeof(char *));
+                    if (!a) return -1;
+                    s->arena = a;
+                    s->arena_cap = cap;
+                }
+                char *keep = malloc(len ? len : 1);
+                if (!keep) return -1;
+                memcpy(keep, ptr, len);
+                s->arena[s->arena_count++] = keep;
+                ptr = (const unsigned char *)keep;
             }
             return scan_summary(s, ptr, len);
         }
         if (wanted_other(f)) {
-            PyObject *item = Py_BuildValue("(iy#)", (int)f, (const char *)p, (Py_ssize_t)n);
-            if (!item || PyList_Append(s->others, item) < 0) { Py_XDECREF(item); return -1; }
-            Py_DECREF(item);
+            uint32_t head[2] = {f, (uint32_t)n};
+            if (buf_put(&s->others, head, sizeof head) < 0 || buf_put(&s->others, p, n) < 0) return -1;
+            s->others_count++;
         }
         return 0;
     }
@@ -496,12 +505,12 @@ static PyObject *bytes_of(Buf *b) { return PyBytes_FromStringAndSize(b->data ? b
 
 static void scan_free(Scan *s) {
     Buf *bufs[] = {&s->step, &s->ts, &s->runtime, &s->key, &s->value, &s->value_valid,
-                   &s->json_off, &s->json_data, &s->json_valid, &s->item.key, &s->scratch, &s->arena};
+                   &s->json_off, &s->json_data, &s->json_valid, &s->item.key, &s->scratch, &s->others};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) buf_free(bufs[i]);
     table_free(&s->keys);
     table_free(&s->summary);
-    Py_XDECREF(s->others);
-    Py_XDECREF(s->arena_list);
+    for (size_t i = 0; i < s->arena_count; i++) free(s->arena[i]);
+    free(s->arena);
 }
 
 PyDoc_STRVAR(scan_doc,
@@ -518,17 +527,16 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     size_t n = (size_t)view.len;
     Scan s;
     memset(&s, 0, sizeof s);
-    s.others = PyList_New(0);
-    s.arena_list = PyList_New(0);
     Buf pending = {0};
     PyObject *result = NULL;
     int status = STATUS_CLEAN;
     const char *error = NULL;
     long long error_offset = -1, stop = base;
     size_t pos = 0, records = 0;
-    int in_record = 0;
-    if (!s.others || !s.arena_list) goto done;
+    int in_record = 0, out_of_memory = 0;
 
+    /* the scan touches no Python object: other threads (DuckDB inserts) run meanwhile */
+    Py_BEGIN_ALLOW_THREADS
     while (pos < n) {
         long long abs_pos = base + (long long)pos;
         size_t block_left = BLOCK - (size_t)(abs_pos % BLOCK);
@@ -576,13 +584,13 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             payload = frag; payload_len = length;
         } else {
             if (type == FIRST) { pending.len = 0; in_record = 1; }
-            if (buf_put(&pending, frag, length) < 0) goto done;
+            if (buf_put(&pending, frag, length) < 0) { out_of_memory = 1; break; }
             if (type != LAST) continue;
             in_record = 0;
             payload = (const unsigned char *)pending.data; payload_len = pending.len; assembled = 1;
         }
         int r = scan_record(&s, payload, payload_len, assembled);
-        if (r == -1) goto done;
+        if (r == -1) { out_of_memory = 1; break; }
         if (r == -3) {
             status = STATUS_CORRUPT; error = "record is not a valid protobuf message"; error_offset = stop;
             break;
@@ -590,15 +598,27 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         records++;
         stop = base + (long long)pos;
     }
+    Py_END_ALLOW_THREADS
+    if (out_of_memory) { PyErr_NoMemory(); goto done; }
 
     {
         PyObject *keys = PyList_New((Py_ssize_t)s.keys.count);
         PyObject *summary = PyDict_New();
-        if (!keys || !summary) { Py_XDECREF(keys); Py_XDECREF(summary); goto done; }
+        PyObject *others = PyList_New((Py_ssize_t)s.others_count);
+        if (!keys || !summary || !others) { Py_XDECREF(keys); Py_XDECREF(summary); Py_XDECREF(others); goto done; }
+        const char *o = s.others.data;
+        for (size_t i = 0; i < s.others_count; i++) {
+            uint32_t head[2];
+            memcpy(head, o, sizeof head);
+            PyObject *item = Py_BuildValue("(Iy#)", head[0], o + sizeof head, (Py_ssize_t)head[1]);
+            if (!item) { Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done; }
+            PyList_SET_ITEM(others, (Py_ssize_t)i, item);
+            o += sizeof head + head[1];
+        }
         for (size_t i = 0; i < s.keys.count; i++) {
             Entry *e = s.keys.by_id[i];
             PyObject *k = PyUnicode_DecodeUTF8(e->key, (Py_ssize_t)e->key_len, "replace");
-            if (!k) { Py_DECREF(keys); Py_DECREF(summary); goto done; }
+            if (!k) { Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done; }
             PyList_SET_ITEM(keys, (Py_ssize_t)i, k);
         }
         for (size_t i = 0; i < s.summary.count; i++) {
@@ -607,17 +627,20 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             PyObject *v = e->removed ? (Py_INCREF(Py_None), Py_None)
                                      : PyUnicode_DecodeUTF8(e->value, (Py_ssize_t)e->value_len, "replace");
             if (!k || !v || PyDict_SetItem(summary, k, v) < 0) {
-                Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(keys); Py_DECREF(summary); goto done;
+                Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done;
             }
             Py_DECREF(k); Py_DECREF(v);
         }
-        if (s.rows == 0) { int32_t zero = 0; if (buf_put(&s.json_off, &zero, 4) < 0) { Py_DECREF(keys); Py_DECREF(summary); goto done; } }
+        int32_t zero = 0;
+        if (s.rows == 0 && buf_put(&s.json_off, &zero, 4) < 0) {
+            PyErr_NoMemory(); Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done;
+        }
         result = Py_BuildValue(
-            "{s:L,s:i,s:z,s:L,s:n,s:n,s:n,s:N,s:N,s:O,"
+            "{s:L,s:i,s:z,s:L,s:n,s:n,s:n,s:N,s:N,s:N,"
             "s:N,s:N,s:N,s:N,s:N,s:N,s:N,s:N,s:N}",
             "stop", stop, "status", status, "error", error, "error_offset", error_offset,
             "records", (Py_ssize_t)records, "history_records", (Py_ssize_t)s.records, "rows", (Py_ssize_t)s.rows,
-            "keys", keys, "summary", summary, "others", s.others,
+            "keys", keys, "summary", summary, "others", others,
             "step", bytes_of(&s.step), "timestamp", bytes_of(&s.ts), "runtime", bytes_of(&s.runtime),
             "key", bytes_of(&s.key), "value", bytes_of(&s.value), "value_valid", bytes_of(&s.value_valid),
             "json_offsets", bytes_of(&s.json_off), "json_data", bytes_of(&s.json_data),

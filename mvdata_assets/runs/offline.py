@@ -29,6 +29,7 @@ from mvdata_assets.runs.wandb_file import (
     NotAWandbFile,
     RunHeader,
     legacy_metadata,
+    prefetch,
     read_chunks,
 )
 
@@ -187,7 +188,7 @@ def _read_into(
     rows = 0
     end = start
     try:
-        for chunk in read_chunks(path, start):
+        for chunk in prefetch(read_chunks(path, start)):
             end = chunk.end_offset
             outcome.problem = chunk.problem or outcome.problem
             if chunk.run and key is None:

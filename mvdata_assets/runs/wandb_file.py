@@ -10,7 +10,9 @@ everything before it is kept).
 from __future__ import annotations
 
 import json
+import queue
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -130,6 +132,45 @@ def read_chunks(path: Path, start: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYT
                 continue
             offset = stop
             want = chunk_bytes
+
+
+def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
+    """Decodes the next chunks in a thread while the caller stores this one.
+
+    The C scanner releases the GIL and so do DuckDB's inserts: reading and storing then use two cores.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item: object) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                if not put(chunk):
+                    return
+            put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(exc)
+
+    thread = threading.Thread(target=produce, name="wandb-file-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:

@@ -1,0 +1,198 @@
+"""Offline .wandb ingest: this engine against a straightforward reader, on runs written by the real SDK.
+
+Prints ratios (the targets of design.md):
+  1. one run of 100k steps x 8 keys: engine seconds to DuckDB (target <= 1.2 s) vs the straightforward
+     reader (framing + protobuf + json.loads per value + long-format load), and framing + parse alone;
+  2. five such runs through `dagster asset materialize` of group:wandb (wall) vs the straightforward
+     reader on the same five (target >= 4x faster), then a no-change re-run (target <= 10 s wall);
+  3. peak memory of the engine for one run and for five runs (target: flat).
+
+Runs are written once with the wandb SDK (offline) into bench/.data and reused.
+Usage: .venv/bin/python bench/offline_ingest.py [--steps 100000] [--runs 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / ".data"
+KEYS = 8
+
+WRITER = (
+    """
+import random, sys, wandb
+steps, seed = int(sys.argv[1]), int(sys.argv[2])
+rng = random.Random(seed)
+run = wandb.init(project="bench", mode="offline", dir=sys.argv[3], config={"lr": 3e-4, "seed": seed},
+                 settings=wandb.Settings(console="off"))
+for step in range(steps):
+    run.log({f"m{i}": rng.random() for i in range(%d)})
+run.finish()
+"""
+    % KEYS
+)
+
+
+def write_runs(count: int, steps: int) -> Path:
+    root = DATA / f"runs-{steps}"
+    existing = sorted(root.glob("run*/wandb/offline-run-*/run-*.wandb"))
+    if len(existing) >= count:
+        return root
+    print(f"writing {count} runs of {steps} steps x {KEYS} keys with the wandb SDK (once; cached in {root})")
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
+    pending = []
+    for i in range(count):
+        out = root / f"run{i}"
+        if any(out.glob("wandb/offline-run-*/run-*.wandb")):
+            continue
+        out.mkdir(parents=True, exist_ok=True)
+        pending.append(subprocess.Popen([sys.executable, "-c", WRITER, str(steps), str(i), str(out)], env=env))
+        if len(pending) >= 2:  # two cores
+            pending.pop(0).wait()
+    for child in pending:
+        child.wait()
+    return root
+
+
+def straightforward_read(path: Path, load: bool, conn=None) -> int:
+    """The baseline: leveldb-log framing + protobuf + one json.loads per value + long-format load."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    pos, parts, rows = 7, [], []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:
+            pos += left
+            continue
+        crc, length, kind = struct.unpack_from("<IHB", data, pos)
+        fragment = data[pos + 7 : pos + 7 + length]
+        if zlib.crc32(fragment, zlib.crc32(bytes([kind]))) != crc:
+            raise ValueError(f"crc at {pos}")
+        pos += 7 + length
+        parts.append(fragment)
+        if kind not in (1, 4):
+            continue
+        record = pb.Record.FromString(b"".join(parts))
+        parts = []
+        if not load or record.WhichOneof("record_type") != "history":
+            continue
+        values = {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+        step, ts = values.pop("_step"), values.pop("_timestamp", None)
+        runtime = values.pop("_runtime", None)
+        rows += [(step, ts, runtime, k, v) for k, v in values.items()]
+    if load:
+        import pyarrow as pa
+
+        step, ts, runtime, keys, values = zip(*rows, strict=True)
+        table = pa.table({"step": step, "ts": ts, "runtime": runtime, "key": keys, "value": values})
+        conn.execute("CREATE TABLE IF NOT EXISTS h (step BIGINT, ts DOUBLE, runtime DOUBLE, key VARCHAR, value DOUBLE)")
+        conn.register("t", table)
+        conn.execute("INSERT INTO h SELECT * FROM t")
+        conn.unregister("t")
+    return len(rows)
+
+
+def engine_child(dirs: list[str], database: str) -> dict:
+    """Runs the engine in a fresh process so its peak RSS is its own."""
+    code = """
+import json, resource, sys, time
+from pathlib import Path
+import duckdb
+from mvdata_assets.runs.offline import sync_offline
+conn = duckdb.connect(sys.argv[1])
+started = time.perf_counter()
+report = sync_offline(conn, [Path(d) for d in sys.argv[2:]])
+print(json.dumps({"seconds": time.perf_counter() - started, "rows": report.rows.get("history", 0),
+                  "problems": report.problems, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+    out = subprocess.run([sys.executable, "-c", code, database, *dirs], check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def materialize(home: Path, dirs: list[Path]) -> float:
+    env = {
+        **os.environ,
+        "MVDATA_HOME": str(home),
+        "DAGSTER_HOME": str(home / "dagster"),
+        "MVDATA_WANDB_OFFLINE_DIRS": ":".join(map(str, dirs)),
+    }
+    (home / "dagster").mkdir(parents=True, exist_ok=True)
+    dagster = Path(sys.executable).parent / "dagster"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [str(dagster), "asset", "materialize", "-m", "mvdata_assets.definitions", "--select", "group:wandb"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if result.returncode != 0:
+        sys.exit(result.stderr[-3000:])
+    return seconds
+
+
+def main() -> None:
+    import duckdb
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    root = write_runs(args.runs, args.steps)
+    run_dirs = sorted(root.glob("run*"))[: args.runs]
+    first = next(run_dirs[0].glob("wandb/offline-run-*/run-*.wandb"))
+    print(f"one run: {first.stat().st_size / 1e6:.1f} MB, {args.steps} steps x {KEYS} keys")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        started = time.perf_counter()
+        straightforward_read(first, load=False)
+        parse_only = time.perf_counter() - started
+        conn = duckdb.connect(str(tmp_path / "baseline.duckdb"))
+        started = time.perf_counter()
+        rows = straightforward_read(first, load=True, conn=conn)
+        baseline_one = time.perf_counter() - started
+        conn.close()
+        engine = engine_child([str(run_dirs[0])], str(tmp_path / "engine1.duckdb"))
+        assert engine["rows"] == rows, (engine["rows"], rows)
+        print("\n1. one run to DuckDB")
+        print(f"   straightforward reader (framing+protobuf+json.loads+long load): {baseline_one:6.2f} s")
+        print(f"   framing + protobuf parse alone:                                  {parse_only:6.2f} s")
+        print(f"   this engine (sync_offline, {rows:,} values):                     {engine['seconds']:6.2f} s  "
+              f"target <= 1.2 s; {baseline_one / engine['seconds']:.1f}x the straightforward reader")  # fmt: skip
+
+        conn = duckdb.connect(str(tmp_path / "baseline5.duckdb"))
+        started = time.perf_counter()
+        for run_dir in run_dirs:
+            straightforward_read(next(run_dir.glob("wandb/offline-run-*/run-*.wandb")), load=True, conn=conn)
+        baseline_all = time.perf_counter() - started
+        conn.close()
+        full = materialize(tmp_path / "home", run_dirs)
+        again = materialize(tmp_path / "home", run_dirs)
+        print(f"\n2. {len(run_dirs)} runs through `dagster asset materialize --select group:wandb` (wall, whole CLI)")
+        print(f"   straightforward reader on the same runs: {baseline_all:6.2f} s")
+        print(f"   dagster asset materialize, first sync:   {full:6.2f} s  "
+              f"{baseline_all / full:.1f}x faster (target >= 4x)")  # fmt: skip
+        print(f"   dagster asset materialize, no change:    {again:6.2f} s  (target <= 10 s)")
+
+        many = engine_child([str(d) for d in run_dirs], str(tmp_path / "engine5.duckdb"))
+        print("\n3. engine peak memory (RSS)")
+        print(f"   1 run:  {engine['peak_rss_mb']:6.0f} MB")
+        print(
+            f"   {len(run_dirs)} runs: {many['peak_rss_mb']:6.0f} MB  ({many['seconds']:.2f} s, {many['rows']:,} values)"
+        )
+
+
+if __name__ == "__main__":
+    main()

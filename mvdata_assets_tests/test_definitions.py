@@ -1,0 +1,184 @@
+"""The Dagster layer end to end: asset keys, materialisation metadata, checks, exports, the CLI."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pyarrow.parquet as pq
+import pytest
+from dagster import AssetKey, DagsterInstance, Definitions, materialize
+
+from mvdata_assets.db import WarehouseBusy, warehouse_lock
+from mvdata_assets.definitions import defs
+from mvdata_assets.demo import DEMO_RUNS, write_demo_runs
+from mvdata_assets.runs.assets import wandb_assets, wandb_checks
+from mvdata_assets.warehouse import WarehouseResource
+
+EXPECTED_KEYS = sorted(
+    [
+        "wandb/runs",
+        "wandb/history",
+        "wandb/config",
+        "wandb/summary",
+        "wandb/metadata",
+        "wandb/system_metrics",
+        "wandb/exports/runs_metadata",
+        "wandb/exports/runs_metadata_config",
+        "wandb/exports/runs_metadata_summary",
+        "wandb/exports/runs_metadata_metadata",
+        "wandb/exports/runs_metadata_system_metrics",
+        "wandb/exports/runs_metadata_system_attrs",
+        "wandb/exports/runs_metadata_sweep_info",
+        "wandb/exports/runs_history",
+    ]
+)
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's runs, written by the real wandb SDK (offline), one of them killed mid-training."""
+    out = tmp_path_factory.mktemp("demo-runs")
+    assert write_demo_runs(out) == list(DEMO_RUNS)
+    return out
+
+
+@pytest.fixture
+def home(tmp_path: Path, demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MVDATA_WANDB_OFFLINE_DIRS", str(demo_runs))
+    return tmp_path / "home"
+
+
+def _materialize(home: Path, instance: DagsterInstance, run_config: dict | None = None):
+    result = materialize(
+        [*wandb_assets, *wandb_checks],
+        resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb"))},
+        instance=instance,
+        run_config=run_config,
+    )
+    assert result.success
+    materializations = {
+        m.asset_key.to_user_string(): m.metadata for m in result.asset_materializations_for_node("wandb_offline_tables")
+    }
+    return result, materializations
+
+
+def test_asset_keys_snapshot() -> None:
+    keys = sorted(key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys())
+    assert keys == EXPECTED_KEYS
+    checks = sorted(k.name for k in defs.resolve_asset_graph().asset_check_keys)
+    assert checks == ["history_has_no_duplicates", "history_runs_exist"]
+    Definitions.validate_loadable(defs)
+
+
+def test_exports_are_downstream_of_the_tables() -> None:
+    graph = defs.resolve_asset_graph()
+    parents = graph.get(AssetKey(["wandb", "exports", "runs_history"])).parent_keys
+    assert AssetKey(["wandb", "history"]) in parents
+    parents = graph.get(AssetKey(["wandb", "exports", "runs_metadata_config"])).parent_keys
+    assert AssetKey(["wandb", "config"]) in parents
+
+
+def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
+    instance = DagsterInstance.ephemeral()
+    result, first = _materialize(home, instance)
+    history = first["wandb/history"]
+    assert history["runs_new"].value == len(DEMO_RUNS)
+    assert history["runs_unchanged"].value == 0
+    assert history["bytes_read"].value > 0
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        stored = conn.execute("SELECT count(*) FROM wandb.history").fetchone()[0]
+        states = dict(conn.execute("SELECT display_name, state FROM wandb.runs").fetchall())
+        last_steps = dict(conn.execute("SELECT display_name, last_step FROM wandb.runs").fetchall())
+    assert history["rows_written"].value == stored == history["dagster/row_count"].value
+    assert {n for n, s in states.items() if s == "finished"} == {n for n, v in DEMO_RUNS.items() if v[3] is None}
+    assert states["clip-lr6e-4-killed"] in ("running", "crashed")  # no exit record: depends on the file's age
+    assert last_steps["siglip-lr3e-4"] == DEMO_RUNS["siglip-lr3e-4"][2] - 1
+    assert 0 < last_steps["clip-lr6e-4-killed"] <= DEMO_RUNS["clip-lr6e-4-killed"][3]
+    schema = history["dagster/column_schema"].schema
+    assert [c.name for c in schema.columns][:4] == ["entity", "project", "run_id", "step"]
+    assert "train/loss" in history["preview"].value or "eval/" in history["preview"].value
+    checks = result.get_asset_check_evaluations()
+    assert {c.check_name: c.passed for c in checks} == {"history_has_no_duplicates": True, "history_runs_exist": True}
+
+    _, second = _materialize(home, instance)
+    assert second["wandb/history"]["runs_unchanged"].value == len(DEMO_RUNS)
+    assert second["wandb/history"]["rows_written"].value == 0
+    assert second["wandb/history"]["dagster/row_count"].value == stored
+
+    _, refreshed = _materialize(home, instance, {"ops": {"wandb_offline_tables": {"config": {"force_refresh": True}}}})
+    assert refreshed["wandb/history"]["runs_updated"].value == len(DEMO_RUNS)
+    assert refreshed["wandb/history"]["dagster/row_count"].value == stored
+
+
+def test_history_export_holds_every_stored_value(home: Path) -> None:
+    _materialize(home, DagsterInstance.ephemeral())
+    wide = pq.read_table(home / "exports" / "runs_history.parquet").to_pylist()
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        long = conn.execute("SELECT run_id, step, key, value FROM wandb.history").fetchall()
+        steps = conn.execute("SELECT count(DISTINCT (run_id, step)) FROM wandb.history").fetchone()[0]
+    assert len(wide) == steps
+    by_step = {(row["_run_id"], row["_step"]): row for row in wide}
+    for run_id, step, key, value in long:
+        exported = by_step[(run_id, step)][key]
+        assert exported == value or (math.isnan(exported) and math.isnan(value)), (run_id, step, key)
+
+
+def test_metadata_exports_are_typed_one_row_per_run(home: Path) -> None:
+    _materialize(home, DagsterInstance.ephemeral())
+    config = pq.read_table(home / "exports" / "runs_metadata_config.parquet")
+    assert config.num_rows == len(DEMO_RUNS)
+    assert str(config.schema.field("optim.lr").type) == "double"
+    assert str(config.schema.field("model.vision_encoder").type) == "string"
+    lrs = sorted(config["optim.lr"].to_pylist())
+    assert lrs == sorted(v[0] for v in DEMO_RUNS.values())
+    for name in ("summary", "metadata", "system_metrics", "system_attrs", "sweep_info"):
+        table = pq.read_table(home / "exports" / f"runs_metadata_{name}.parquet")
+        assert table.num_rows == len(DEMO_RUNS), name
+        assert table.column_names[:3] == ["_entity", "_project", "_run_id"]
+
+
+def test_unchanged_warehouse_keeps_exports(home: Path) -> None:
+    instance = DagsterInstance.ephemeral()
+    _materialize(home, instance)
+    path = home / "exports" / "runs_history.parquet"
+    before = path.stat().st_mtime_ns
+    result, _ = _materialize(home, instance)
+    rewritten = {
+        m.asset_key.to_user_string(): m.metadata["rewritten"].value
+        for m in result.asset_materializations_for_node("wandb_history_export")
+    }
+    assert rewritten == {"wandb/exports/runs_history": False}
+    assert path.stat().st_mtime_ns == before
+
+
+def test_a_second_writer_waits_then_gives_up_with_the_reason(tmp_path: Path) -> None:
+    database = tmp_path / "warehouse.duckdb"
+    busy = pytest.raises(WarehouseBusy, match="warehouse.duckdb is being written by another process")
+    with warehouse_lock(database), busy, warehouse_lock(database, timeout_s=0.3):
+        pass
+    with warehouse_lock(database, timeout_s=0.3) as waited:
+        assert waited < 0.3
+
+
+def test_dagster_cli_materializes_the_group(tmp_path: Path, demo_runs: Path) -> None:
+    env = {
+        **os.environ,
+        "MVDATA_HOME": str(tmp_path / "home"),
+        "DAGSTER_HOME": str(tmp_path / "dagster"),
+        "MVDATA_WANDB_OFFLINE_DIRS": str(demo_runs),
+    }
+    (tmp_path / "dagster").mkdir()
+    dagster = Path(sys.executable).parent / "dagster"
+    command = [str(dagster), "asset", "materialize", "-m", "mvdata_assets.definitions", "--select", "group:wandb"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "RUN_SUCCESS" in done.stderr
+    with duckdb.connect(str(tmp_path / "home" / "warehouse.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT count(*) FROM wandb.runs").fetchone()[0] == len(DEMO_RUNS)
+    assert len(list((tmp_path / "home" / "exports").glob("*.parquet"))) == 8
