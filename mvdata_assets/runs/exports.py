@@ -138,7 +138,10 @@ def _history_sql(conn: duckdb.DuckDBPyConnection) -> tuple[str, list[str]]:
             *columns,
         ]
     )
-    sql = f"SELECT {select} FROM {SCHEMA}.history GROUP BY entity, project, run_id, step ORDER BY ALL"
+    sql = (
+        f"SELECT {select} FROM {SCHEMA}.history GROUP BY entity, project, run_id, step "
+        "ORDER BY _entity, _project, _run_id, _step"
+    )
     return sql, params
 
 

@@ -115,9 +115,17 @@ def sync_offline(
     return report
 
 
-def _fingerprint(path: Path) -> str:
+def _fingerprint(path: Path, length: int = FINGERPRINT_BYTES) -> str:
+    """`<n>:<sha256 of the first n bytes>`; a grown file keeps the fingerprint of the bytes it had."""
     with path.open("rb") as f:
-        return hashlib.sha256(f.read(FINGERPRINT_BYTES)).hexdigest()
+        head = f.read(length)
+    return f"{len(head)}:{hashlib.sha256(head).hexdigest()}"
+
+
+def _same_head(path: Path, fingerprint: str | None) -> bool:
+    if not fingerprint or ":" not in fingerprint:
+        return False
+    return _fingerprint(path, int(fingerprint.split(":", 1)[0])) == fingerprint
 
 
 def _sync_file(
@@ -135,7 +143,7 @@ def _sync_file(
         fingerprint = _fingerprint(path)
     except OSError as exc:
         return FileOutcome(str(path), "skipped", problem=f"{path}: {exc}")
-    grown = prev is not None and not force_refresh and prev[3] and st.st_size >= prev[4] and prev[7] == fingerprint
+    grown = prev is not None and not force_refresh and prev[3] and st.st_size >= prev[4] and _same_head(path, prev[7])
     if grown:
         action, start = "grown", prev[8]
     else:
