@@ -28,19 +28,16 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE / ".data"
 KEYS = 8
 
-WRITER = (
-    """
+WRITER = """
 import random, sys, wandb
 steps, seed = int(sys.argv[1]), int(sys.argv[2])
 rng = random.Random(seed)
 run = wandb.init(project="bench", mode="offline", dir=sys.argv[3], config={"lr": 3e-4, "seed": seed},
                  settings=wandb.Settings(console="off"))
 for step in range(steps):
-    run.log({f"m{i}": rng.random() for i in range(%d)})
+    run.log({f"m{i}": rng.random() for i in range(KEYS)})
 run.finish()
-"""
-    % KEYS
-)
+""".replace("KEYS", str(KEYS))
 
 
 def write_runs(count: int, steps: int) -> Path:
@@ -113,8 +110,9 @@ from mvdata_assets.runs.offline import sync_offline
 conn = duckdb.connect(sys.argv[1])
 started = time.perf_counter()
 report = sync_offline(conn, [Path(d) for d in sys.argv[2:]])
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": time.perf_counter() - started, "rows": report.rows.get("history", 0),
-                  "problems": report.problems, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+                  "problems": report.problems, "peak_rss_mb": peak_mb}))
 """
     out = subprocess.run([sys.executable, "-c", code, database, *dirs], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -189,9 +187,8 @@ def main() -> None:
         many = engine_child([str(d) for d in run_dirs], str(tmp_path / "engine5.duckdb"))
         print("\n3. engine peak memory (RSS)")
         print(f"   1 run:  {engine['peak_rss_mb']:6.0f} MB")
-        print(
-            f"   {len(run_dirs)} runs: {many['peak_rss_mb']:6.0f} MB  ({many['seconds']:.2f} s, {many['rows']:,} values)"
-        )
+        peak, seconds, values = many["peak_rss_mb"], many["seconds"], many["rows"]
+        print(f"   {len(run_dirs)} runs: {peak:6.0f} MB  ({seconds:.2f} s, {values:,} values)")
 
 
 if __name__ == "__main__":

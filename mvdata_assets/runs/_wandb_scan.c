@@ -86,7 +86,7 @@ typedef struct {
     const char *value; /* summary only: last value_json (NULL with removed=1) */
     size_t value_len;
     int removed;
-    int touched;
+    size_t seq; /* summary only: order of the key's last update */
 } Entry;
 
 typedef struct {
@@ -214,7 +214,9 @@ typedef struct {
     size_t typed_len;
 } Item;
 
-static int parse_item(const unsigned char *p, size_t n, Item *it) {
+/* `separator` joins nested_key parts: '.' for history keys, '\x1f' for summary keys, whose parts
+ * matter when a whole dict replaces a subtree. */
+static int parse_item(const unsigned char *p, size_t n, Item *it, const char *separator) {
     Cur c = {p, p + n};
     int have_key = 0, nested_parts = 0;
     it->key.len = 0;
@@ -228,7 +230,7 @@ static int parse_item(const unsigned char *p, size_t n, Item *it) {
             if (buf_put(&it->key, ptr, len) < 0) return -2;
             have_key = 1;
         } else if (f == 2 && w == 2 && !have_key) {
-            if (nested_parts++ && buf_put(&it->key, ".", 1) < 0) return -2;
+            if (nested_parts++ && buf_put(&it->key, separator, 1) < 0) return -2;
             if (buf_put(&it->key, ptr, len) < 0) return -2;
         } else if (f == 16 && w == 2) {
             it->json = (const char *)ptr;
@@ -284,7 +286,14 @@ static int json_to_double(const char *s, size_t n, double *out) {
     /* glibc's strtod rounds correctly; the "C" locale keeps '.' the decimal point */
     double v = strtod_l(tmp, NULL, c_locale);
     *out = v;
-    if (is_int && digits > 15 && fabs(v) >= 9007199254740992.0) return 2;
+    /* integers beyond 2^53 keep their text; 2^53 itself is exact, 2^53 + 1 parses to it */
+    if (is_int && digits > 15) {
+        double a = fabs(v);
+        const char *unsigned_digits = s[0] == '-' ? s + 1 : s;
+        if (a > 9007199254740992.0) return 2;
+        if (a == 9007199254740992.0 && !(digits == 16 && memcmp(unsigned_digits, "9007199254740992", 16) == 0))
+            return 2;
+    }
     return 1;
 }
 
@@ -313,6 +322,7 @@ typedef struct {
     Table summary;
     Buf others;       /* records for Python: [u32 field][u32 length][payload] ... */
     size_t others_count;
+    size_t summary_seq;
     Item item;
     Buf scratch;      /* typed-value JSON text */
     char **arena;     /* copies of assembled multi-fragment payloads that summary values point into */
@@ -391,7 +401,7 @@ static int scan_history(Scan *s, const unsigned char *p, size_t n) {
         uint32_t f; int w; const unsigned char *ptr = NULL; size_t len = 0; uint64_t v = 0;
         if (read_field(&c, &f, &w, &ptr, &len, &v) < 0) return -3;
         if (f == 1 && w == 2) {
-            int r = parse_item(ptr, len, &s->item);
+            int r = parse_item(ptr, len, &s->item, ".");
             if (r == -2) return -1;
             if (r < 0) return -3;
             if (is_system_key(&s->item.key, 0)) {
@@ -415,7 +425,7 @@ static int scan_history(Scan *s, const unsigned char *p, size_t n) {
         uint32_t f; int w; const unsigned char *ptr = NULL; size_t len = 0; uint64_t v = 0;
         if (read_field(&c, &f, &w, &ptr, &len, &v) < 0) return -3;
         if (f != 1 || w != 2) continue;
-        if (parse_item(ptr, len, &s->item) < 0) return -1;
+        if (parse_item(ptr, len, &s->item, ".") < 0) return -1;
         Item *it = &s->item;
         if (is_system_key(&it->key, 0) || is_system_key(&it->key, 1) || is_system_key(&it->key, 2)) continue;
         Entry *e = table_get(&s->keys, it->key.data ? it->key.data : "", it->key.len);
@@ -446,12 +456,12 @@ static int scan_summary(Scan *s, const unsigned char *p, size_t n) {
         uint32_t f; int w; const unsigned char *ptr = NULL; size_t len = 0; uint64_t v = 0;
         if (read_field(&c, &f, &w, &ptr, &len, &v) < 0) return -3;
         if ((f != 1 && f != 2) || w != 2) continue;
-        int r = parse_item(ptr, len, &s->item);
+        int r = parse_item(ptr, len, &s->item, "\x1f");
         if (r == -2) return -1;
         if (r < 0) return -3;
         Entry *e = table_get(&s->summary, s->item.key.data ? s->item.key.data : "", s->item.key.len);
         if (!e) return -1;
-        e->touched = 1;
+        e->seq = ++s->summary_seq;
         if (f == 2) {
             e->removed = 1;
             e->value = NULL;
@@ -499,6 +509,11 @@ static int scan_record(Scan *s, const unsigned char *p, size_t n, int assembled)
         return 0;
     }
     return 0;
+}
+
+static int by_seq(const void *a, const void *b) {
+    size_t x = (*(Entry *const *)a)->seq, y = (*(Entry *const *)b)->seq;
+    return (x > y) - (x < y);
 }
 
 static PyObject *bytes_of(Buf *b) { return PyBytes_FromStringAndSize(b->data ? b->data : "", (Py_ssize_t)b->len); }
@@ -599,11 +614,12 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         stop = base + (long long)pos;
     }
     Py_END_ALLOW_THREADS
+    if (status == STATUS_CLEAN && in_record) status = STATUS_INCOMPLETE; /* data ends inside a record */
     if (out_of_memory) { PyErr_NoMemory(); goto done; }
 
     {
         PyObject *keys = PyList_New((Py_ssize_t)s.keys.count);
-        PyObject *summary = PyDict_New();
+        PyObject *summary = PyList_New(0);
         PyObject *others = PyList_New((Py_ssize_t)s.others_count);
         if (!keys || !summary || !others) { Py_XDECREF(keys); Py_XDECREF(summary); Py_XDECREF(others); goto done; }
         const char *o = s.others.data;
@@ -621,16 +637,22 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             if (!k) { Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done; }
             PyList_SET_ITEM(keys, (Py_ssize_t)i, k);
         }
+        /* summary: (key parts joined by \x1f, value_json or None if removed), in order of last update */
+        Entry **order = malloc((s.summary.count ? s.summary.count : 1) * sizeof(Entry *));
+        if (!order) { PyErr_NoMemory(); Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done; }
+        memcpy(order, s.summary.by_id, s.summary.count * sizeof(Entry *));
+        qsort(order, s.summary.count, sizeof(Entry *), by_seq);
         for (size_t i = 0; i < s.summary.count; i++) {
-            Entry *e = s.summary.by_id[i];
-            PyObject *k = PyUnicode_DecodeUTF8(e->key, (Py_ssize_t)e->key_len, "replace");
-            PyObject *v = e->removed ? (Py_INCREF(Py_None), Py_None)
-                                     : PyUnicode_DecodeUTF8(e->value, (Py_ssize_t)e->value_len, "replace");
-            if (!k || !v || PyDict_SetItem(summary, k, v) < 0) {
-                Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done;
+            Entry *e = order[i];
+            PyObject *item = e->removed
+                ? Py_BuildValue("(s#O)", e->key, (Py_ssize_t)e->key_len, Py_None)
+                : Py_BuildValue("(s#s#)", e->key, (Py_ssize_t)e->key_len, e->value, (Py_ssize_t)e->value_len);
+            if (!item || PyList_Append(summary, item) < 0) {
+                Py_XDECREF(item); free(order); Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done;
             }
-            Py_DECREF(k); Py_DECREF(v);
+            Py_DECREF(item);
         }
+        free(order);
         int32_t zero = 0;
         if (s.rows == 0 && buf_put(&s.json_off, &zero, 4) < 0) {
             PyErr_NoMemory(); Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done;

@@ -9,11 +9,9 @@ transaction, so a kill at any point leaves either the old or the new state, neve
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import pyarrow.compute as pc
 
 from mvdata_assets.runs import store
 from mvdata_assets.runs.store import SCHEMA
-from mvdata_assets.runs.values import finite_or_none, flat_rows
+from mvdata_assets.runs.values import NestedState, finite_or_none, flat_rows, to_json
 from mvdata_assets.runs.wandb_file import (
     Chunk,
     NotAWandbFile,
@@ -34,6 +32,7 @@ from mvdata_assets.runs.wandb_file import (
 )
 
 FINGERPRINT_BYTES = 4096
+RunKey = tuple[str, str, str]  # entity, project, run_id
 VALUE_ROWS = pa.schema([("key", pa.string()), ("value", pa.float64()), ("value_json", pa.string())])
 STATS_ROWS = pa.schema(
     [
@@ -54,6 +53,7 @@ class FileOutcome:
     history_rows: int = 0
     bytes_read: int = 0
     problem: str | None = None
+    rows: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,20 +99,44 @@ def sync_offline(
     started = time.monotonic()
     store.ensure_schema(conn)
     report = SyncReport()
+    columns = ", ".join(f.name for f in fields(Watermark))
     known = {
-        row[0]: row
-        for row in conn.execute(
-            f"SELECT path, entity, project, run_id, size, mtime_ns, inode, fingerprint, read_offset "
-            f"FROM {SCHEMA}._offline_files"
-        ).fetchall()
+        row[0]: Watermark(*row) for row in conn.execute(f"SELECT {columns} FROM {SCHEMA}._offline_files").fetchall()
     }
     for path in discover_run_files(dirs):
-        report.files.append(_sync_file(conn, path, known.get(str(path)), force_refresh, running_window_s, report))
+        outcome = _sync_file(conn, path, known.get(str(path)), force_refresh, running_window_s)
+        report.files.append(outcome)
+        for table, count in outcome.rows.items():
+            report.rows[table] = report.rows.get(table, 0) + count
     report.state_changes += _expire_running(conn, running_window_s)
     if report.changed:
         store.bump_generation(conn)
     report.seconds = time.monotonic() - started
     return report
+
+
+@dataclass
+class Watermark:
+    """A row of `_offline_files`: how far a run file was read, how it looked then, and the run's
+    config / summary / metadata state (key paths), which later appended updates apply to."""
+
+    path: str
+    entity: str | None
+    project: str | None
+    run_id: str | None
+    size: int
+    mtime_ns: int
+    inode: int
+    fingerprint: str
+    read_offset: int
+    problem: str | None = None
+    config_state: str | None = None
+    summary_state: str | None = None
+    metadata_state: str | None = None
+
+    @property
+    def run_key(self) -> RunKey | None:
+        return (self.entity or "", self.project or "", self.run_id) if self.run_id else None
 
 
 def _fingerprint(path: Path, length: int = FINGERPRINT_BYTES) -> str:
@@ -131,118 +155,139 @@ def _same_head(path: Path, fingerprint: str | None) -> bool:
 def _sync_file(
     conn: duckdb.DuckDBPyConnection,
     path: Path,
-    prev: tuple | None,
+    prev: Watermark | None,
     force_refresh: bool,
     running_window_s: float,
-    report: SyncReport,
 ) -> FileOutcome:
-    st = path.stat()
-    if prev and not force_refresh and (prev[4], prev[5], prev[6]) == (st.st_size, st.st_mtime_ns, st.st_ino):
-        return FileOutcome(str(path), "unchanged", run="/".join(prev[1:4]) if prev[3] else None)
     try:
-        fingerprint = _fingerprint(path)
+        st = path.stat()
+        if prev and not force_refresh and (prev.size, prev.mtime_ns, prev.inode) == (
+            st.st_size, st.st_mtime_ns, st.st_ino
+        ):  # fmt: skip
+            return FileOutcome(str(path), "unchanged", run="/".join(prev.run_key) if prev.run_key else None)
+        grown = bool(
+            prev
+            and not force_refresh
+            and prev.run_key
+            and st.st_size >= prev.size
+            and _same_head(path, prev.fingerprint)
+        )
+        if grown:
+            outcome = FileOutcome(str(path), "grown")
+        else:
+            outcome = FileOutcome(str(path), ("refreshed" if force_refresh else "replaced") if prev else "new")
+        watermark = Watermark(str(path), None, None, None, st.st_size, st.st_mtime_ns, st.st_ino, _fingerprint(path), 0)
     except OSError as exc:
         return FileOutcome(str(path), "skipped", problem=f"{path}: {exc}")
-    grown = prev is not None and not force_refresh and prev[3] and st.st_size >= prev[4] and _same_head(path, prev[7])
-    if grown:
-        action, start = "grown", prev[8]
-    else:
-        action, start = ("refreshed" if force_refresh else "replaced") if prev else "new", 0
-    outcome = FileOutcome(str(path), action)
     conn.begin()
     try:
-        _read_into(conn, path, prev if grown else None, start, outcome, report, st, running_window_s, prev)
+        _read_file(conn, path, prev if grown else None, prev, watermark, outcome, st.st_mtime, running_window_s)
+        names = [f.name for f in fields(Watermark)]
+        placeholders = ", ".join("?" * len(names))
         conn.execute(
-            f"INSERT OR REPLACE INTO {SCHEMA}._offline_files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-            [
-                str(path),
-                *(outcome.run.split("/", 2) if outcome.run else (None, None, None)),
-                st.st_size,
-                st.st_mtime_ns,
-                st.st_ino,
-                fingerprint,
-                outcome.bytes_read + start,
-                outcome.problem,
-            ],
+            f"INSERT OR REPLACE INTO {SCHEMA}._offline_files ({', '.join(names)}) VALUES ({placeholders})",
+            [getattr(watermark, name) for name in names],
         )
         conn.commit()
-    except Exception:
+    except Exception as exc:  # one unreadable file never stops the others; what was stored stays
         conn.rollback()
-        raise
+        return FileOutcome(str(path), "skipped", problem=f"{path}: {type(exc).__name__}: {exc}")
     return outcome
 
 
-def _read_into(
+@dataclass
+class _Progress:
+    """What reading one file gathered besides the history rows (which go straight to DuckDB)."""
+
+    header: RunHeader | None = None
+    environment: dict = field(default_factory=dict)
+    stats: list = field(default_factory=list)
+    exit_code: int | None = None
+    exit_runtime_s: float | None = None
+    last_step: int | None = None
+    max_runtime_s: float | None = None
+    history_rows: int = 0
+
+    def add(self, chunk: Chunk) -> None:
+        self.environment.update(chunk.environment)
+        self.stats += chunk.stats
+        if chunk.exit_code is not None:
+            self.exit_code, self.exit_runtime_s = chunk.exit_code, chunk.exit_runtime_s
+        history = chunk.history
+        if history.num_rows:
+            self.history_rows += history.num_rows
+            step = pc.max(history["step"]).as_py()
+            self.last_step = step if self.last_step is None else max(self.last_step, step)
+            runtime = finite_or_none(pc.max(history["runtime_s"]).as_py())
+            if runtime is not None:
+                self.max_runtime_s = runtime if self.max_runtime_s is None else max(self.max_runtime_s, runtime)
+
+
+def _read_file(
     conn: duckdb.DuckDBPyConnection,
     path: Path,
-    resumed: tuple | None,
-    start: int,
+    resumed: Watermark | None,
+    prev: Watermark | None,
+    watermark: Watermark,
     outcome: FileOutcome,
-    report: SyncReport,
-    st: os.stat_result,
+    mtime: float,
     running_window_s: float,
-    prev: tuple | None,
 ) -> None:
-    key: tuple[str, str, str] | None = tuple(resumed[1:4]) if resumed else None
-    if prev and prev[3] and not resumed:
-        store.delete_run(conn, *prev[1:4])
-    header: RunHeader | None = None
-    config: dict[str, str | None] = {}
-    summary: dict[str, str | None] = {}
-    environment: dict = {}
-    stats: list = []
-    exit_code = exit_runtime = None
-    last_step = max_runtime = None
-    rows = 0
+    """Reads the file (from the watermark when `resumed`) and writes its rows; runs inside a transaction."""
+    key = resumed.run_key if resumed else None
+    start = resumed.read_offset if resumed else 0
+    if prev and prev.run_key and not resumed:
+        store.delete_run(conn, *prev.run_key)
+    states = {
+        table: NestedState.from_json(getattr(resumed, f"{table}_state") if resumed else None)
+        for table in ("config", "summary", "metadata")
+    }
+    progress = _Progress()
     end = start
     try:
         for chunk in prefetch(read_chunks(path, start)):
             end = chunk.end_offset
             outcome.problem = chunk.problem or outcome.problem
             if chunk.run and key is None:
-                header = chunk.run
-                key = (header.entity, header.project, header.run_id)
+                progress.header = chunk.run
+                key = (chunk.run.entity, chunk.run.project, chunk.run.run_id)
                 owner = _owner(conn, key, path)
                 if owner:
                     outcome.action = "skipped"
                     outcome.problem = f"{path}: run {'/'.join(key)} is already synced from {owner}"
-                    outcome.run, outcome.bytes_read = None, 0
                     return
                 store.delete_run(conn, *key)
             if key is None:
                 continue
             _insert_history(conn, key, chunk)
-            rows += chunk.history.num_rows
-            last_step, max_runtime = _extend_extent(chunk, last_step, max_runtime)
-            config.update(chunk.config)
-            summary.update(chunk.summary)
-            environment.update(chunk.environment)
-            stats += chunk.stats
-            if chunk.exit_code is not None:
-                exit_code, exit_runtime = chunk.exit_code, chunk.exit_runtime_s
+            progress.add(chunk)
+            for path_key, value_json in chunk.config:
+                states["config"].apply(path_key, value_json)
+            for path_key, value_json in chunk.summary:
+                states["summary"].apply(path_key, value_json)
     except NotAWandbFile as exc:
         outcome.problem = str(exc)
     outcome.bytes_read = end - start
+    watermark.read_offset, watermark.problem = end, outcome.problem
     if key is None:
-        outcome.problem = outcome.problem or f"{path}: no run record"
+        outcome.problem = watermark.problem = outcome.problem or f"{path}: no run record"
         return
     outcome.run = "/".join(key)
-    if not resumed and not environment:
-        environment = legacy_metadata(path.parent)
-    _replace_values(conn, "config", key, config, incremental=resumed is not None)
-    _replace_values(conn, "summary", key, summary, incremental=resumed is not None)
-    _replace_values(conn, "metadata", key, {k: v for k, v in _json_items(environment)}, incremental=resumed is not None)
-    _insert_stats(conn, key, stats)
-    outcome.history_rows = rows
-    for table, count in (("history", rows), ("system_metrics", len(stats))):
-        report.rows[table] = report.rows.get(table, 0) + count
-    outcome.state = _upsert_run(
-        conn, key, header, environment, path, st, running_window_s,
-        rows, last_step, max_runtime, exit_code, exit_runtime, outcome.problem,
-    )  # fmt: skip
+    watermark.entity, watermark.project, watermark.run_id = key
+    if not progress.environment and not resumed:
+        progress.environment = legacy_metadata(path.parent)
+    for name, value in progress.environment.items():
+        states["metadata"].apply((name,), to_json(value))
+    for table, state in states.items():
+        _replace_values(conn, table, key, state)
+        setattr(watermark, f"{table}_state", state.to_json())
+    _insert_stats(conn, key, progress.stats)
+    outcome.history_rows = progress.history_rows
+    outcome.rows = {"history": progress.history_rows, "system_metrics": len(progress.stats)}
+    outcome.state = _upsert_run(conn, key, progress, path, mtime, running_window_s, outcome.problem)
 
 
-def _owner(conn: duckdb.DuckDBPyConnection, key: tuple[str, str, str], path: Path) -> str | None:
+def _owner(conn: duckdb.DuckDBPyConnection, key: RunKey, path: Path) -> str | None:
     """Another, still existing, file this run was already synced from (a copy or a resumed segment)."""
     for (other,) in conn.execute(
         f"SELECT path FROM {SCHEMA}._offline_files WHERE entity = ? AND project = ? AND run_id = ? AND path <> ?",
@@ -253,21 +298,7 @@ def _owner(conn: duckdb.DuckDBPyConnection, key: tuple[str, str, str], path: Pat
     return None
 
 
-def _json_items(environment: dict) -> list[tuple[str, str]]:
-    return [(k, json.dumps(v)) for k, v in environment.items()]
-
-
-def _extend_extent(chunk: Chunk, last_step: int | None, max_runtime: float | None) -> tuple:
-    if chunk.history.num_rows:
-        step = pc.max(chunk.history["step"]).as_py()
-        last_step = step if last_step is None else max(last_step, step)
-        runtime = finite_or_none(pc.max(chunk.history["runtime_s"]).as_py())
-        if runtime is not None:
-            max_runtime = runtime if max_runtime is None else max(max_runtime, runtime)
-    return last_step, max_runtime
-
-
-def _insert_history(conn: duckdb.DuckDBPyConnection, key: tuple[str, str, str], chunk: Chunk) -> None:
+def _insert_history(conn: duckdb.DuckDBPyConnection, key: RunKey, chunk: Chunk) -> None:
     if not chunk.history.num_rows:
         return
     conn.register("history_chunk", chunk.history)
@@ -285,34 +316,10 @@ def _insert_history(conn: duckdb.DuckDBPyConnection, key: tuple[str, str, str], 
         conn.unregister("history_chunk")
 
 
-def _replace_values(
-    conn: duckdb.DuckDBPyConnection,
-    table: str,
-    key: tuple[str, str, str],
-    updates: dict[str, str | None],
-    incremental: bool,
-) -> None:
-    """Writes the final value of each updated top-level key (flattened); None removes the key."""
-    if not updates:
-        return
-    if incremental:
-        touched = pa.table({"k": pa.array(list(updates), pa.string())})
-        conn.register("touched_keys", touched)
-        try:
-            conn.execute(
-                f"""DELETE FROM {SCHEMA}.{table} AS t
-                    WHERE entity = ? AND project = ? AND run_id = ?
-                      AND EXISTS (SELECT 1 FROM touched_keys
-                                  WHERE t.key = touched_keys.k OR starts_with(t.key, touched_keys.k || '.'))""",
-                list(key),
-            )
-        finally:
-            conn.unregister("touched_keys")
-    rows = [row for k, v in updates.items() if v is not None for row in flat_rows(k, v)]
-    _insert_value_rows(conn, table, key, rows)
-
-
-def _insert_value_rows(conn: duckdb.DuckDBPyConnection, table: str, key: tuple[str, str, str], rows: list) -> None:
+def _replace_values(conn: duckdb.DuckDBPyConnection, table: str, key: RunKey, state: NestedState) -> None:
+    """The run's rows of `table` become the state's leaves (a few hundred rows at most: rewritten whole)."""
+    conn.execute(f"DELETE FROM {SCHEMA}.{table} WHERE entity = ? AND project = ? AND run_id = ?", list(key))
+    rows = state.rows()
     if not rows:
         return
     keys, values, jsons = zip(*rows, strict=True)
@@ -327,7 +334,7 @@ def _insert_value_rows(conn: duckdb.DuckDBPyConnection, table: str, key: tuple[s
         conn.unregister("value_rows")
 
 
-def _insert_stats(conn: duckdb.DuckDBPyConnection, key: tuple[str, str, str], stats: list) -> None:
+def _insert_stats(conn: duckdb.DuckDBPyConnection, key: RunKey, stats: list) -> None:
     rows = [(when, *row) for when, k, v in stats for row in flat_rows(k, v)]
     if not rows:
         return
@@ -355,49 +362,48 @@ def _state(exit_code: int | None, mtime: float, running_window_s: float) -> str:
 
 def _upsert_run(
     conn: duckdb.DuckDBPyConnection,
-    key: tuple[str, str, str],
-    header: RunHeader | None,
-    environment: dict,
+    key: RunKey,
+    progress: _Progress,
     path: Path,
-    st: os.stat_result,
+    mtime: float,
     running_window_s: float,
-    rows: int,
-    last_step: int | None,
-    max_runtime: float | None,
-    exit_code: int | None,
-    exit_runtime: float | None,
     problem: str | None,
 ) -> str:
+    """Writes the run's row; a resumed read adds to what the earlier reads of the file found."""
     old = conn.execute(
         f"""SELECT display_name, created_at, tags, "group", job_type, sweep_id, "user", host, notes,
                    last_step, history_rows, runtime_s, exit_code
             FROM {SCHEMA}.runs WHERE entity = ? AND project = ? AND run_id = ?""",
         list(key),
     ).fetchone()
+    header, environment = progress.header, progress.environment
+    last_step, rows, runtime, exit_code = (
+        progress.last_step, progress.history_rows, progress.max_runtime_s, progress.exit_code
+    )  # fmt: skip
     if header is None and old is None:
         return "unknown"
-    if old is not None and header is None:
+    if header is None:
         display_name, created_at, tags, group, job_type, sweep_id, user, host, notes = old[:9]
-        last_step = old[9] if last_step is None else max(last_step, old[9] or last_step)
+        last_step = old[9] if last_step is None else max(last_step, old[9] if old[9] is not None else last_step)
         rows += old[10] or 0
-        max_runtime = max_runtime if max_runtime is not None else old[11]
+        runtime = runtime if runtime is not None else old[11]
         exit_code = exit_code if exit_code is not None else old[12]
     else:
-        assert header is not None
         display_name, created_at, tags = header.display_name, header.started_at, header.tags
         group, job_type, sweep_id, host, notes = (
             header.group, header.job_type, header.sweep_id, header.host, header.notes
         )  # fmt: skip
         user = environment.get("username") or environment.get("email")
-    state = _state(exit_code, st.st_mtime, running_window_s)
-    runtime = exit_runtime if exit_runtime else max_runtime
+        host = host or environment.get("host")
+    state = _state(exit_code, mtime, running_window_s)
+    runtime = progress.exit_runtime_s or runtime
     conn.execute(
         f"""INSERT OR REPLACE INTO {SCHEMA}.runs VALUES
             (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, 'offline', ?, ?, now(), ?, ?, ?)""",
         [
             *key, key[2], display_name or None, state, created_at,
-            datetime.fromtimestamp(st.st_mtime, tz=UTC), runtime, tags, group or None, job_type or None,
-            sweep_id or None, user or None, host or environment.get("host") or None, notes or None,
+            datetime.fromtimestamp(mtime, tz=UTC), runtime, tags, group or None, job_type or None,
+            sweep_id or None, user or None, host or None, notes or None,
             last_step, rows, exit_code, str(path), problem,
         ],
     )  # fmt: skip

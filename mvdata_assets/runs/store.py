@@ -43,7 +43,8 @@ DDL = [
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._offline_files (
         path VARCHAR PRIMARY KEY, entity VARCHAR, project VARCHAR, run_id VARCHAR,
         size BIGINT, mtime_ns BIGINT, inode BIGINT, fingerprint VARCHAR, read_offset BIGINT,
-        problem VARCHAR, synced_at TIMESTAMPTZ
+        problem VARCHAR, config_state VARCHAR, summary_state VARCHAR, metadata_state VARCHAR,
+        synced_at TIMESTAMPTZ DEFAULT now()
     )""",
     # bumped by every sync that changed something; exports compare it to skip rewriting
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._generation (

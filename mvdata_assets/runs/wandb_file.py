@@ -20,16 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-from google.protobuf.json_format import MessageToDict
 from wandb.proto import wandb_internal_pb2 as pb
 
 from mvdata_assets.runs import _wandb_scan
+from mvdata_assets.runs.values import KeyPath
 
 HEADER = struct.Struct("<4sHB")
 HEADER_BYTES = HEADER.size
 MAGIC = (b":W&B", 0xBEE1, 0)
 BLOCK = 32768
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+SUMMARY_PART_SEPARATOR = "\x1f"  # how the scanner joins a summary key's nested_key parts
 
 # Record oneof field numbers the C scanner hands back (see wandb_internal.proto).
 CONFIG, STATS, RUN, EXIT, FINAL, HEADER_RECORD, FOOTER, PREEMPTING, ENVIRONMENT = (
@@ -82,9 +83,9 @@ class Chunk:
     end_offset: int
     history: pa.Table
     history_records: int
-    summary: dict[str, str | None]
+    summary: list[tuple[KeyPath, str | None]]  # updates in order; None removes
     run: RunHeader | None = None
-    config: list[tuple[str, str | None]] = field(default_factory=list)
+    config: list[tuple[KeyPath, str | None]] = field(default_factory=list)
     environment: dict[str, Any] = field(default_factory=dict)
     stats: list[tuple[datetime, str, str]] = field(default_factory=list)
     exit_code: int | None = None
@@ -202,7 +203,7 @@ def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:
         end_offset=result["stop"],
         history=history,
         history_records=result["history_records"],
-        summary=result["summary"],
+        summary=[(tuple(key.split(SUMMARY_PART_SEPARATOR)), value) for key, value in result["summary"]],
         problem=problem,
     )
     for kind, payload in result["others"]:
@@ -216,14 +217,38 @@ def _timestamp(ts: Any) -> datetime | None:
     return datetime.fromtimestamp(ts.seconds + ts.nanos / 1e9, tz=UTC)
 
 
-def _item_key(item: Any) -> str:
-    return item.key or ".".join(item.nested_key)
+def _item_path(item: Any) -> KeyPath:
+    return (item.key,) if item.key else tuple(item.nested_key)
 
 
-def _config_updates(config: Any) -> list[tuple[str, str | None]]:
-    updates: list[tuple[str, str | None]] = [(_item_key(i), i.value_json) for i in config.update]
-    updates += [(_item_key(i), None) for i in config.remove]
+def _updates(record: Any) -> list[tuple[KeyPath, str | None]]:
+    """ConfigRecord / SummaryRecord items as ordered (key path, value_json or None for removed)."""
+    updates: list[tuple[KeyPath, str | None]] = [(_item_path(i), i.value_json) for i in record.update]
+    updates += [(_item_path(i), None) for i in record.remove]
     return updates
+
+
+def _message_to_python(message: Any) -> Any:
+    """Like MessageToDict, but 64-bit integers stay numbers (MessageToDict writes them as strings)."""
+    if message.DESCRIPTOR.full_name == "google.protobuf.Timestamp":
+        return message.ToDatetime(tzinfo=UTC).isoformat()
+    out: dict[str, Any] = {}
+    for field_descriptor, value in message.ListFields():
+        if field_descriptor.message_type is not None and field_descriptor.message_type.GetOptions().map_entry:
+            value_descriptor = field_descriptor.message_type.fields_by_name["value"]
+            out[field_descriptor.name] = {
+                str(k): _message_to_python(v) if value_descriptor.message_type else v for k, v in value.items()
+            }
+        elif field_descriptor.message_type is not None:
+            is_list = field_descriptor.label == field_descriptor.LABEL_REPEATED
+            out[field_descriptor.name] = (
+                [_message_to_python(v) for v in value] if is_list else _message_to_python(value)
+            )
+        elif field_descriptor.label == field_descriptor.LABEL_REPEATED:
+            out[field_descriptor.name] = list(value)
+        else:
+            out[field_descriptor.name] = value
+    return out
 
 
 def _decode_other(chunk: Chunk, kind: int, record: Any) -> None:
@@ -242,13 +267,12 @@ def _decode_other(chunk: Chunk, kind: int, record: Any) -> None:
             sweep_id=run.sweep_id,
             started_at=_timestamp(run.start_time),
         )
-        chunk.config += _config_updates(run.config)
-        for item in run.summary.update:  # a resumed run carries its summary so far
-            chunk.summary.setdefault(_item_key(item), item.value_json)
+        chunk.config += _updates(run.config)
+        chunk.summary[:0] = _updates(run.summary)  # a resumed run carries its summary so far
     elif kind == CONFIG:
-        chunk.config += _config_updates(record.config)
+        chunk.config += _updates(record.config)
     elif kind == ENVIRONMENT:
-        env = MessageToDict(record.environment, preserving_proto_field_name=True)
+        env = _message_to_python(record.environment)
         env.pop("writer_id", None)
         env.pop("_info", None)
         chunk.environment.update(env)
