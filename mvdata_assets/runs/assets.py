@@ -160,8 +160,8 @@ def wandb_history_export(context: AssetExecutionContext, config: ExportConfig, w
 def history_has_no_duplicates(warehouse: WarehouseResource) -> AssetCheckResult:
     with warehouse.get_connection() as conn:
         duplicates = conn.execute(
-            f"""SELECT count(*) FROM (SELECT 1 FROM {SCHEMA}.history
-                GROUP BY entity, project, run_id, step, key HAVING count(*) > 1)"""
+            f"""SELECT count(*) FROM (SELECT 1 FROM {SCHEMA}._history
+                GROUP BY run_ref, step, key_ref HAVING count(*) > 1)"""
         ).fetchone()[0]
     return AssetCheckResult(
         passed=duplicates == 0,
@@ -174,8 +174,9 @@ def history_has_no_duplicates(warehouse: WarehouseResource) -> AssetCheckResult:
 def history_runs_exist(warehouse: WarehouseResource) -> AssetCheckResult:
     with warehouse.get_connection() as conn:
         orphans = conn.execute(
-            f"""SELECT count(*) FROM {SCHEMA}.history h
-                ANTI JOIN {SCHEMA}.runs r USING (entity, project, run_id)"""
+            f"""SELECT count(*) FROM {SCHEMA}._history h
+                ANTI JOIN (SELECT run_ref FROM {SCHEMA}._run_refs JOIN {SCHEMA}.runs USING (entity, project, run_id)) r
+                ON h.run_ref = r.run_ref"""
         ).fetchone()[0]
     return AssetCheckResult(
         passed=orphans == 0,

@@ -120,28 +120,23 @@ def _with_ids(table: pa.Table, columns: tuple[str, ...]) -> pa.Table:
     )
 
 
-def _history_sql(conn: duckdb.DuckDBPyConnection) -> tuple[str, list[str]]:
+def _history_sql(conn: duckdb.DuckDBPyConnection) -> tuple[str, list[int]]:
     keys = conn.execute(
-        f"SELECT key, bool_and(value_json IS NULL) FROM {SCHEMA}.history GROUP BY key ORDER BY key"
+        f"""SELECT k.key, h.key_ref, bool_and(h.value_json IS NULL)
+            FROM {SCHEMA}._history h JOIN {SCHEMA}._keys k USING (key_ref) GROUP BY ALL ORDER BY k.key"""
     ).fetchall()
-    names = _column_names([k for k, _ in keys], HISTORY_ID_COLUMNS)
-    params: list[str] = []
+    names = _column_names([k for k, _, _ in keys], HISTORY_ID_COLUMNS)
+    params: list[int] = []
     columns = []
-    for (key, numeric), name in zip(keys, names, strict=True):
+    for (_, key_ref, numeric), name in zip(keys, names, strict=True):
         expr = "value" if numeric else "coalesce(value_json, CAST(value AS VARCHAR))"
-        columns.append(f"first({expr}) FILTER (WHERE key = ?) AS {_quote(name)}")
-        params.append(key)
-    select = ", ".join(
-        [
-            "entity AS _entity, project AS _project, run_id AS _run_id, step AS _step",
-            "min(timestamp) AS _timestamp, min(runtime_s) AS _runtime",
-            *columns,
-        ]
-    )
-    sql = (
-        f"SELECT {select} FROM {SCHEMA}.history GROUP BY entity, project, run_id, step "
-        "ORDER BY _entity, _project, _run_id, _step"
-    )
+        columns.append(f"first({expr}) FILTER (WHERE key_ref = ?) AS {_quote(name)}")
+        params.append(key_ref)
+    pivot = ", ".join(["run_ref, step AS _step, min(timestamp) AS _timestamp, min(runtime_s) AS _runtime", *columns])
+    sql = f"""SELECT r.entity AS _entity, r.project AS _project, r.run_id AS _run_id, p.* EXCLUDE (run_ref)
+              FROM (SELECT {pivot} FROM {SCHEMA}._history GROUP BY run_ref, step) p
+              JOIN {SCHEMA}._run_refs r USING (run_ref)
+              ORDER BY _entity, _project, _run_id, _step"""
     return sql, params
 
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mvdata_assets.runs import store
-from mvdata_assets.runs.store import SCHEMA
+from mvdata_assets.runs.store import SCHEMA, RunKey
 from mvdata_assets.runs.values import NestedState, finite_or_none, flat_rows, to_json
 from mvdata_assets.runs.wandb_file import (
     Chunk,
@@ -32,7 +32,6 @@ from mvdata_assets.runs.wandb_file import (
 )
 
 FINGERPRINT_BYTES = 4096
-RunKey = tuple[str, str, str]  # entity, project, run_id
 VALUE_ROWS = pa.schema([("key", pa.string()), ("value", pa.float64()), ("value_json", pa.string())])
 STATS_ROWS = pa.schema(
     [
@@ -299,18 +298,22 @@ def _owner(conn: duckdb.DuckDBPyConnection, key: RunKey, path: Path) -> str | No
 
 
 def _insert_history(conn: duckdb.DuckDBPyConnection, key: RunKey, chunk: Chunk) -> None:
-    if not chunk.history.num_rows:
+    history = chunk.history
+    if not history.num_rows:
         return
-    conn.register("history_chunk", chunk.history)
+    names = history["key"].combine_chunks()
+    refs = pa.array(store.key_refs(conn, names.dictionary.to_pylist()), pa.int32())
+    batch = history.set_column(history.schema.get_field_index("key"), "key_ref", pc.take(refs, names.indices))
+    conn.register("history_chunk", batch)
     try:
         conn.execute(
-            f"""INSERT INTO {SCHEMA}.history
-                SELECT ?, ?, ?, step,
+            f"""INSERT INTO {SCHEMA}._history
+                SELECT ?, step,
                        CASE WHEN isfinite("timestamp") THEN to_timestamp("timestamp") END,
                        CASE WHEN isfinite(runtime_s) THEN runtime_s END,
-                       key, value, value_json
+                       key_ref, value, value_json
                 FROM history_chunk""",
-            list(key),
+            [store.run_ref(conn, key)],
         )
     finally:
         conn.unregister("history_chunk")

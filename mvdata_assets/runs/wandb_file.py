@@ -50,7 +50,7 @@ HISTORY_SCHEMA = pa.schema(
         ("step", pa.int64()),
         ("timestamp", pa.float64()),
         ("runtime_s", pa.float64()),
-        ("key", pa.string()),
+        ("key", pa.dictionary(pa.int32(), pa.string())),
         ("value", pa.float64()),
         ("value_json", pa.string()),
     ]
@@ -183,7 +183,7 @@ def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:
             pa.Array.from_buffers(pa.int64(), rows, [None, pa.py_buffer(result["step"])]),
             pa.Array.from_buffers(pa.float64(), rows, [None, pa.py_buffer(result["timestamp"])]),
             pa.Array.from_buffers(pa.float64(), rows, [None, pa.py_buffer(result["runtime"])]),
-            keys.take(key_ids),
+            pa.DictionaryArray.from_arrays(key_ids, keys),
             pa.Array.from_buffers(
                 pa.float64(), rows, [pa.py_buffer(result["value_valid"]), pa.py_buffer(result["value"])]
             ),
