@@ -1,0 +1,379 @@
+"""The dataset catalog: which files make up each dataset, and how to verify them.
+
+The catalog is data (``catalog.yaml``); this module turns it into typed, validated objects. Validation is strict on
+purpose: a typo in a key, a truncated checksum or a path escaping the dataset folder would otherwise surface hours
+into a download, or never. Every problem in a catalog is reported at once, one per line, naming the file, the
+dataset and the field. Plain Python: nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+__all__ = ["ARCHIVE_SUFFIXES", "BUNDLED_CATALOG", "CatalogError", "CatalogFile", "Dataset", "load_catalog"]
+
+BUNDLED_CATALOG: Path = Path(__file__).with_name("catalog.yaml")
+
+Access = Literal["public", "hf", "manual"]
+
+# Only these are unpacked: anything else marked `extract` is a catalog mistake, not a format to guess at.
+ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar", ".tar.gz", ".tgz")
+
+# Dataset names become Dagster asset keys, which allow only identifier characters.
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+_MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
+_HF_HOST = "huggingface.co"
+
+
+class CatalogError(ValueError):
+    """A catalog that can't be read or doesn't validate; ``errors`` holds one line per problem."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+@dataclass(frozen=True)
+class CatalogFile:
+    """One file of a dataset: where to get it, where it goes, and how to check it."""
+
+    url: str
+    path: str  # relative to the dataset folder, POSIX separators; defaults to the URL's basename
+    size: int | None = None  # bytes, where published
+    sha256: str | None = None  # lowercase hex
+    md5: str | None = None  # lowercase hex
+    extract: bool = False
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """One catalog entry; becomes one Dagster asset named after ``name``."""
+
+    name: str
+    description: str
+    access: Access
+    files: tuple[CatalogFile, ...] = ()
+    homepage: str | None = None
+    license: str | None = None
+    instructions: str | None = None
+
+    @property
+    def est_size_bytes(self) -> int | None:
+        """Sum of the published sizes (a lower bound when some are unknown); None when none is known."""
+        sizes = [f.size for f in self.files if f.size is not None]
+        return sum(sizes) if sizes else None
+
+
+# --- validation models (private: they mirror the YAML, the dataclasses above are what callers get) ---------------
+
+
+def _fail(message: str) -> PydanticCustomError:
+    return PydanticCustomError("catalog", message)
+
+
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise _fail("must be an http(s) URL with a host")
+    if any(c.isspace() for c in value):
+        raise _fail("must not contain whitespace (percent-encode it)")
+    return value
+
+
+def _check_hex(value: Any, pattern: re.Pattern[str], digits: int) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        # e.g. an all-digit md5 that YAML read as a number
+        raise _fail(f"must be {digits} hex digits as a string (quote it in YAML)")
+    if not pattern.fullmatch(value):
+        raise _fail(f"must be {digits} hex digits")
+    return value.lower()
+
+
+def _check_relative_path(value: str) -> str:
+    """Refuse anything that could land outside the dataset folder once joined to it."""
+    if not value:
+        raise _fail("must not be empty")
+    if "\\" in value:
+        raise _fail("must use / separators, not backslashes")
+    if value.startswith("/") or re.match(r"^[A-Za-z]:", value):
+        raise _fail("must be relative to the dataset folder, not absolute")
+    pure = PurePosixPath(value)
+    if ".." in pure.parts:
+        raise _fail("must not contain '..'")
+    if value.endswith("/") or pure.as_posix() == ".":
+        raise _fail("must name a file, not a folder")
+    return pure.as_posix()  # drops "./" and doubled slashes so equal paths compare equal
+
+
+class _FileModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    # field order matters: later validators read earlier, already-validated fields from `info.data`
+    url: str
+    path: str | None = Field(default=None, validate_default=True)
+    size: int | None = None
+    sha256: str | None = None
+    md5: str | None = None
+    extract: bool = False
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_http_url(value)
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            return _check_relative_path(value)
+        url = info.data.get("url")
+        if url is None:  # the url error is already reported
+            return None
+        basename = posixpath.basename(unquote(urlsplit(url).path))
+        if not basename:
+            raise _fail("required: the URL has no file name to default to")
+        return _check_relative_path(basename)
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int | None) -> int | None:
+        if value is not None and value <= 0:
+            raise _fail("must be a positive number of bytes")
+        return value
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _sha256(cls, value: Any) -> str | None:
+        return _check_hex(value, _SHA256_RE, 64)
+
+    @field_validator("md5", mode="before")
+    @classmethod
+    def _md5(cls, value: Any) -> str | None:
+        return _check_hex(value, _MD5_RE, 32)
+
+    @field_validator("extract")
+    @classmethod
+    def _extract(cls, value: bool, info: ValidationInfo) -> bool:
+        path = info.data.get("path")
+        if value and path is not None and not path.lower().endswith(ARCHIVE_SUFFIXES):
+            raise _fail(f"only {', '.join(ARCHIVE_SUFFIXES)} archives can be extracted, not {path!r}")
+        return value
+
+
+class _DatasetModel(BaseModel):
+    """Dataset-level fields; files are validated one by one so each error can name its index."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    description: str
+    homepage: str | None = None
+    license: str | None = None
+    access: Access
+    instructions: str | None = None
+    files: list[Any] = Field(default_factory=list)
+
+    @field_validator("description")
+    @classmethod
+    def _description(cls, value: str) -> str:
+        if not value.strip():
+            raise _fail("must not be empty")
+        return value.strip()
+
+    @field_validator("homepage")
+    @classmethod
+    def _homepage(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys: plain YAML silently keeps the last `coco:` of two."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # unhashable key: construct_mapping below reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    """('files', 0, 'sha256') -> 'files[0].sha256'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_TYPE_MESSAGES = {
+    "string_type": "must be a string",
+    "int_type": "must be a whole number",
+    "bool_type": "must be true or false",
+    "list_type": "must be a list",
+}
+
+
+def _messages(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
+    """Turn pydantic's errors into (field path, message) pairs worded for catalog authors."""
+    out = []
+    for err in exc.errors():
+        field = _loc(tuple(err["loc"]))
+        if prefix:
+            field = f"{prefix}.{field}" if field else prefix
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "required"
+        elif err["type"] == "literal_error":
+            message = f"must be one of public, hf, manual, not {err['input']!r}"
+        else:
+            message = _TYPE_MESSAGES.get(err["type"], err["msg"])
+        out.append((field, message))
+    return out
+
+
+def _validate_dataset(name: str, raw: Any) -> tuple[Dataset | None, list[tuple[str, str]]]:
+    """Validate one dataset entry; returns it (None if invalid) and every (field, message) problem found."""
+    if not isinstance(raw, dict):
+        return None, [("", "must be a mapping of dataset fields")]
+    errors: list[tuple[str, str]] = []
+    model: _DatasetModel | None = None
+    try:
+        model = _DatasetModel.model_validate(raw)
+    except ValidationError as exc:
+        errors.extend(_messages(exc))
+
+    # files are checked even when a dataset-level field is wrong, so one pass reports everything
+    raw_files = raw.get("files")
+    files: list[CatalogFile | None] = []
+    if isinstance(raw_files, list):
+        for i, raw_file in enumerate(raw_files):
+            if not isinstance(raw_file, dict):
+                errors.append((f"files[{i}]", "must be a mapping with at least a url"))
+                files.append(None)
+                continue
+            try:
+                fm = _FileModel.model_validate(raw_file)
+            except ValidationError as exc:
+                errors.extend(_messages(exc, prefix=f"files[{i}]"))
+                files.append(None)
+                continue
+            assert fm.path is not None  # resolved from the URL by the validator
+            files.append(
+                CatalogFile(url=fm.url, path=fm.path, size=fm.size, sha256=fm.sha256, md5=fm.md5, extract=fm.extract)
+            )
+
+    first_index: dict[str, int] = {}
+    for i, f in enumerate(files):
+        if f is None:
+            continue
+        if f.path in first_index:
+            errors.append((f"files[{i}].path", f"duplicates files[{first_index[f.path]}] ({f.path!r})"))
+        else:
+            first_index[f.path] = i
+
+    access = raw.get("access")
+    if access == "manual":
+        instructions = raw.get("instructions")
+        if instructions is None or (isinstance(instructions, str) and not instructions.strip()):
+            errors.append(("instructions", "required for access: manual (say how to get the data by hand)"))
+    elif access in ("public", "hf") and (raw_files is None or isinstance(raw_files, list)) and not raw_files:
+        errors.append(("files", f"at least one file is required for access: {access}"))
+    if access == "hf":
+        for i, f in enumerate(files):
+            if f is not None and (urlsplit(f.url).hostname != _HF_HOST or "/resolve/" not in urlsplit(f.url).path):
+                errors.append(
+                    (f"files[{i}].url", "access: hf needs https://huggingface.co/datasets/<repo>/resolve/<rev>/<file>")
+                )
+
+    if errors or model is None:
+        return None, errors
+    dataset = Dataset(
+        name=name,
+        description=model.description,
+        access=model.access,
+        files=tuple(f for f in files if f is not None),
+        homepage=model.homepage,
+        license=model.license,
+        instructions=model.instructions.strip() if model.instructions else None,
+    )
+    return dataset, []
+
+
+def _yaml_detail(exc: yaml.YAMLError) -> str:
+    """' at line L, column C: problem' from a PyYAML error, without its multi-line source excerpt."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f" at line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    return f": {exc}"
+
+
+def load_catalog(path: Path | str | None = None) -> dict[str, Dataset]:
+    """Read and validate a catalog (the bundled one by default); datasets keep their YAML order.
+
+    Raises CatalogError listing every problem, one per line, each starting with the catalog file's path.
+    """
+    source = Path(path) if path is not None else BUNDLED_CATALOG
+    where = str(source)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CatalogError([f"{where}: catalog file not found"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CatalogError([f"{where}: cannot read catalog: {exc}"]) from exc
+    try:
+        doc = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass: no arbitrary objects
+    except yaml.YAMLError as exc:
+        raise CatalogError([f"{where}: invalid YAML{_yaml_detail(exc)}"]) from exc
+
+    if not isinstance(doc, dict) or "datasets" not in doc:
+        raise CatalogError([f"{where}: top level must be a mapping with a 'datasets' mapping"])
+    errors = [
+        f"{where}: top level: unknown key {key!r} (only 'datasets' is allowed)" for key in doc if key != "datasets"
+    ]
+    raw_datasets = doc["datasets"]
+    if not isinstance(raw_datasets, dict):
+        raise CatalogError([*errors, f"{where}: 'datasets' must be a mapping of name -> dataset"])
+
+    catalog: dict[str, Dataset] = {}
+    for name, raw in raw_datasets.items():
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            errors.append(
+                f"{where}: dataset {name!r}, name: must match {_NAME_RE.pattern} (it becomes a Dagster asset key)"
+            )
+        dataset, problems = _validate_dataset(str(name), raw)
+        for field, message in problems:
+            errors.append(
+                f"{where}: dataset {name!r}, {field}: {message}" if field else f"{where}: dataset {name!r}: {message}"
+            )
+        if dataset is not None:
+            catalog[name] = dataset
+    if errors:
+        raise CatalogError(errors)
+    return catalog
