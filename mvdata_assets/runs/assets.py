@@ -108,52 +108,50 @@ def wandb_offline_tables(context: AssetExecutionContext, config: SyncConfig, war
             )
 
 
-def _export_results(context: AssetExecutionContext, which: str, force: bool, warehouse: WarehouseResource):
-    settings = load_settings()
-    with warehouse.get_connection() as conn:
-        written = exports.export_all(conn, settings.exports, which, force=force, log=context.log.info)
-    for export in written:
-        yield MaterializeResult(
-            asset_key=export_key(export.name),
-            metadata={
-                "path": MetadataValue.path(str(export.path)),
-                "dagster/row_count": MetadataValue.int(export.rows),
-                "rewritten": MetadataValue.bool(export.rewritten),
-                "dagster/column_schema": TableSchema(columns=[TableColumn(n, t) for n, t in export.columns[:200]]),
-            },
-        )
-
-
 @multi_asset(
     specs=[
-        AssetSpec(
-            export_key(name),
-            group_name=GROUP,
-            kinds={"parquet"},
-            deps=[table_key(t) for t in TABLES if t != "history"],
-            description=f"{name}.parquet: one row per run",
-        )
-        for name in METADATA_EXPORTS
-    ],
-    can_subset=False,
-)
-def wandb_metadata_exports(context: AssetExecutionContext, config: ExportConfig, warehouse: WarehouseResource):
-    yield from _export_results(context, "metadata", config.force_rewrite, warehouse)
-
-
-@multi_asset(
-    specs=[
+        *(
+            AssetSpec(
+                export_key(name),
+                group_name=GROUP,
+                kinds={"parquet"},
+                deps=[table_key(t) for t in TABLES if t != "history"],
+                description=f"{name}.parquet: one row per run",
+            )
+            for name in METADATA_EXPORTS
+        ),
         AssetSpec(
             export_key("runs_history"),
             group_name=GROUP,
             kinds={"parquet"},
             deps=[table_key("history"), table_key("runs")],
             description="runs_history.parquet: one row per run and step, one column per metric",
-        )
+        ),
     ],
+    can_subset=True,
+    description="Parquet exports in $MVDATA_HOME/exports, rewritten only when a sync changed the warehouse.",
 )
-def wandb_history_export(context: AssetExecutionContext, config: ExportConfig, warehouse: WarehouseResource):
-    yield from _export_results(context, "history", config.force_rewrite, warehouse)
+def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehouse: WarehouseResource):
+    """One step for all exports: each Dagster step costs more than writing these files."""
+    settings = load_settings()
+    selected = {key.path[-1] for key in context.selected_asset_keys}
+    groups = [
+        g for g, names in (("metadata", METADATA_EXPORTS), ("history", ("runs_history",))) if selected & set(names)
+    ]
+    with warehouse.get_connection() as conn:
+        for group in groups:
+            for export in exports.export_all(conn, settings.exports, group, config.force_rewrite, context.log.info):
+                yield MaterializeResult(
+                    asset_key=export_key(export.name),
+                    metadata={
+                        "path": MetadataValue.path(str(export.path)),
+                        "dagster/row_count": MetadataValue.int(export.rows),
+                        "rewritten": MetadataValue.bool(export.rewritten),
+                        "dagster/column_schema": TableSchema(
+                            columns=[TableColumn(n, t) for n, t in export.columns[:200]]
+                        ),
+                    },
+                )
 
 
 @asset_check(asset=table_key("history"), description="No (run, step, key) appears twice in wandb.history.")
@@ -185,5 +183,5 @@ def history_runs_exist(warehouse: WarehouseResource) -> AssetCheckResult:
     )
 
 
-wandb_assets = [wandb_offline_tables, wandb_metadata_exports, wandb_history_export]
+wandb_assets = [wandb_offline_tables, wandb_exports]
 wandb_checks = [history_has_no_duplicates, history_runs_exist]
