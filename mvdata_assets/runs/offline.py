@@ -25,9 +25,9 @@ from mvdata_assets.runs.values import NestedState, finite_or_none, flat_rows, to
 from mvdata_assets.runs.wandb_file import (
     Chunk,
     NotAWandbFile,
+    Prefetch,
     RunHeader,
     legacy_metadata,
-    prefetch,
     read_chunks,
 )
 
@@ -102,11 +102,23 @@ def sync_offline(
     known = {
         row[0]: Watermark(*row) for row in conn.execute(f"SELECT {columns} FROM {SCHEMA}._offline_files").fetchall()
     }
-    for path in discover_run_files(dirs):
-        outcome = _sync_file(conn, path, known.get(str(path)), force_refresh, running_window_s)
-        report.files.append(outcome)
-        for table, count in outcome.rows.items():
-            report.rows[table] = report.rows.get(table, 0) + count
+    plans = [_plan(path, known.get(str(path)), force_refresh) for path in discover_run_files(dirs)]
+    to_read = [i for i, plan in enumerate(plans) if isinstance(plan, _Plan)]
+    readers: dict[int, Prefetch] = {}
+    try:
+        for i, plan in enumerate(plans):
+            if isinstance(plan, _Plan):
+                chunks = readers.pop(i, None) or plan.reader()
+                following = next((j for j in to_read if j > i), None)
+                if following is not None:  # start reading the next file while this one is stored
+                    readers[following] = plans[following].reader()
+                plan = _store_file(conn, plan, chunks, running_window_s)
+            report.files.append(plan)
+            for table, count in plan.rows.items():
+                report.rows[table] = report.rows.get(table, 0) + count
+    finally:
+        for reader in readers.values():
+            reader.close()
     report.state_changes += _expire_running(conn, running_window_s)
     if report.changed:
         store.bump_generation(conn)
@@ -151,47 +163,55 @@ def _same_head(path: Path, fingerprint: str | None) -> bool:
     return _fingerprint(path, int(fingerprint.split(":", 1)[0])) == fingerprint
 
 
-def _sync_file(
-    conn: duckdb.DuckDBPyConnection,
-    path: Path,
-    prev: Watermark | None,
-    force_refresh: bool,
-    running_window_s: float,
-) -> FileOutcome:
+@dataclass
+class _Plan:
+    """A file to read: whole, or from its watermark (`resumed`)."""
+
+    path: Path
+    outcome: FileOutcome
+    watermark: Watermark  # what will be stored once the read commits
+    prev: Watermark | None
+    resumed: Watermark | None
+    mtime: float
+
+    def reader(self) -> Prefetch:
+        return Prefetch(read_chunks(self.path, self.resumed.read_offset if self.resumed else 0))
+
+
+def _plan(path: Path, prev: Watermark | None, force_refresh: bool) -> _Plan | FileOutcome:
+    """Compares the file with its watermark: unchanged files are not opened."""
     try:
         st = path.stat()
         if prev and not force_refresh and (prev.size, prev.mtime_ns, prev.inode) == (
             st.st_size, st.st_mtime_ns, st.st_ino
         ):  # fmt: skip
             return FileOutcome(str(path), "unchanged", run="/".join(prev.run_key) if prev.run_key else None)
-        grown = bool(
-            prev
-            and not force_refresh
-            and prev.run_key
-            and st.st_size >= prev.size
-            and _same_head(path, prev.fingerprint)
-        )
-        if grown:
-            outcome = FileOutcome(str(path), "grown")
-        else:
-            outcome = FileOutcome(str(path), ("refreshed" if force_refresh else "replaced") if prev else "new")
+        grown = bool(prev and not force_refresh and prev.run_key and st.st_size >= prev.size)
+        grown = grown and _same_head(path, prev.fingerprint)
+        action = "grown" if grown else ("refreshed" if force_refresh else "replaced") if prev else "new"
         watermark = Watermark(str(path), None, None, None, st.st_size, st.st_mtime_ns, st.st_ino, _fingerprint(path), 0)
     except OSError as exc:
         return FileOutcome(str(path), "skipped", problem=f"{path}: {exc}")
+    return _Plan(path, FileOutcome(str(path), action), watermark, prev, prev if grown else None, st.st_mtime)
+
+
+def _store_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, running_window_s: float) -> FileOutcome:
+    """The file's rows and its new watermark, in one transaction."""
     conn.begin()
     try:
-        _read_file(conn, path, prev if grown else None, prev, watermark, outcome, st.st_mtime, running_window_s)
+        _read_file(conn, plan, chunks, running_window_s)
         names = [f.name for f in fields(Watermark)]
         placeholders = ", ".join("?" * len(names))
         conn.execute(
             f"INSERT OR REPLACE INTO {SCHEMA}._offline_files ({', '.join(names)}) VALUES ({placeholders})",
-            [getattr(watermark, name) for name in names],
+            [getattr(plan.watermark, name) for name in names],
         )
         conn.commit()
     except Exception as exc:  # one unreadable file never stops the others; what was stored stays
         conn.rollback()
-        return FileOutcome(str(path), "skipped", problem=f"{path}: {type(exc).__name__}: {exc}")
-    return outcome
+        chunks.close()
+        return FileOutcome(str(plan.path), "skipped", problem=f"{plan.path}: {type(exc).__name__}: {exc}")
+    return plan.outcome
 
 
 @dataclass
@@ -222,17 +242,9 @@ class _Progress:
                 self.max_runtime_s = runtime if self.max_runtime_s is None else max(self.max_runtime_s, runtime)
 
 
-def _read_file(
-    conn: duckdb.DuckDBPyConnection,
-    path: Path,
-    resumed: Watermark | None,
-    prev: Watermark | None,
-    watermark: Watermark,
-    outcome: FileOutcome,
-    mtime: float,
-    running_window_s: float,
-) -> None:
-    """Reads the file (from the watermark when `resumed`) and writes its rows; runs inside a transaction."""
+def _read_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, running_window_s: float) -> None:
+    """Reads the file (from the watermark when resumed) and writes its rows; runs inside a transaction."""
+    path, resumed, prev, watermark, outcome = plan.path, plan.resumed, plan.prev, plan.watermark, plan.outcome
     key = resumed.run_key if resumed else None
     start = resumed.read_offset if resumed else 0
     if prev and prev.run_key and not resumed:
@@ -244,7 +256,7 @@ def _read_file(
     progress = _Progress()
     end = start
     try:
-        for chunk in prefetch(read_chunks(path, start)):
+        for chunk in chunks:
             end = chunk.end_offset
             outcome.problem = chunk.problem or outcome.problem
             if chunk.run and key is None:
@@ -283,7 +295,7 @@ def _read_file(
     _insert_stats(conn, key, progress.stats)
     outcome.history_rows = progress.history_rows
     outcome.rows = {"history": progress.history_rows, "system_metrics": len(progress.stats)}
-    outcome.state = _upsert_run(conn, key, progress, path, mtime, running_window_s, outcome.problem)
+    outcome.state = _upsert_run(conn, key, progress, path, plan.mtime, running_window_s, outcome.problem)
 
 
 def _owner(conn: duckdb.DuckDBPyConnection, key: RunKey, path: Path) -> str | None:

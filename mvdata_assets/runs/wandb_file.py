@@ -134,43 +134,53 @@ def read_chunks(path: Path, start: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYT
             want = chunk_bytes
 
 
-def prefetch(chunks: Iterator[Chunk], depth: int = 2) -> Iterator[Chunk]:
-    """Decodes the next chunks in a thread while the caller stores this one.
+class Prefetch:
+    """Decodes chunks in a thread, starting at once, while the caller stores earlier ones.
 
-    The C scanner releases the GIL and so do DuckDB's inserts: reading and storing then use two cores.
+    The C scanner releases the GIL and so do DuckDB's inserts, so reading and storing use both cores;
+    starting the next file's reader while this one is stored keeps them busy across file boundaries.
+    At most `depth` decoded chunks wait, so memory stays bounded.
     """
-    ready: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
 
-    def put(item: object) -> bool:
-        while not stop.is_set():
+    _DONE = object()
+
+    def __init__(self, chunks: Iterator[Chunk], depth: int = 2) -> None:
+        self._chunks = chunks
+        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="wandb-file-reader", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: object) -> bool:
+        while not self._stop.is_set():
             try:
-                ready.put(item, timeout=0.1)
+                self._ready.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False  # the consumer has gone
 
-    def produce() -> None:
+    def _produce(self) -> None:
         try:
-            for chunk in chunks:
-                if not put(chunk):
+            for chunk in self._chunks:
+                if not self._put(chunk):
                     return
-            put(done)
+            self._put(self._DONE)
         except BaseException as exc:  # handed to the consumer, raised there
-            put(exc)
+            self._put(exc)
 
-    thread = threading.Thread(target=produce, name="wandb-file-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not done:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    def __iter__(self) -> Iterator[Chunk]:
+        try:
+            while (item := self._ready.get()) is not self._DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:
