@@ -63,7 +63,7 @@ def _gone(pid: int) -> bool:
     return text[text.rfind(")") + 2 :].split()[0] in ("Z", "X")
 
 
-def _wait_for_sidecars(pids: list[int], timeout_s: float = 60.0) -> None:
+def wait_for_sidecars(pids: list[int], timeout_s: float = 60.0) -> None:
     """The wandb-core sidecar may outlive the writer briefly; its file must be final before tests read it."""
     deadline = time.monotonic() + timeout_s
     while not all(_gone(pid) for pid in pids):
@@ -86,7 +86,7 @@ def _finish(name: str, out: Path, proc: subprocess.Popen, scenario: str) -> SdkR
             f"{stdout.decode(errors='replace')[-2000:]}\n{stderr.decode(errors='replace')[-4000:]}"
         )
     truth = json.loads((out / f"truth-{scenario}.json").read_text(encoding="utf-8"))
-    _wait_for_sidecars(truth.get("sidecar_pids", []))
+    wait_for_sidecars(truth.get("sidecar_pids", []))
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"{name}: expected one run file, found {files}"
     wandb_file = files[0]

@@ -7,7 +7,7 @@ run id, project, the config as given (init config merged with later updates), ex
 deletions, and every logged step as [step, dict]. Media objects are recorded as {"__media__": "<_type>"};
 everything else is recorded as given (JSON with NaN/Infinity, ints exact).
 
-Scenarios: edge, killed, long, failed. Runs in its own process: the tests never call wandb.init themselves.
+Scenarios: edge, killed, long, failed, live. Runs in its own process: the tests never call wandb.init themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import random
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 SQL_KEY = "x'); DROP TABLE wandb.history; --"
@@ -251,6 +252,29 @@ def failed(wandb, out: Path, seed: int) -> dict:
     return _finished_plain_run(wandb, out, seed, "failed-proj", 10, 3, {"kind": "failed"}, exit_code=1)
 
 
+def live(wandb, out: Path, seed: int) -> dict:
+    """Logs 3,000 steps, says so (OUT_DIR/paused) and waits for OUT_DIR/continue, then logs 1,000 more."""
+    config = {"kind": "live", "seed": seed}
+    run, first = _plain_run(wandb, out, "live-proj", 3000, 4, seed, config)
+    (out / "paused").write_text(run.id)
+    for _ in range(2400):
+        if (out / "continue").exists():
+            break
+        time.sleep(0.05)
+    else:
+        raise SystemExit("never told to continue")
+    rng = random.Random(seed + 1)
+    later = []
+    for step in range(3000, 4000):
+        data = {f"metric_{k}": rng.random() for k in range(4)}
+        run.log(data)
+        later.append([step, data])
+    run_id, project = run.id, run.project
+    run.finish()
+    return {"run_id": run_id, "project": project, "config": config, "summary_sets": {}, "summary_deletes": [],
+            "steps": first + later, "exit_code": 0}  # fmt: skip
+
+
 def main(argv: list[str]) -> int:
     out = Path(argv[1]).resolve()
     scenario = argv[2]
@@ -268,6 +292,8 @@ def main(argv: list[str]) -> int:
         truth = long(wandb, out, seed)
     elif scenario == "failed":
         truth = failed(wandb, out, seed)
+    elif scenario == "live":
+        truth = live(wandb, out, seed)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     truth["scenario"] = scenario

@@ -23,7 +23,15 @@ import pytest
 
 from mvdata_assets.runs.offline import SyncReport, discover_run_files, sync_offline
 from mvdata_assets_tests.runs import reference, truth
-from mvdata_assets_tests.runs.conftest import LEGACY_FIXTURE, SdkRun, copy_tree_writable, place_run_file
+from mvdata_assets_tests.runs.conftest import (
+    LEGACY_FIXTURE,
+    WRITER,
+    SdkRun,
+    copy_tree_writable,
+    place_run_file,
+    wait_for_sidecars,
+    writer_env,
+)
 from mvdata_assets_tests.runs.sdk_writer import QUOTE_KEY, SQL_KEY, UNICODE_KEY
 
 BLOCK = reference.BLOCK
@@ -628,3 +636,49 @@ def test_sync_killed_part_way_then_resumed_equals_a_clean_sync(tmp_path: Path, s
     report = sync(db, dirs)
     assert report.problems == []
     assert dump(db) == want
+
+
+def test_live_run_synced_while_written_then_after_more_steps(tmp_path: Path) -> None:
+    """A run still being written by the SDK is stored as far as it is written, then completed, once each."""
+    out = tmp_path / "live"
+    writer = subprocess.Popen(
+        [sys.executable, str(WRITER), str(out), "live", "5"], env=writer_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "paused").exists():
+            assert writer.poll() is None and time.monotonic() < deadline, "the live writer never paused"
+            time.sleep(0.05)
+        db = tmp_path / "live.duckdb"
+        while True:  # the SDK writes whole 32 KiB blocks while live: sync until some steps are there
+            first = sync(db, [out], running_window_s=300)
+            with duckdb.connect(str(db), read_only=True) as conn:
+                row = conn.execute("SELECT state, last_step, history_rows FROM wandb.runs").fetchone()
+            if row and row[2]:
+                break
+            assert time.monotonic() < deadline, "nothing of the live run became readable"
+            time.sleep(0.2)
+        assert row[0] == "running"
+        assert 0 <= row[1] < 2999  # part of what was logged so far
+        (out / "continue").touch()
+        _, stderr = writer.communicate(timeout=120)
+        assert writer.returncode == 0, stderr.decode(errors="replace")[-2000:]
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+    run_truth = json.loads((out / "truth-live.json").read_text())
+    wait_for_sidecars(run_truth["sidecar_pids"])
+    second = sync(db, [out], running_window_s=300)
+    assert [f.action for f in first.files] in (["new"], ["grown"])
+    assert [f.action for f in second.files] == ["grown"]
+    run_file = next((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert 0 < second.files[0].bytes_read < run_file.stat().st_size  # only what was appended
+    run = SdkRun("live", out, run_file.parent, run_file, run_truth)
+    with duckdb.connect(str(db), read_only=True) as conn:
+        assert_history_matches(conn, run)
+        assert duplicate_history_keys(conn) == []
+        assert run_row(conn, run.run_id)["state"] == "finished"
+    clean = tmp_path / "clean.duckdb"
+    sync(clean, [out])
+    assert dump(db) == dump(clean)
