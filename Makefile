@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export MVDATA_HOME ?= $(CURDIR)/.mvdata
-DEMO_RUNS := $(MVDATA_HOME)/demo/wandb-runs
 
 .PHONY: install demo test lint bench clean
 
@@ -16,15 +15,7 @@ $(VENV)/.installed: pyproject.toml mvdata_assets/runs/_wandb_scan.c
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/mvdata demo-runs $(DEMO_RUNS)
-	@mkdir -p $(MVDATA_HOME)/dagster
-	@echo "materialising group:wandb (log: $(MVDATA_HOME)/demo/materialize.log)"
-	@DAGSTER_HOME=$(MVDATA_HOME)/dagster MVDATA_WANDB_OFFLINE_DIRS=$(DEMO_RUNS) \
-		$(BIN)/dagster asset materialize -m mvdata_assets.definitions --select 'group:wandb' \
-		> $(MVDATA_HOME)/demo/materialize.log 2>&1 \
-		|| (tail -n 40 $(MVDATA_HOME)/demo/materialize.log; exit 1)
-	@grep -cE "STEP_SUCCESS" $(MVDATA_HOME)/demo/materialize.log | xargs -I{} echo "{} steps succeeded"
-	MVDATA_WANDB_OFFLINE_DIRS=$(DEMO_RUNS) $(BIN)/mvdata report
+	$(BIN)/mvdata demo
 
 test: install
 	$(BIN)/python -m pytest

@@ -34,8 +34,49 @@ def report() -> int:
     print(f"Exports ({len(exports)} parquet files): {settings.exports}")
     query = "SELECT key, count(*) FROM wandb.history GROUP BY key"
     print(f"Query: .venv/bin/python -c \"import duckdb; duckdb.connect('{settings.warehouse}').sql('{query}').show()\"")
-    dirs = ":".join(str(d) for d in settings.wandb_offline_dirs)
-    print(f"Open the UI: MVDATA_WANDB_OFFLINE_DIRS={dirs} .venv/bin/dagster dev -w workspace.yaml")
+    env = f"MVDATA_WANDB_OFFLINE_DIRS={':'.join(str(d) for d in settings.wandb_offline_dirs)}"
+    if settings.catalog:
+        env += f" MVDATA_CATALOG={settings.catalog}"
+    print(f"Open the UI: {env} .venv/bin/dagster dev -w workspace.yaml")
+    return 0
+
+
+def status() -> int:
+    """Each dataset's state from the warehouse and the disk, with no network: a folder that merely exists
+    is not "complete"; every catalog file must be on disk as its verified download left it."""
+    from mvdata_assets.datasets import store as dataset_store
+    from mvdata_assets.datasets.catalog import load_catalog
+
+    settings = load_settings()
+    catalog = load_catalog(settings.catalog)
+    recorded: dict[tuple[str, str], tuple] = {}
+    if settings.warehouse.exists():
+        with connect(settings.warehouse, settings.lock_timeout_s) as conn:
+            dataset_store.ensure_schema(conn)
+            for dataset, path, size, mtime_ns, sha256, file_status, updated in conn.execute(
+                "SELECT dataset, path, bytes, mtime_ns, sha256, status, updated_at FROM datasets.files"
+            ).fetchall():
+                recorded[(dataset, path)] = (size, mtime_ns, sha256, file_status, updated)
+    print(f"{'dataset':<16} {'state':<9} {'files':>9} {'on disk':>12}  last run")
+    for name, dataset in catalog.items():
+        if dataset.access == "manual":
+            print(f"{name:<16} {'manual':<9} {'-':>9} {'-':>12}  {dataset.instructions}")
+            continue
+        verified, on_disk, last = 0, 0, None
+        for file in dataset.files:
+            path = settings.data_root / name / file.path
+            row = recorded.get((name, str(path)))
+            if row and row[3] in ("downloaded", "skipped") and row[2] and path.is_file():
+                st = path.stat()
+                if (st.st_size, st.st_mtime_ns) == (row[0], row[1]):
+                    verified += 1
+                    on_disk += st.st_size
+            if row:
+                last = max(last, row[4]) if last else row[4]
+        total = len(dataset.files)
+        state = "complete" if verified == total else "partial" if verified else "missing"
+        when = last.strftime("%Y-%m-%d %H:%M") if last else "never"
+        print(f"{name:<16} {state:<9} {f'{verified}/{total}':>9} {on_disk / 1e6:>10.1f} MB  {when}")
     return 0
 
 
@@ -43,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mvdata", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("report", help="what the warehouse holds and where the exports are")
+    commands.add_parser("status", help="each dataset's state from the warehouse and the disk (no network)")
+    commands.add_parser("demo", help="write demo runs and files, serve them on loopback, materialise every asset")
     demo = commands.add_parser("demo-runs", help="write the demo's offline W&B runs (skipped if present)")
     demo.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
@@ -53,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(written)} offline runs under {args.out_dir / 'wandb'}" if written else
               f"demo runs already in {args.out_dir / 'wandb'}: not rewritten")  # fmt: skip
         return 0
+    if args.command == "demo":
+        from mvdata_assets.demo import run_demo
+
+        code = run_demo(load_settings().home)
+        return code or (report() or status())
+    if args.command == "status":
+        return status()
     return report()
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dagster import Definitions, define_asset_job, in_process_executor
 
+from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
+from mvdata_assets.datasets.assets import dataset_assets
 from mvdata_assets.runs.assets import GROUP as WANDB_GROUP
 from mvdata_assets.runs.assets import wandb_assets, wandb_checks
 from mvdata_assets.settings import load_settings
@@ -12,11 +14,13 @@ from mvdata_assets.warehouse import WarehouseResource
 settings = load_settings()
 
 wandb_sync_job = define_asset_job("wandb_sync", selection=f"group:{WANDB_GROUP}")
+datasets_job = define_asset_job("datasets_download", selection=f"group:{DATASETS_GROUP}")
+main_job = define_asset_job("mvdata_main", selection="*", description="Both halves: every dataset and W&B asset.")
 
 defs = Definitions(
-    assets=wandb_assets,
+    assets=[*dataset_assets(), *wandb_assets],
     asset_checks=wandb_checks,
-    jobs=[wandb_sync_job],
+    jobs=[main_job, wandb_sync_job, datasets_job],
     resources={
         "warehouse": WarehouseResource(database=str(settings.warehouse), lock_timeout_s=settings.lock_timeout_s)
     },

@@ -7,13 +7,27 @@ leaks into the caller.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
+import json
 import math
 import os
 import random
 import signal
+import struct
 import subprocess
 import sys
+import tarfile
+import threading
+import zipfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+import yaml
 
 DEMO_RUNS = {
     # name: (learning rate, vision encoder, steps, killed at step)
@@ -84,6 +98,139 @@ def write_demo_runs(out_dir: Path) -> list[str]:
         if code != 0 and not (killed and code == -signal.SIGKILL):
             raise RuntimeError(f"writing demo run {name} failed with exit code {code}")
     return list(children)
+
+
+# ---- the datasets half of the demo: a small catalog served from loopback -------------------------------------
+
+
+def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
+    """A valid solid-colour PNG, written by hand so the demo needs no imaging library."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def write_demo_files(www: Path) -> dict[str, bytes]:
+    """Small stand-ins for COCO, VQAv2 and CC3M files: a zip of images + captions, JSON, a tar.gz, a TSV."""
+    rng = random.Random(0)
+    images = {f"val2017/{i:012d}.png": _png(32, 24, (rng.randrange(256), rng.randrange(256), 90)) for i in range(24)}
+    captions = {"annotations": [{"image_id": i, "caption": f"a demo picture number {i}"} for i in range(24)]}
+    zipped = io.BytesIO()
+    with zipfile.ZipFile(zipped, "w") as archive:
+        for name, data in images.items():
+            archive.writestr(name, data)
+        archive.writestr("annotations/captions_val2017.json", json.dumps(captions))
+    questions = [{"question_id": i, "image_id": i % 24, "question": "What colour is it?"} for i in range(100)]
+    answers = io.BytesIO()
+    with tarfile.open(fileobj=answers, mode="w:gz") as archive:
+        data = json.dumps([{"question_id": q["question_id"], "answer": "red"} for q in questions]).encode()
+        info = tarfile.TarInfo("annotations/v2_demo_annotations.json")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    tsv = "".join(f"a demo caption {i}\thttp://127.0.0.1:9/img/{i}.jpg\n" for i in range(200))  # caption<TAB>url
+    files = {
+        "coco/val2017_demo.zip": zipped.getvalue(),
+        "vqav2/v2_demo_questions.json": json.dumps({"questions": questions}).encode(),
+        "vqav2/v2_demo_annotations.tar.gz": answers.getvalue(),
+        "cc3m/GCC-demo.tsv": tsv.encode(),
+    }
+    for name, data in files.items():
+        (www / name).parent.mkdir(parents=True, exist_ok=True)
+        (www / name).write_bytes(data)
+    return files
+
+
+def write_demo_catalog(path: Path, base_url: str, files: dict[str, bytes]) -> Path:
+    """The demo catalog, in the same format as the real one, pointing at the loopback server."""
+
+    def entry(name: str, extract: bool = False) -> dict:
+        data = files[name]
+        item = {"url": f"{base_url}/{name}", "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        return item | ({"extract": True} if extract else {})
+
+    catalog = {
+        "datasets": {
+            "demo_coco": {
+                "description": "A few COCO-style images and captions (demo stand-in for coco)",
+                "access": "public",
+                "files": [entry("coco/val2017_demo.zip", extract=True)],
+            },
+            "demo_vqav2": {
+                "description": "VQAv2-style questions and answers (demo stand-in for vqav2)",
+                "access": "public",
+                "files": [entry("vqav2/v2_demo_questions.json"), entry("vqav2/v2_demo_annotations.tar.gz", True)],
+            },
+            "demo_cc3m": {
+                "description": "A CC3M-style URL list: caption<TAB>url, no header (demo stand-in for cc3m)",
+                "access": "public",
+                "files": [entry("cc3m/GCC-demo.tsv")],
+            },
+            "demo_flickr30k": {
+                "description": "Flickr30k needs a manual download (demo of a manual dataset)",
+                "access": "manual",
+                "instructions": "kaggle datasets download -d hsankesara/flickr-image-dataset",
+            },
+        }
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(catalog, sort_keys=False))
+    return path
+
+
+@contextmanager
+def serve_directory(root: Path) -> Iterator[str]:
+    """Serves `root` on a free loopback port for as long as the block runs; yields the base URL."""
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the stdlib's signature
+        pass
+
+
+def run_demo(home: Path) -> int:
+    """Writes the W&B runs and the demo files, serves them, and materialises every asset with the dagster CLI."""
+    runs = home / "demo" / "wandb-runs"
+    written = write_demo_runs(runs)
+    print(f"W&B runs: wrote {len(written)} offline runs" if written else f"W&B runs: already in {runs}")
+    www = home / "demo" / "www"
+    files = write_demo_files(www)
+    (home / "dagster").mkdir(parents=True, exist_ok=True)
+    log = home / "demo" / "materialize.log"
+    with serve_directory(www) as base_url:
+        catalog = write_demo_catalog(home / "demo" / "catalog.yaml", base_url, files)
+        print(f"Datasets: demo catalog {catalog} served from {base_url}")
+        # set here too: the report printed after the demo reads the same settings
+        os.environ.update(
+            MVDATA_HOME=str(home),
+            DAGSTER_HOME=str(home / "dagster"),
+            MVDATA_WANDB_OFFLINE_DIRS=str(runs),
+            MVDATA_CATALOG=str(catalog),
+        )
+        env = dict(os.environ)
+        dagster = Path(sys.executable).parent / "dagster"
+        command = [str(dagster), "asset", "materialize", "-m", "mvdata_assets.definitions", "--select", "*"]
+        print(f"Materialising every asset: {' '.join(command[1:])} (log: {log})")
+        with log.open("w") as out:
+            code = subprocess.run(command, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+    if code != 0:
+        print(log.read_text()[-4000:])
+        return code
+    steps = log.read_text().count("STEP_SUCCESS")
+    print(f"{steps} steps succeeded")
+    return 0
 
 
 if __name__ == "__main__":

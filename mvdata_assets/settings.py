@@ -23,6 +23,9 @@ class Settings:
     wandb_offline_dirs: tuple[Path, ...]
     running_window_s: float
     lock_timeout_s: float
+    data_root: Path
+    catalog: Path | None  # None: the bundled catalog
+    download_concurrency: int
 
     @property
     def warehouse(self) -> Path:
@@ -44,4 +47,9 @@ def load_settings() -> Settings:
         # a run with no exit record counts as running while its file changed this recently
         running_window_s=_float("MVDATA_WANDB_RUNNING_WINDOW_S", 300.0),
         lock_timeout_s=_float("MVDATA_WAREHOUSE_LOCK_TIMEOUT_S", 600.0),
+        data_root=Path(os.environ.get("MVDATA_DATA_ROOT") or home / "datasets").expanduser().absolute(),
+        catalog=Path(os.environ["MVDATA_CATALOG"]).expanduser().absolute()
+        if os.environ.get("MVDATA_CATALOG")
+        else None,
+        download_concurrency=int(_float("MVDATA_DOWNLOAD_CONCURRENCY", 16)),
     )

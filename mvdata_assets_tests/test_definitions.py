@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from dagster import AssetKey, DagsterInstance, Definitions, materialize
 
+from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets.db import WarehouseBusy, warehouse_lock
 from mvdata_assets.definitions import defs
 from mvdata_assets.demo import DEMO_RUNS, write_demo_runs
@@ -70,9 +71,18 @@ def _materialize(home: Path, instance: DagsterInstance, run_config: dict | None 
 
 def test_asset_keys_snapshot() -> None:
     keys = sorted(key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys())
-    assert keys == EXPECTED_KEYS
-    checks = sorted(k.name for k in defs.resolve_asset_graph().asset_check_keys)
-    assert checks == ["history_has_no_duplicates", "history_runs_exist"]
+    assert [k for k in keys if k.startswith("wandb/")] == EXPECTED_KEYS
+    catalog = load_catalog()  # the bundled one: MVDATA_CATALOG is not set in the tests' environment
+    assert [k for k in keys if k.startswith("datasets/")] == sorted(
+        [f"datasets/{name}" for name in catalog] + ["datasets/download_summary"]
+    )
+    assert len(keys) == len(EXPECTED_KEYS) + len(catalog) + 1
+    checks = {(k.asset_key.to_user_string(), k.name) for k in defs.resolve_asset_graph().asset_check_keys}
+    assert {c for c in checks if c[0].startswith("wandb/")} == {
+        ("wandb/history", "history_has_no_duplicates"),
+        ("wandb/history", "history_runs_exist"),
+    }
+    assert ("datasets/coco", "no_failed_files") in checks and ("datasets/coco", "checksums_recorded") in checks
     Definitions.validate_loadable(defs)
 
 

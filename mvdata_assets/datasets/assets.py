@@ -1,0 +1,207 @@
+"""Dagster wiring for the datasets half: one asset per catalog dataset, and the download summary."""
+
+import os
+import time
+
+from dagster import (
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetExecutionContext,
+    AssetKey,
+    AssetsDefinition,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from mvdata_assets.datasets import store
+from mvdata_assets.datasets.catalog import Dataset, load_catalog
+from mvdata_assets.datasets.extract import extract
+from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask
+from mvdata_assets.settings import load_settings
+from mvdata_assets.warehouse import WarehouseResource
+
+GROUP = "datasets"
+
+
+class DownloadConfig(Config):
+    verify: bool = False
+    """Re-hash files already on disk instead of trusting their recorded size and checksum."""
+
+
+def dataset_key(name: str) -> AssetKey:
+    return AssetKey([GROUP, name])
+
+
+def _markdown_table(header: tuple, rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _progress_logger(context: AssetExecutionContext, every_s: float = 5.0):
+    """Download progress as log lines in the run's logs (a terminal gets bars from the CLI instead)."""
+    last: dict[str, float] = {}
+
+    def report(url: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - last.get(url, 0.0) >= every_s or (total is not None and done == total):
+            last[url] = now
+            share = f" ({done / total:.0%})" if total else ""
+            context.log.info(f"{url.rsplit('/', 1)[-1]}: {done / 2**20:.1f} MiB{share}")
+
+    return report
+
+
+def _materialize_dataset(context: AssetExecutionContext, dataset: Dataset, verify: bool, warehouse: WarehouseResource):
+    settings = load_settings()
+    started = time.monotonic()
+    folder = settings.data_root / dataset.name
+    if dataset.access == "manual":
+        summary = store.summarize(dataset.name, [], dataset.est_size_bytes, 0.0, manual=True)
+        with warehouse.get_connection() as conn:
+            store.ensure_schema(conn)
+            store.record_summary(conn, summary)
+        context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
+        return summary, [], {"instructions": MetadataValue.md(dataset.instructions or "")}
+    tasks = [FileTask(f.url, folder / f.path, f.size, f.sha256, f.md5) for f in dataset.files]
+    with warehouse.get_connection() as conn:  # never held across the downloads
+        store.ensure_schema(conn)
+        known = store.known_files(conn, dataset.name)
+    downloader = Downloader(
+        concurrency=settings.download_concurrency,
+        hf_token=os.environ.get("HF_TOKEN"),
+        hf_endpoint=os.environ.get("HF_ENDPOINT"),
+        progress=_progress_logger(context),
+    )
+    results = downloader.fetch_all(tasks, known, verify=verify)
+    extracted = []
+    for file, result in zip(dataset.files, results, strict=True):
+        if file.extract and result.status != "failed":
+            try:
+                done = extract(folder / file.path, folder, sha256=result.sha256)
+                extracted.append(f"{file.path}: {done.members} members" + (" (already)" if done.skipped else ""))
+            except (ValueError, OSError) as exc:  # an unsafe or broken archive fails that file, not the run
+                result.status, result.error = "failed", f"extracting: {exc}"
+    seconds = time.monotonic() - started
+    summary = store.summarize(dataset.name, results, dataset.est_size_bytes, seconds)
+    with warehouse.get_connection() as conn:
+        store.record_files(conn, dataset.name, results)
+        store.record_summary(conn, summary)
+    for result in results:
+        if result.status == "failed":
+            context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
+    transferred = sum(r.bytes_transferred for r in results)
+    extra = {
+        "bytes_transferred": MetadataValue.int(transferred),
+        "throughput_mb_s": MetadataValue.float(round(transferred / 1e6 / seconds, 2) if seconds else 0.0),
+        "extracted": MetadataValue.json(extracted),
+        "files": MetadataValue.md(
+            _markdown_table(
+                ("path", "status", "bytes", "attempts", "error"),
+                [(os.path.relpath(r.path, folder), r.status, r.bytes, r.attempts, r.error or "") for r in results],
+            )
+        ),
+    }
+    return summary, results, extra
+
+
+def build_dataset_asset(dataset: Dataset) -> AssetsDefinition:
+    key = dataset_key(dataset.name)
+
+    @asset(
+        key=key,
+        group_name=GROUP,
+        kinds={"download"},
+        description=dataset.description,
+        check_specs=[
+            AssetCheckSpec("no_failed_files", asset=key, description="Every file of the dataset is in place."),
+            AssetCheckSpec("checksums_recorded", asset=key, description="Every file in place has a recorded sha256."),
+        ],
+        metadata={
+            "access": dataset.access,
+            "homepage": MetadataValue.url(dataset.homepage) if dataset.homepage else "",
+            "license": dataset.license or "",
+            "files_in_catalog": len(dataset.files),
+        },
+    )
+    def _dataset(context: AssetExecutionContext, config: DownloadConfig, warehouse: WarehouseResource):
+        summary, results, extra = _materialize_dataset(context, dataset, config.verify, warehouse)
+        failed = [r for r in results if r.status == "failed"]
+        unverified = [r for r in results if r.status != "failed" and not r.sha256]
+        yield MaterializeResult(
+            metadata={
+                "status": summary.status,
+                "downloaded": summary.downloaded,
+                "failed": summary.failed,
+                "skipped": summary.skipped,
+                "total": summary.total,
+                "success_rate": MetadataValue.float(round(summary.success_rate, 4)),
+                "bytes_on_disk": MetadataValue.int(summary.bytes_on_disk),
+                "seconds": MetadataValue.float(round(summary.seconds, 3)),
+                **extra,
+            }
+        )
+        yield AssetCheckResult(
+            check_name="no_failed_files",
+            passed=not failed,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={"failed": MetadataValue.json([f"{r.path}: {r.error}" for r in failed])},
+        )
+        yield AssetCheckResult(
+            check_name="checksums_recorded",
+            passed=not unverified,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={"without_sha256": MetadataValue.json([r.path for r in unverified])},
+        )
+
+    return _dataset
+
+
+def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
+    @asset(
+        key=dataset_key("download_summary"),
+        group_name=GROUP,
+        kinds={"duckdb"},
+        deps=[dataset_key(name) for name in datasets],
+        description="datasets.download_summary: per dataset status and counts, as the old report showed them.",
+    )
+    def download_summary(warehouse: WarehouseResource) -> MaterializeResult:
+        with warehouse.get_connection() as conn:
+            store.ensure_schema(conn)
+            rows = {
+                row[0]: row
+                for row in conn.execute(
+                    f"""SELECT dataset, status, downloaded, failed, skipped, total, success_rate, est_size_bytes,
+                               bytes_on_disk, seconds FROM {store.SCHEMA}.download_summary"""
+                ).fetchall()
+            }
+        summaries = [
+            store.Summary(*rows[name][:6], *rows[name][7:]) if name in rows
+            else store.Summary(name, "missing", 0, 0, 0, len(d.files), d.est_size_bytes, 0, 0.0)
+            for name, d in datasets.items()
+        ]  # fmt: skip
+        return MaterializeResult(
+            metadata={
+                "report": MetadataValue.md(_markdown_table(store.REPORT_COLUMNS, [s.report_row() for s in summaries])),
+                "complete": sum(s.status == "complete" for s in summaries),
+                "partial": sum(s.status == "partial" for s in summaries),
+                "failed": sum(s.status == "failed" for s in summaries),
+                "manual": sum(s.status == "manual" for s in summaries),
+                "missing": sum(s.status == "missing" for s in summaries),
+                "dagster/row_count": len(rows),
+            }
+        )
+
+    return download_summary
+
+
+def dataset_assets() -> list[AssetsDefinition]:
+    """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary."""
+    datasets = load_catalog(load_settings().catalog)
+    return [*(build_dataset_asset(d) for d in datasets.values()), build_summary_asset(datasets)]
+
+
+__all__ = ["FileResult", "dataset_assets"]
