@@ -41,6 +41,14 @@ def report() -> int:
     return 0
 
 
+def _size(n: float) -> str:
+    units = ("B", "KB", "MB", "GB", "TB")
+    i = 0
+    while n >= 1000 and i < len(units) - 1:
+        n, i = n / 1000, i + 1
+    return f"{n:.0f} {units[i]}" if i == 0 else f"{n:.1f} {units[i]}"
+
+
 def status() -> int:
     """Each dataset's state from the warehouse and the disk, with no network: a folder that merely exists
     is not "complete"; every catalog file must be on disk as its verified download left it."""
@@ -76,8 +84,51 @@ def status() -> int:
         total = len(dataset.files)
         state = "complete" if verified == total else "partial" if verified else "missing"
         when = last.strftime("%Y-%m-%d %H:%M") if last else "never"
-        print(f"{name:<16} {state:<9} {f'{verified}/{total}':>9} {on_disk / 1e6:>10.1f} MB  {when}")
+        print(f"{name:<16} {state:<9} {f'{verified}/{total}':>9} {_size(on_disk):>12}  {when}")
     return 0
+
+
+def download(names: list[str], verify: bool) -> int:
+    """Downloads datasets from a terminal with progress bars (the same engine the assets use)."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+    from mvdata_assets.datasets.catalog import load_catalog
+    from mvdata_assets.datasets.download import download_dataset
+
+    settings = load_settings()
+    catalog = load_catalog(settings.catalog)
+    unknown = [n for n in names if n not in catalog]
+    if unknown:
+        print(f"not in the catalog: {', '.join(unknown)} (known: {', '.join(catalog)})")
+        return 2
+    failed = 0
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns) as bars:
+        tasks: dict[str, int] = {}
+
+        def progress(url: str, done: int, total: int | None) -> None:
+            if url not in tasks:
+                tasks[url] = bars.add_task(url.rsplit("/", 1)[-1], total=total)
+            bars.update(tasks[url], completed=done, total=total)
+
+        for name in names or list(catalog):
+            run = download_dataset(
+                catalog[name],
+                settings.data_root,
+                lambda: connect(settings.warehouse, settings.lock_timeout_s),
+                verify=verify,
+                concurrency=settings.download_concurrency,
+                progress=progress,
+            )
+            s = run.summary
+            bars.console.print(
+                f"{name}: {s.status} ({s.downloaded} downloaded, {s.skipped} skipped, {s.failed} failed)"
+            )
+            for result in run.results:
+                if result.status == "failed":
+                    bars.console.print(f"  {result.path}: {result.error}")
+            failed += s.failed
+    return 1 if failed else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("report", help="what the warehouse holds and where the exports are")
     commands.add_parser("status", help="each dataset's state from the warehouse and the disk (no network)")
+    fetch = commands.add_parser("download", help="download datasets from a terminal, with progress bars")
+    fetch.add_argument("names", nargs="*", help="datasets of the catalog (all when none is given)")
+    fetch.add_argument("--verify", action="store_true", help="re-hash files already on disk")
     commands.add_parser("demo", help="write demo runs and files, serve them on loopback, materialise every asset")
     demo = commands.add_parser("demo-runs", help="write the demo's offline W&B runs (skipped if present)")
     demo.add_argument("out_dir", type=Path)
@@ -103,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         return code or (report() or status())
     if args.command == "status":
         return status()
+    if args.command == "download":
+        return download(args.names, args.verify)
     return report()
 
 

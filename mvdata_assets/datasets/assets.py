@@ -18,8 +18,7 @@ from dagster import (
 
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
-from mvdata_assets.datasets.extract import extract
-from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask
+from mvdata_assets.datasets.download import DatasetRun, download_dataset
 from mvdata_assets.settings import load_settings
 from mvdata_assets.warehouse import WarehouseResource
 
@@ -55,57 +54,30 @@ def _progress_logger(context: AssetExecutionContext, every_s: float = 5.0):
     return report
 
 
-def _materialize_dataset(context: AssetExecutionContext, dataset: Dataset, verify: bool, warehouse: WarehouseResource):
-    settings = load_settings()
-    started = time.monotonic()
-    folder = settings.data_root / dataset.name
-    if dataset.access == "manual":
-        summary = store.summarize(dataset.name, [], dataset.est_size_bytes, 0.0, manual=True)
-        with warehouse.get_connection() as conn:
-            store.ensure_schema(conn)
-            store.record_summary(conn, summary)
-        context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
-        return summary, [], {"instructions": MetadataValue.md(dataset.instructions or "")}
-    tasks = [FileTask(f.url, folder / f.path, f.size, f.sha256, f.md5) for f in dataset.files]
-    with warehouse.get_connection() as conn:  # never held across the downloads
-        store.ensure_schema(conn)
-        known = store.known_files(conn, dataset.name)
-    downloader = Downloader(
-        concurrency=settings.download_concurrency,
-        hf_token=os.environ.get("HF_TOKEN"),
-        hf_endpoint=os.environ.get("HF_ENDPOINT"),
-        progress=_progress_logger(context),
-    )
-    results = downloader.fetch_all(tasks, known, verify=verify)
-    extracted = []
-    for file, result in zip(dataset.files, results, strict=True):
-        if file.extract and result.status != "failed":
-            try:
-                done = extract(folder / file.path, folder, sha256=result.sha256)
-                extracted.append(f"{file.path}: {done.members} members" + (" (already)" if done.skipped else ""))
-            except (ValueError, OSError) as exc:  # an unsafe or broken archive fails that file, not the run
-                result.status, result.error = "failed", f"extracting: {exc}"
-    seconds = time.monotonic() - started
-    summary = store.summarize(dataset.name, results, dataset.est_size_bytes, seconds)
-    with warehouse.get_connection() as conn:
-        store.record_files(conn, dataset.name, results)
-        store.record_summary(conn, summary)
-    for result in results:
-        if result.status == "failed":
-            context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
-    transferred = sum(r.bytes_transferred for r in results)
-    extra = {
-        "bytes_transferred": MetadataValue.int(transferred),
-        "throughput_mb_s": MetadataValue.float(round(transferred / 1e6 / seconds, 2) if seconds else 0.0),
-        "extracted": MetadataValue.json(extracted),
+def _dataset_metadata(run: DatasetRun) -> dict:
+    summary, seconds = run.summary, run.summary.seconds
+    return {
+        "status": summary.status,
+        "downloaded": summary.downloaded,
+        "failed": summary.failed,
+        "skipped": summary.skipped,
+        "total": summary.total,
+        "success_rate": MetadataValue.float(round(summary.success_rate, 4)),
+        "bytes_on_disk": MetadataValue.int(summary.bytes_on_disk),
+        "bytes_transferred": MetadataValue.int(run.bytes_transferred),
+        "throughput_mb_s": MetadataValue.float(round(run.bytes_transferred / 1e6 / seconds, 2) if seconds else 0.0),
+        "seconds": MetadataValue.float(round(seconds, 3)),
+        "extracted": MetadataValue.json(run.extracted),
         "files": MetadataValue.md(
             _markdown_table(
                 ("path", "status", "bytes", "attempts", "error"),
-                [(os.path.relpath(r.path, folder), r.status, r.bytes, r.attempts, r.error or "") for r in results],
+                [
+                    (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or "")
+                    for r in run.results
+                ],
             )
         ),
     }
-    return summary, results, extra
 
 
 def build_dataset_asset(dataset: Dataset) -> AssetsDefinition:
@@ -128,22 +100,25 @@ def build_dataset_asset(dataset: Dataset) -> AssetsDefinition:
         },
     )
     def _dataset(context: AssetExecutionContext, config: DownloadConfig, warehouse: WarehouseResource):
-        summary, results, extra = _materialize_dataset(context, dataset, config.verify, warehouse)
-        failed = [r for r in results if r.status == "failed"]
-        unverified = [r for r in results if r.status != "failed" and not r.sha256]
-        yield MaterializeResult(
-            metadata={
-                "status": summary.status,
-                "downloaded": summary.downloaded,
-                "failed": summary.failed,
-                "skipped": summary.skipped,
-                "total": summary.total,
-                "success_rate": MetadataValue.float(round(summary.success_rate, 4)),
-                "bytes_on_disk": MetadataValue.int(summary.bytes_on_disk),
-                "seconds": MetadataValue.float(round(summary.seconds, 3)),
-                **extra,
-            }
+        settings = load_settings()
+        run = download_dataset(
+            dataset,
+            settings.data_root,
+            warehouse.get_connection,
+            verify=config.verify,
+            concurrency=settings.download_concurrency,
+            progress=_progress_logger(context),
         )
+        if dataset.access == "manual":
+            context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
+        failed = [r for r in run.results if r.status == "failed"]
+        for result in failed:
+            context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
+        unverified = [r for r in run.results if r.status != "failed" and not r.sha256]
+        metadata = _dataset_metadata(run)
+        if dataset.instructions:
+            metadata["instructions"] = MetadataValue.md(dataset.instructions)
+        yield MaterializeResult(metadata=metadata)
         yield AssetCheckResult(
             check_name="no_failed_files",
             passed=not failed,
@@ -202,6 +177,3 @@ def dataset_assets() -> list[AssetsDefinition]:
     """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary."""
     datasets = load_catalog(load_settings().catalog)
     return [*(build_dataset_asset(d) for d in datasets.values()), build_summary_asset(datasets)]
-
-
-__all__ = ["FileResult", "dataset_assets"]

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from dagster import DagsterInstance, materialize
 
-from mvdata_assets.cli import status
+from mvdata_assets.cli import main, status
 from mvdata_assets.datasets.assets import dataset_assets
 from mvdata_assets.warehouse import WarehouseResource
 from mvdata_assets_tests.datasets.fileserver import FileServer
@@ -167,3 +167,17 @@ def test_status_is_true_to_the_disk(setup, capsys: pytest.CaptureFixture[str]) -
     (home / "datasets" / "mini_coco" / "val.zip").write_bytes(b"changed")
     status()
     assert "mini_coco        missing         0/1" in capsys.readouterr().out
+
+
+def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> None:
+    server, home = setup
+    assert main(["download", "mini_coco"]) == 0
+    assert (home / "datasets" / "mini_coco" / "val.zip").read_bytes() == GOOD_ZIP
+    assert "mini_coco: complete (1 downloaded, 0 skipped, 0 failed)" in capsys.readouterr().out
+    assert main(["download", "mini_vqa"]) == 1  # a file failed: the exit code says so
+    out = capsys.readouterr().out
+    assert "mini_vqa: partial (1 downloaded, 0 skipped, 1 failed)" in out and "404" in out
+    assert main(["download", "no_such_dataset"]) == 2
+    assert "not in the catalog: no_such_dataset" in capsys.readouterr().out
+    assert main(["download", "mini_coco"]) == 0
+    assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
