@@ -156,7 +156,7 @@ class Downloader:
 
     def _headers(self, url: str) -> dict[str, str]:
         headers = {"User-Agent": "mvdata-assets/0.1", "Accept-Encoding": "identity"}
-        if self.hf_token and (url.startswith(HF_HOST + "/") or (self.hf_endpoint and url.startswith(self.hf_endpoint))):
+        if self.hf_token and any(url.startswith(base + "/") for base in (HF_HOST, self.hf_endpoint) if base):
             headers["Authorization"] = f"Bearer {self.hf_token}"
         return headers
 
@@ -181,7 +181,8 @@ class Downloader:
 
     def plan(self, tasks: list[FileTask], known: dict[Path, Known] | None = None, verify: bool = False) -> Plan:
         """Sizes, ETags and Range support of what must be fetched, and whether it fits on the disk."""
-        to_fetch = [t for t in tasks if verify or not _present(t, (known or {}).get(t.dest))]
+        # what must travel: with `verify`, files on disk are re-hashed locally, not asked for
+        to_fetch = [t for t in tasks if not (t.dest.exists() if verify else _present(t, (known or {}).get(t.dest)))]
         probes: dict[str, Probe | str] = {}
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             for task, outcome in zip(to_fetch, pool.map(self._probe_or_error, to_fetch), strict=True):
@@ -305,8 +306,11 @@ class Downloader:
             status = response.status
             if status == 416 and have and task.size == have:  # the .part was already whole
                 response.drain_conn()
+                etag_file.unlink(missing_ok=True)
                 sha256_hex, md5_hex, size = _hash_file(part)
                 return size, sha256_hex, md5_hex
+            if status not in (200, 206):
+                response.drain_conn()  # read the error body: the pooled connection stays usable for others
             if status in PERMANENT_STATUSES:
                 raise PermanentError(f"HTTP {status} for {task.url}")
             if status == 416:
@@ -331,7 +335,9 @@ class Downloader:
             with open(part, "ab" if resume else "wb") as out:
                 written = have
                 try:
-                    for block in response.stream(CHUNK_BYTES, decode_content=False):
+                    # read1: whatever has arrived, up to a chunk; a full-chunk read would drop a partial
+                    # chunk's bytes when the connection breaks, and a resume would fetch them again
+                    while block := response.read1(CHUNK_BYTES, decode_content=False):
                         sha256.update(block)
                         md5.update(block)
                         out.write(block)

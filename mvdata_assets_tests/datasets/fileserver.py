@@ -203,8 +203,20 @@ class _Server(ThreadingHTTPServer):
         self.server_name, self.server_port = str(host), int(port)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        self.owner.errors.append(traceback.format_exc())
+        text = traceback.format_exc()
+        if _client_closed_idle_connection(text):
+            return  # legal TCP, not a server bug: a client closing a keep-alive connection it no longer needs
+        self.owner.errors.append(text)
         super().handle_error(request, client_address)
+
+
+def _client_closed_idle_connection(traceback_text: str) -> bool:
+    """A reset while waiting for the next request line of a keep-alive connection."""
+    return (
+        "handle_one_request" in traceback_text
+        and "self.rfile.readline" in traceback_text
+        and traceback_text.rstrip().endswith("ConnectionResetError: [Errno 104] Connection reset by peer")
+    )
 
 
 class _Handler(BaseHTTPRequestHandler):
