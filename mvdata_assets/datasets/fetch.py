@@ -22,6 +22,8 @@ from pathlib import Path
 
 import urllib3
 
+from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer
+
 CHUNK_BYTES = 1024 * 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 405, 410, 451}
 HF_HOST = "https://huggingface.co"
@@ -127,6 +129,8 @@ class Downloader:
         hf_token: str | None = None,
         hf_endpoint: str | None = None,
         progress: Progress | None = None,
+        segments: int = 8,
+        segment_min_bytes: int = 64 * 1024 * 1024,  # smaller files gain nothing from several connections
     ) -> None:
         self.concurrency = concurrency
         self.retries = retries
@@ -135,6 +139,9 @@ class Downloader:
         self.hf_token = hf_token
         self.hf_endpoint = hf_endpoint.rstrip("/") if hf_endpoint else None
         self.progress = progress
+        self.segments = segments
+        self.segment_min_bytes = segment_min_bytes
+        self._single_stream: set[str] = set()  # urls whose server refused segment ranges
         # urllib3 does the connection pooling and redirects (dropping Authorization when a redirect leaves the
         # host, so HF_TOKEN never reaches a CDN); retries are ours, because a retry must resume from the bytes on
         # disk and be counted per file.
@@ -223,10 +230,15 @@ class Downloader:
                     f"the downloads need {plan.bytes_needed / 2**30:.2f} GiB but {plan.bytes_free / 2**30:.2f} GiB "
                     f"is free under {tasks[0].dest.parent}: {missing / 2**30:.2f} GiB missing"
                 )
+        probes: dict[str, Probe | str] = plan.probes if check_space else {}
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(pool.map(lambda t: self.fetch(t, known.get(t.dest), verify=verify), tasks))
+            return list(
+                pool.map(lambda t: self.fetch(t, known.get(t.dest), verify=verify, probe=probes.get(t.url)), tasks)
+            )
 
-    def fetch(self, task: FileTask, known: Known | None = None, *, verify: bool = False) -> FileResult:
+    def fetch(
+        self, task: FileTask, known: Known | None = None, *, verify: bool = False, probe: Probe | str | None = None
+    ) -> FileResult:
         started = time.monotonic()
         result = FileResult(task.url, str(task.dest), "failed", expected_bytes=task.size)
         try:
@@ -237,7 +249,7 @@ class Downloader:
             elif task.dest.exists() and self._verify_existing(task, result):
                 result.status = "skipped"
             else:
-                self._download(task, result)
+                self._download(task, result, probe if isinstance(probe, Probe) else None)
                 result.status = "downloaded"
         except PermanentError as exc:
             result.error = str(exc)
@@ -258,7 +270,7 @@ class Downloader:
         result.bytes, result.sha256, result.mtime_ns = size, digest, task.dest.stat().st_mtime_ns
         return True
 
-    def _download(self, task: FileTask, result: FileResult) -> None:
+    def _download(self, task: FileTask, result: FileResult, probe: Probe | None = None) -> None:
         part = task.dest.with_name(task.dest.name + ".part")
         part.parent.mkdir(parents=True, exist_ok=True)
         fresh_retry_done = False
@@ -266,7 +278,11 @@ class Downloader:
         while True:
             result.attempts += 1
             try:
-                size, sha256, md5 = self._transfer(task, part, result)
+                if self._segmentable(task, part, probe):
+                    assert probe is not None and probe.size is not None
+                    size, sha256, md5 = self._transfer_segmented(task, part, result, probe)
+                else:
+                    size, sha256, md5 = self._transfer(task, part, result)
             except TransientError as exc:
                 if result.attempts > self.retries:
                     raise
@@ -284,6 +300,34 @@ class Downloader:
         os.replace(part, task.dest)
         _fsync_dir(task.dest.parent)
         result.bytes, result.sha256, result.mtime_ns = size, sha256, task.dest.stat().st_mtime_ns
+
+    def _segmentable(self, task: FileTask, part: Path, probe: Probe | None) -> bool:
+        """Big files go as parallel Range requests where the server allows (a single-stream .part stays single)."""
+        if self.segments < 2 or probe is None or not probe.ranges or probe.size is None:
+            return False
+        if probe.size < self.segment_min_bytes or (task.size is not None and task.size != probe.size):
+            return False
+        if task.url in self._single_stream:
+            return False
+        return not part.exists() or part.with_name(part.name + ".segments.json").exists()
+
+    def _transfer_segmented(self, task: FileTask, part: Path, result: FileResult, probe: Probe) -> tuple[int, str, str]:
+        url = self.resolve(task.url)
+        size = probe.size or 0
+        transfer = SegmentedTransfer(self._http, url, self._headers(url), part, size, probe.etag, self.segments)
+        report = (lambda done: self.progress(task.url, done, size)) if self.progress else None
+        try:
+            sha256, md5 = transfer.run(report)
+        except RangesRefused:  # the server would not serve the ranges after all: one stream from the start
+            self._single_stream.add(task.url)
+            part.unlink(missing_ok=True)
+            transfer.state_path.unlink(missing_ok=True)
+            raise TransientError("segments refused; fetching as one stream") from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(f"a segment broke: {type(exc).__name__}: {exc}") from exc
+        finally:
+            result.bytes_transferred += transfer.transferred
+        return size, sha256, md5
 
     def _transfer(self, task: FileTask, part: Path, result: FileResult) -> tuple[int, str, str]:
         """One attempt: resume the .part if the server honours Range, hash everything, fsync."""
