@@ -9,7 +9,6 @@ the file with the reason and leave the other files going. Plain Python: nothing 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import shutil
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import urllib3
 
+from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer
 
 CHUNK_BYTES = 1024 * 1024
@@ -190,13 +190,15 @@ class Downloader:
         """Sizes, ETags and Range support of what must be fetched, and whether it fits on the disk."""
         # what must travel: with `verify`, files on disk are re-hashed locally, not asked for
         to_fetch = [t for t in tasks if not (t.dest.exists() if verify else _present(t, (known or {}).get(t.dest)))]
+        # a HEAD only where it tells something: an unknown size, or a file big enough to go in segments
+        to_probe = [t for t in to_fetch if t.size is None or t.size >= self.segment_min_bytes]
         probes: dict[str, Probe | str] = {}
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            for task, outcome in zip(to_fetch, pool.map(self._probe_or_error, to_fetch), strict=True):
+            for task, outcome in zip(to_probe, pool.map(self._probe_or_error, to_probe), strict=True):
                 probes[task.url] = outcome
         needed = 0
         for task in to_fetch:
-            probe = probes[task.url]
+            probe = probes.get(task.url)
             size = task.size or (probe.size if isinstance(probe, Probe) else None) or 0
             part = task.dest.with_name(task.dest.name + ".part")
             needed += max(0, size - (part.stat().st_size if part.exists() else 0))
@@ -262,12 +264,11 @@ class Downloader:
 
     def _verify_existing(self, task: FileTask, result: FileResult) -> bool:
         """A file already in place (from an earlier run, or put there by hand) counts if it matches."""
-        digest, md5, size = _hash_file(task.dest)
-        if (task.size is not None and size != task.size) or (task.sha256 and digest != _hex(task.sha256)):
+        digests = Digests(md5=bool(task.md5))
+        size = digests.update_from(task.dest)
+        if _mismatch(task, size, digests):
             return False
-        if task.md5 and md5 != _hex(task.md5):
-            return False
-        result.bytes, result.sha256, result.mtime_ns = size, digest, task.dest.stat().st_mtime_ns
+        result.bytes, result.sha256, result.mtime_ns = size, digests.sha256, task.dest.stat().st_mtime_ns
         return True
 
     def _download(self, task: FileTask, result: FileResult, probe: Probe | None = None) -> None:
@@ -280,9 +281,9 @@ class Downloader:
             try:
                 if self._segmentable(task, part, probe):
                     assert probe is not None and probe.size is not None
-                    size, sha256, md5 = self._transfer_segmented(task, part, result, probe)
+                    size, digests = self._transfer_segmented(task, part, result, probe)
                 else:
-                    size, sha256, md5 = self._transfer(task, part, result)
+                    size, digests = self._transfer(task, part, result)
             except TransientError as exc:
                 if result.attempts > self.retries:
                     raise
@@ -290,7 +291,7 @@ class Downloader:
                 time.sleep(min(wait, self.max_backoff_s))
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
-            problem = _mismatch(task, size, sha256, md5)
+            problem = _mismatch(task, size, digests)
             if problem is None:
                 break
             part.unlink(missing_ok=True)  # never keep bytes that failed their check
@@ -299,7 +300,7 @@ class Downloader:
             fresh_retry_done = True
         os.replace(part, task.dest)
         _fsync_dir(task.dest.parent)
-        result.bytes, result.sha256, result.mtime_ns = size, sha256, task.dest.stat().st_mtime_ns
+        result.bytes, result.sha256, result.mtime_ns = size, digests.sha256, task.dest.stat().st_mtime_ns
 
     def _segmentable(self, task: FileTask, part: Path, probe: Probe | None) -> bool:
         """Big files go as parallel Range requests where the server allows (a single-stream .part stays single)."""
@@ -311,13 +312,13 @@ class Downloader:
             return False
         return not part.exists() or part.with_name(part.name + ".segments.json").exists()
 
-    def _transfer_segmented(self, task: FileTask, part: Path, result: FileResult, probe: Probe) -> tuple[int, str, str]:
+    def _transfer_segmented(self, task: FileTask, part: Path, result: FileResult, probe: Probe) -> tuple[int, Digests]:
         url = self.resolve(task.url)
         size = probe.size or 0
         transfer = SegmentedTransfer(self._http, url, self._headers(url), part, size, probe.etag, self.segments)
         report = (lambda done: self.progress(task.url, done, size)) if self.progress else None
         try:
-            sha256, md5 = transfer.run(report)
+            digests = transfer.run(Digests(md5=bool(task.md5)), report)
         except RangesRefused:  # the server would not serve the ranges after all: one stream from the start
             self._single_stream.add(task.url)
             part.unlink(missing_ok=True)
@@ -327,9 +328,9 @@ class Downloader:
             raise TransientError(f"a segment broke: {type(exc).__name__}: {exc}") from exc
         finally:
             result.bytes_transferred += transfer.transferred
-        return size, sha256, md5
+        return size, digests
 
-    def _transfer(self, task: FileTask, part: Path, result: FileResult) -> tuple[int, str, str]:
+    def _transfer(self, task: FileTask, part: Path, result: FileResult) -> tuple[int, Digests]:
         """One attempt: resume the .part if the server honours Range, hash everything, fsync."""
         url = self.resolve(task.url)
         have = part.stat().st_size if part.exists() else 0
@@ -351,8 +352,8 @@ class Downloader:
             if status == 416 and have and task.size == have:  # the .part was already whole
                 response.drain_conn()
                 etag_file.unlink(missing_ok=True)
-                sha256_hex, md5_hex, size = _hash_file(part)
-                return size, sha256_hex, md5_hex
+                digests = Digests(md5=bool(task.md5))
+                return digests.update_from(part), digests
             if status not in (200, 206):
                 response.drain_conn()  # read the error body: the pooled connection stays usable for others
             if status in PERMANENT_STATUSES:
@@ -369,10 +370,10 @@ class Downloader:
             resume = status == 206
             etag = response.headers.get("ETag")
             if etag:
-                etag_file.write_text(etag)
-            sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+                etag_file.write_text(etag)  # a later attempt resumes the .part only if the file is unchanged
+            digests = Digests(md5=bool(task.md5))
             if resume:
-                _hash_into(part, sha256, md5)  # the kept bytes must be part of the file's checksum
+                digests.update_from(part)  # the kept bytes must be part of the file's checksum
             else:
                 have = 0
             total = _expected_total(response, have, task.size)
@@ -382,8 +383,7 @@ class Downloader:
                     # read1: whatever has arrived, up to a chunk; a full-chunk read would drop a partial
                     # chunk's bytes when the connection breaks, and a resume would fetch them again
                     while block := response.read1(CHUNK_BYTES, decode_content=False):
-                        sha256.update(block)
-                        md5.update(block)
+                        digests.update(block)
                         out.write(block)
                         written += len(block)
                         result.bytes_transferred += len(block)
@@ -397,7 +397,7 @@ class Downloader:
             if total is not None and written != total:
                 raise TransientError(f"body ended after {written} of {total} bytes")
             etag_file.unlink(missing_ok=True)
-            return written, sha256.hexdigest(), md5.hexdigest()
+            return written, digests
         finally:
             response.release_conn()
 
@@ -409,13 +409,13 @@ def _expected_total(response: urllib3.BaseHTTPResponse, have: int, catalog_size:
     return catalog_size
 
 
-def _mismatch(task: FileTask, size: int, sha256: str, md5: str) -> str | None:
+def _mismatch(task: FileTask, size: int, digests: Digests) -> str | None:
     if task.size is not None and size != task.size:
         return f"size {size} but the catalog says {task.size}"
-    if task.sha256 and sha256 != _hex(task.sha256):
-        return f"sha256 {sha256} but the catalog says {task.sha256}"
-    if task.md5 and md5 != _hex(task.md5):
-        return f"md5 {md5} but the catalog says {task.md5}"
+    if task.sha256 and digests.sha256 != _hex(task.sha256):
+        return f"sha256 {digests.sha256} but the catalog says {task.sha256}"
+    if task.md5 and digests.md5 != _hex(task.md5):
+        return f"md5 {digests.md5} but the catalog says {task.md5}"
     return None
 
 
@@ -432,19 +432,6 @@ def _present(task: FileTask, known: Known | None) -> bool:
     if task.size is not None and known.bytes != task.size:
         return False
     return not (task.sha256 and known.sha256 != _hex(task.sha256))
-
-
-def _hash_into(path: Path, *hashers: hashlib._Hash) -> None:
-    with open(path, "rb") as f:
-        while block := f.read(CHUNK_BYTES * 4):
-            for hasher in hashers:
-                hasher.update(block)
-
-
-def _hash_file(path: Path) -> tuple[str, str, int]:
-    sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
-    _hash_into(path, sha256, md5)
-    return sha256.hexdigest(), md5.hexdigest(), path.stat().st_size
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -8,7 +8,6 @@ the data it vouches for is on disk, so a killed download resumes every segment w
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -19,9 +18,11 @@ from pathlib import Path
 
 import urllib3
 
+from mvdata_assets.datasets.digests import Digests
+
 READ_BYTES = 1024 * 1024
-SAVE_EVERY_BYTES = 32 * 1024 * 1024  # progress is made durable this often, or every SAVE_EVERY_S
-SAVE_EVERY_S = 1.0
+SAVE_EVERY_BYTES = 64 * 1024 * 1024  # progress is made durable this often, or every SAVE_EVERY_S
+SAVE_EVERY_S = 5.0
 
 
 class RangesRefused(Exception):
@@ -103,9 +104,8 @@ class SegmentedTransfer:
                 self.error = self.error or exc
                 self.changed.notify_all()
 
-    def run(self, progress: Callable[[int], None] | None = None) -> tuple[str, str]:
-        """Fetches the missing parts of every segment; returns (sha256, md5) of the whole file."""
-        sha256, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    def run(self, digests: Digests, progress: Callable[[int], None] | None = None) -> Digests:
+        """Fetches the missing parts of every segment, feeding the whole file to `digests` in order."""
         fd = os.open(self.part, os.O_RDWR)
         workers = [
             threading.Thread(target=self._fetch_segment, args=(fd, s), daemon=True)
@@ -126,8 +126,7 @@ class SegmentedTransfer:
                         available = segment.start + segment.done
                     while position < available:
                         block = os.pread(fd, min(READ_BYTES * 4, available - position), position)
-                        sha256.update(block)
-                        md5.update(block)
+                        digests.update(block)
                         position += len(block)
                     if progress:
                         progress(position)
@@ -139,4 +138,4 @@ class SegmentedTransfer:
             os.close(fd)
             self._save()
         self.state_path.unlink(missing_ok=True)
-        return sha256.hexdigest(), md5.hexdigest()
+        return digests

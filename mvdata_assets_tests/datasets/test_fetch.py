@@ -508,7 +508,7 @@ def test_existing_file_without_record(server: FileServer, serve: Callable[..., F
 def test_hf_url_goes_to_the_endpoint_with_the_token(server: FileServer, tmp_path: Path) -> None:
     data = b'{"split": "train"}\n' * 100
     server.add(HF_NAME, data, require_auth="Bearer hf_secret")
-    task = FileTask(HF_FILE, tmp_path / "f.json", len(data), sha256(data))
+    task = FileTask(HF_FILE, tmp_path / "f.json", None, sha256(data))  # no size: the plan asks with a HEAD
     (result,) = downloader(hf_token="hf_secret", hf_endpoint=server.url + "/").fetch_all([task])
     assert_downloaded(result, task, data)
     assert result.url == HF_FILE
@@ -711,3 +711,12 @@ def test_progress_reports_increasing_bytes_up_to_the_total(server: FileServer, s
         assert {total for _, total in calls} == {size}
         assert 0 < counts[0] <= size
     assert len(seen[tasks[0].url]) >= 3  # a 3.5 MB file is reported as it arrives, not once at the end
+
+
+def test_known_small_sizes_need_no_head_request(server: FileServer, serve: Callable[..., FileTask]) -> None:
+    """The plan asks the server only what the catalog does not say: small files with a size go straight to GET."""
+    tasks = [serve(f"small/{i}.bin", blob(1000, i)) for i in range(5)] + [serve("nosize.bin", blob(1000), size=False)]
+    results = downloader().fetch_all(tasks)
+    assert [r.status for r in results] == ["downloaded"] * 6
+    assert [r.method for r in server.requests if r.method == "HEAD"] == ["HEAD"]
+    assert [r.name for r in server.requests if r.method == "HEAD"] == ["nosize.bin"]

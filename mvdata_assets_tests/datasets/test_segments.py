@@ -62,7 +62,7 @@ def test_server_refusing_ranges_falls_back_to_one_stream(file_server: FileServer
 def test_killed_segmented_download_resumes_every_segment(file_server: FileServer, tmp_path: Path) -> None:
     url = file_server.add("big.bin", DATA)
     dest = tmp_path / "big.bin"
-    file_server.fault("big.bin", "drip", rate=400_000, times=4)  # each segment takes ~4 s
+    file_server.fault("big.bin", "drip", rate=150_000, times=4)  # ~10 s a segment; progress is saved at 5 s
     child = subprocess.Popen(
         [sys.executable, "-c", (
             "import sys; from pathlib import Path\n"

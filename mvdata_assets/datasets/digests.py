@@ -1,0 +1,37 @@
+"""Checksums computed as the bytes pass: sha256 always (it is recorded), md5 only when a catalog gives one."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+READ_BYTES = 4 * 1024 * 1024
+
+
+class Digests:
+    def __init__(self, md5: bool = False) -> None:
+        self._sha256 = hashlib.sha256()
+        # md5 costs about twice sha256's time (no SHA-NI equivalent): computed only when it is checked
+        self._md5 = hashlib.md5(usedforsecurity=False) if md5 else None
+
+    def update(self, block: bytes | memoryview) -> None:
+        self._sha256.update(block)
+        if self._md5 is not None:
+            self._md5.update(block)
+
+    def update_from(self, path: Path) -> int:
+        """Feeds a file's bytes (kept from an earlier attempt); returns how many."""
+        total = 0
+        with open(path, "rb") as f:
+            while block := f.read(READ_BYTES):
+                self.update(block)
+                total += len(block)
+        return total
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    @property
+    def md5(self) -> str | None:
+        return self._md5.hexdigest() if self._md5 is not None else None
