@@ -234,12 +234,30 @@ class Downloader:
                 )
         probes: dict[str, Probe | str] = plan.probes if check_space else {}
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            return list(
-                pool.map(lambda t: self.fetch(t, known.get(t.dest), verify=verify, probe=probes.get(t.url)), tasks)
+            results = list(
+                pool.map(
+                    lambda t: self.fetch(t, known.get(t.dest), verify=verify, probe=probes.get(t.url), sync_dir=False),
+                    tasks,
+                )
             )
+        # the renames made durable once per folder (0.4 ms a fsync) before anyone records them as downloaded
+        for folder in {Path(r.path).parent for r in results if r.status == "downloaded"}:
+            try:
+                _fsync_dir(folder)
+            except OSError as exc:
+                for result in results:
+                    if result.status == "downloaded" and Path(result.path).parent == folder:
+                        result.status, result.error = "failed", f"fsync of {folder}: {exc}"
+        return results
 
     def fetch(
-        self, task: FileTask, known: Known | None = None, *, verify: bool = False, probe: Probe | str | None = None
+        self,
+        task: FileTask,
+        known: Known | None = None,
+        *,
+        verify: bool = False,
+        probe: Probe | str | None = None,
+        sync_dir: bool = True,
     ) -> FileResult:
         started = time.monotonic()
         result = FileResult(task.url, str(task.dest), "failed", expected_bytes=task.size)
@@ -252,6 +270,8 @@ class Downloader:
                 result.status = "skipped"
             else:
                 self._download(task, result, probe if isinstance(probe, Probe) else None)
+                if sync_dir:
+                    _fsync_dir(task.dest.parent)
                 result.status = "downloaded"
         except PermanentError as exc:
             result.error = str(exc)
@@ -299,7 +319,6 @@ class Downloader:
                 raise PermanentError(f"{problem} (also after a fresh download)")
             fresh_retry_done = True
         os.replace(part, task.dest)
-        _fsync_dir(task.dest.parent)
         result.bytes, result.sha256, result.mtime_ns = size, digests.sha256, task.dest.stat().st_mtime_ns
 
     def _segmentable(self, task: FileTask, part: Path, probe: Probe | None) -> bool:
