@@ -1,0 +1,428 @@
+"""Loopback downloads: this engine against curl and aria2c, all fetching from one local nginx in the same run.
+
+Targets (design.md, "Performance targets"):
+  1. a 1 GiB file with sha256 verified inline at >= 0.9x curl's throughput (`curl -s -o FILE URL`);
+  2. 2,000 x 64 KiB files (sha256 each) at >= 0.8x `curl -Z --parallel-max 16` (ratio curl_s / engine_s).
+
+The test data (random bytes, and their sha256) is written once into bench/.data/www and reused. nginx runs from a
+config in a temp dir on a free 127.0.0.1 port and is stopped at the end, even on error. Every tool downloads into
+bench/.data/out-<tool>, removed before each run; `sync` runs before each timed run so that no run pays for the
+previous one's dirty pages, and nothing is dropped from the page cache (all runs read a warm cache alike).
+Runs are interleaved (tool A, B, C, A, B, C, ...); the table shows the best (fastest) of --repeat runs, which the
+targets are judged on, and the median beside it. A "conditions" line gives the CPU steal time during the runs and
+what creating one file under bench/.data cost before and after (on some VMs it swings from ~40 us to ~1 ms, which
+dominates the small-file figures of every tool).
+The engine runs in this process (no interpreter start-up or imports in its time); curl and aria2c include theirs.
+
+Needs nginx, curl and aria2c: `apt-get install -y nginx curl aria2` (Debian). This script installs nothing.
+Usage: .venv/bin/python bench/downloads.py [--big-mib 1024] [--small 2000] [--small-kib 64] [--repeat 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE / ".data"
+WWW = DATA / "www"
+sys.path.insert(0, str(HERE.parent))
+
+from mvdata_assets.datasets.fetch import Downloader, FileTask  # noqa: E402
+
+TOOLS = {"nginx": "nginx", "curl": "curl", "aria2c": "aria2"}
+BIG_TARGET = 0.9  # engine throughput / curl throughput, 1 GiB file
+SMALL_TARGET = 0.8  # curl seconds / engine seconds, many small files
+WRITE_CHUNK = 8 * 1024 * 1024
+
+
+# ---- tools ----
+
+
+def require_tools() -> dict[str, str]:
+    found = {
+        name: shutil.which(name) or (f"/usr/sbin/{name}" if Path(f"/usr/sbin/{name}").exists() else None)
+        for name in TOOLS
+    }
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        packages = " ".join(TOOLS[name] for name in missing)
+        print(f"missing: {', '.join(missing)}. Install them (Debian/Ubuntu) with:", file=sys.stderr)
+        print(f"  apt-get update -q && apt-get install -y -q {packages}", file=sys.stderr)
+        raise SystemExit(2)
+    return {name: str(path) for name, path in found.items()}
+
+
+# ---- test data (cached) ----
+
+
+def _manifest_ok(path: Path, entry: dict) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_size == entry["size"] and st.st_mtime_ns == entry["mtime_ns"]
+
+
+def make_data(big_mib: int, small: int, small_kib: int) -> tuple[dict, list[dict]]:
+    """The big file and the small files (relative path, size, sha256), written only when missing or changed."""
+    manifest_path = DATA / "www-manifest.json"
+    manifest: dict[str, dict] = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    changed = False
+
+    def ensure(rel: str, size: int) -> dict:
+        nonlocal changed
+        path = WWW / rel
+        entry = manifest.get(rel)
+        if entry and entry["size"] == size and _manifest_ok(path, entry):
+            return {"rel": rel, "size": size, "sha256": entry["sha256"]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with open(path, "wb") as out:
+            left = size
+            while left:
+                block = os.urandom(min(WRITE_CHUNK, left))
+                digest.update(block)
+                out.write(block)
+                left -= len(block)
+        st = path.stat()
+        manifest[rel] = {"size": size, "mtime_ns": st.st_mtime_ns, "sha256": digest.hexdigest()}
+        changed = True
+        return {"rel": rel, "size": size, "sha256": digest.hexdigest()}
+
+    big_rel = f"big-{big_mib}MiB.bin"
+    if not _manifest_ok(WWW / big_rel, manifest.get(big_rel, {"size": -1, "mtime_ns": -1})):
+        print(f"writing {big_mib} MiB of random bytes into {WWW / big_rel} (once; cached)", flush=True)
+    big = ensure(big_rel, big_mib * 1024 * 1024)
+    small_dir = f"small-{small_kib}KiB"
+    smalls = []
+    announced = False
+    for i in range(small):
+        rel = f"{small_dir}/f{i:05d}.bin"
+        if not announced and not _manifest_ok(WWW / rel, manifest.get(rel, {"size": -1, "mtime_ns": -1})):
+            print(f"writing {small} x {small_kib} KiB files into {WWW / small_dir} (once; cached)", flush=True)
+            announced = True
+        smalls.append(ensure(rel, small_kib * 1024))
+    if changed:
+        manifest_path.write_text(json.dumps(manifest))
+    return big, smalls
+
+
+# ---- nginx ----
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+NGINX_CONF = """\
+daemon off;
+master_process on;
+worker_processes auto;
+{user}
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log warn;
+events {{ worker_connections 1024; }}
+http {{
+    types {{ }}
+    default_type application/octet-stream;
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    keepalive_timeout 60s;
+    client_body_temp_path {tmp}/client_body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+        location / {{ }}
+    }}
+}}
+"""
+
+
+@contextmanager
+def nginx(binary: str, root: Path) -> Iterator[str]:
+    """A loopback nginx serving `root`; yields its base URL and always stops it."""
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
+        port = free_port()
+        user = "user root;" if os.geteuid() == 0 else ""
+        conf = Path(tmp) / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(user=user, tmp=tmp, port=port, root=root))
+        proc = subprocess.Popen(
+            [binary, "-p", tmp, "-c", str(conf), "-e", f"{tmp}/error.log"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                if proc.poll() is not None:
+                    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                    log = Path(tmp, "error.log")
+                    err += log.read_text(errors="replace") if log.exists() else ""
+                    raise RuntimeError(f"nginx exited with {proc.returncode}: {err.strip()}")
+                try:
+                    with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"nginx did not listen on 127.0.0.1:{port} within 10 s") from None
+                    time.sleep(0.05)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGQUIT)  # graceful: finish and exit
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stderr:
+                proc.stderr.close()
+
+
+# ---- runs ----
+
+
+def fresh_dir(name: str) -> Path:
+    path = DATA / f"out-{name}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.sync()  # no run pays for the dirty pages of the one before (the page cache itself is left alone)
+    return path
+
+
+def timed(argv: list[str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[0]} exited with {done.returncode}: {done.stderr.decode(errors='replace')[-2000:]}")
+    return seconds
+
+
+def check_files(out: Path, expected: dict[str, int], tool: str) -> None:
+    """Every file arrived whole (size only: hashing 1 GiB here would cost more than the run)."""
+    for name, size in expected.items():
+        path = out / name
+        got = path.stat().st_size if path.exists() else None
+        if got != size:
+            raise RuntimeError(f"{tool}: {path} has {got} bytes, expected {size}")
+
+
+ARIA2_QUIET = [
+    "-q",
+    "--console-log-level=error",
+    "--summary-interval=0",
+    "--allow-overwrite=true",
+    "--auto-file-renaming=false",
+]
+
+
+def big_runs(tools: dict[str, str], base: str, big: dict) -> dict[str, Callable[[], float]]:
+    url = f"{base}/{big['rel']}"
+    name = Path(big["rel"]).name
+    expected = {name: big["size"]}
+
+    def curl() -> float:
+        out = fresh_dir("curl")
+        seconds = timed([tools["curl"], "-fsS", "-o", str(out / name), url])
+        check_files(out, expected, "curl")
+        return seconds
+
+    def aria2(connections: int) -> Callable[[], float]:
+        def run() -> float:
+            out = fresh_dir(f"aria2c-x{connections}")
+            argv = [tools["aria2c"], f"-x{connections}", f"-s{connections}", *ARIA2_QUIET, "-d", str(out), "-o", name]
+            seconds = timed([*argv, url])
+            check_files(out, expected, f"aria2c -x{connections}")
+            return seconds
+
+        return run
+
+    def engine() -> float:
+        out = fresh_dir("engine")
+        task = FileTask(url, out / name, size=big["size"], sha256=big["sha256"])
+        started = time.perf_counter()
+        results = Downloader(concurrency=16).fetch_all([task])
+        seconds = time.perf_counter() - started
+        engine_check(results)
+        return seconds
+
+    return {"curl": curl, "aria2c -x16 -s16": aria2(16), "aria2c -x1": aria2(1), "engine": engine}
+
+
+def small_runs(tools: dict[str, str], base: str, smalls: list[dict]) -> dict[str, Callable[[], float]]:
+    urls = [f"{base}/{s['rel']}" for s in smalls]
+    expected = {Path(s["rel"]).name: s["size"] for s in smalls}
+    lists = DATA / "lists"
+    lists.mkdir(parents=True, exist_ok=True)
+    url_list = lists / "urls.txt"
+    url_list.write_text("".join(u + "\n" for u in urls))
+    curl_config = lists / "curl.config"
+    curl_config.write_text("".join(f'url = "{u}"\n' for u in urls))
+
+    def curl() -> float:
+        out = fresh_dir("curl")
+        argv = [tools["curl"], "-fsS", "-Z", "--parallel-max", "16", "--remote-name-all", "--output-dir", str(out)]
+        seconds = timed([*argv, "-K", str(curl_config)])
+        check_files(out, expected, "curl -Z")
+        return seconds
+
+    def aria2() -> float:
+        out = fresh_dir("aria2c")
+        seconds = timed([tools["aria2c"], "-j16", *ARIA2_QUIET, "-d", str(out), "-i", str(url_list)])
+        check_files(out, expected, "aria2c -j16")
+        return seconds
+
+    def engine() -> float:
+        out = fresh_dir("engine")
+        pairs = zip(urls, smalls, strict=True)
+        tasks = [FileTask(u, out / Path(s["rel"]).name, size=s["size"], sha256=s["sha256"]) for u, s in pairs]
+        started = time.perf_counter()
+        results = Downloader(concurrency=16).fetch_all(tasks)
+        seconds = time.perf_counter() - started
+        engine_check(results)
+        return seconds
+
+    return {"curl -Z --parallel-max 16": curl, "aria2c -j16": aria2, "engine (concurrency 16)": engine}
+
+
+def engine_check(results: list) -> None:
+    bad = [r for r in results if r.status != "downloaded"]
+    if bad:
+        raise RuntimeError(f"engine: {len(bad)} of {len(results)} files not downloaded, e.g. {bad[0]}")
+
+
+def measure(runs: dict[str, Callable[[], float]], repeat: int, label: str) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for rep in range(repeat):
+        for name, run in runs.items():
+            times[name].append(run())
+        print(
+            f"  {label} round {rep + 1}/{repeat}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items()),
+            flush=True,
+        )
+    return times
+
+
+def warm(base: str, rels: list[str]) -> None:
+    """One read of every served file so all tools meet the same (warm) page cache."""
+    for rel in rels:
+        with urllib.request.urlopen(f"{base}/{rel}") as response:
+            while response.read(WRITE_CHUNK):
+                pass
+
+
+def cpu_counters() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs, from /proc/stat (0, 0 where there is none)."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def create_cost(count: int = 300) -> float:
+    """Microseconds to create one empty file in a fresh bench/.data/out-* folder: it varies a lot on some VMs."""
+    out = fresh_dir("probe")
+    started = time.perf_counter()
+    for i in range(count):
+        os.close(os.open(out / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    seconds = time.perf_counter() - started
+    shutil.rmtree(out, ignore_errors=True)
+    return seconds / count * 1e6
+
+
+# ---- report ----
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--big-mib", type=int, default=1024, help="size of the big file in MiB (default 1024)")
+    parser.add_argument("--small", type=int, default=2000, help="number of small files (default 2000)")
+    parser.add_argument("--small-kib", type=int, default=64, help="size of each small file in KiB (default 64)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per tool and workload (default 5)")
+    args = parser.parse_args()
+
+    tools = require_tools()
+    big, smalls = make_data(args.big_mib, args.small, args.small_kib)
+    try:
+        with nginx(tools["nginx"], WWW) as base:
+            print(f"nginx on {base}, serving {WWW}; {os.cpu_count()} CPUs; best and median of {args.repeat} runs")
+            warm(base, [big["rel"]] + [s["rel"] for s in smalls])
+            steal0, total0 = cpu_counters()
+            create_before = create_cost()
+            big_times = measure(big_runs(tools, base, big), args.repeat, f"{args.big_mib} MiB")
+            small_times = measure(small_runs(tools, base, smalls), args.repeat, f"{args.small} x {args.small_kib} KiB")
+            create_after = create_cost()
+            steal1, total1 = cpu_counters()
+    finally:
+        for out in DATA.glob("out-*"):
+            shutil.rmtree(out, ignore_errors=True)
+
+    mb = big["size"] / 1e6
+    print()
+    steal = (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0
+    print(
+        f"conditions: CPU steal {steal:.0%} during the measurements; creating a file under {DATA} took "
+        f"{create_before:.0f} us before and {create_after:.0f} us after (both tools pay it per small file)"
+    )
+    print()
+    print(f"{args.big_mib} MiB file ({big['size']:,} bytes; MB = 10^6 bytes)")
+    print(f"  {'tool':<28}{'best s':>9}{'median s':>10}{'best MB/s':>11}{'median MB/s':>13}")
+    for name, ts in big_times.items():
+        best, med = min(ts), statistics.median(ts)
+        print(f"  {name:<28}{best:>9.3f}{med:>10.3f}{mb / best:>11.0f}{mb / med:>13.0f}")
+    big_ratio = min(big_times["curl"]) / min(big_times["engine"])  # throughput ratio = inverse time ratio
+    big_ratio_med = statistics.median(big_times["curl"]) / statistics.median(big_times["engine"])
+    print(f"  engine/curl throughput: {big_ratio:.2f}x best, {big_ratio_med:.2f}x median")
+
+    print()
+    print(f"{args.small} x {args.small_kib} KiB files")
+    print(f"  {'tool':<28}{'best s':>9}{'median s':>10}{'best files/s':>14}")
+    for name, ts in small_times.items():
+        print(f"  {name:<28}{min(ts):>9.3f}{statistics.median(ts):>10.3f}{args.small / min(ts):>14.0f}")
+    curl_small = small_times["curl -Z --parallel-max 16"]
+    engine_small = small_times["engine (concurrency 16)"]
+    small_ratio = min(curl_small) / min(engine_small)
+    small_ratio_med = statistics.median(curl_small) / statistics.median(engine_small)
+    print(f"  curl_seconds/engine_seconds: {small_ratio:.2f} best, {small_ratio_med:.2f} median")
+
+    print()
+    verdict = {True: "PASS", False: "MISS"}
+    print(
+        f"{verdict[big_ratio >= BIG_TARGET]} big file: engine at {big_ratio:.2f}x curl's throughput "
+        f"(target >= {BIG_TARGET}x, best of {args.repeat})"
+    )
+    print(
+        f"{verdict[small_ratio >= SMALL_TARGET]} small files: curl_s/engine_s = {small_ratio:.2f} "
+        f"(target >= {SMALL_TARGET}, best of {args.repeat})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
