@@ -3,6 +3,7 @@
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
+    AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
@@ -11,8 +12,8 @@ from dagster import (
     MetadataValue,
     TableColumn,
     TableSchema,
-    asset_check,
     multi_asset,
+    multi_asset_check,
 )
 
 from mvdata_assets.runs import exports
@@ -154,29 +155,42 @@ def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehous
                 )
 
 
-@asset_check(asset=table_key("history"), description="No (run, step, key) appears twice in wandb.history.")
-def history_has_no_duplicates(warehouse: WarehouseResource) -> AssetCheckResult:
+@multi_asset_check(
+    specs=[
+        AssetCheckSpec(
+            "history_has_no_duplicates",
+            asset=table_key("history"),
+            description="No (run, step, key) appears twice in wandb.history.",
+        ),
+        AssetCheckSpec(
+            "history_runs_exist",
+            asset=table_key("history"),
+            description="Every history row belongs to a run in wandb.runs.",
+        ),
+    ],
+)
+def history_checks(warehouse: WarehouseResource):
+    """Both checks in one step: each Dagster step costs more than these queries."""
     with warehouse.get_connection() as conn:
         duplicates = conn.execute(
             f"""SELECT count(*) FROM (SELECT 1 FROM {SCHEMA}._history
                 GROUP BY run_ref, step, key_ref HAVING count(*) > 1)"""
         ).fetchone()[0]
-    return AssetCheckResult(
-        passed=duplicates == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"duplicate_keys": MetadataValue.int(duplicates)},
-    )
-
-
-@asset_check(asset=table_key("history"), description="Every history row belongs to a run in wandb.runs.")
-def history_runs_exist(warehouse: WarehouseResource) -> AssetCheckResult:
-    with warehouse.get_connection() as conn:
         orphans = conn.execute(
             f"""SELECT count(*) FROM {SCHEMA}._history h
                 ANTI JOIN (SELECT run_ref FROM {SCHEMA}._run_refs JOIN {SCHEMA}.runs USING (entity, project, run_id)) r
                 ON h.run_ref = r.run_ref"""
         ).fetchone()[0]
-    return AssetCheckResult(
+    yield AssetCheckResult(
+        check_name="history_has_no_duplicates",
+        asset_key=table_key("history"),
+        passed=duplicates == 0,
+        severity=AssetCheckSeverity.ERROR,
+        metadata={"duplicate_keys": MetadataValue.int(duplicates)},
+    )
+    yield AssetCheckResult(
+        check_name="history_runs_exist",
+        asset_key=table_key("history"),
         passed=orphans == 0,
         severity=AssetCheckSeverity.ERROR,
         metadata={"orphan_rows": MetadataValue.int(orphans)},
@@ -184,4 +198,4 @@ def history_runs_exist(warehouse: WarehouseResource) -> AssetCheckResult:
 
 
 wandb_assets = [wandb_offline_tables, wandb_exports]
-wandb_checks = [history_has_no_duplicates, history_runs_exist]
+wandb_checks = [history_checks]
