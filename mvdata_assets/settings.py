@@ -26,6 +26,8 @@ class Settings:
     data_root: Path
     catalog: Path | None  # None: the bundled catalog
     download_concurrency: int
+    sensor_interval_s: int
+    sensor_enabled: bool  # on by default when a W&B source is configured
 
     @property
     def warehouse(self) -> Path:
@@ -52,4 +54,6 @@ def load_settings() -> Settings:
         if os.environ.get("MVDATA_CATALOG")
         else None,
         download_concurrency=int(_float("MVDATA_DOWNLOAD_CONCURRENCY", 16)),
+        sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
+        sensor_enabled=os.environ.get("MVDATA_WANDB_SENSOR", "on" if dirs else "off").lower() in ("1", "on", "true"),
     )

@@ -88,6 +88,18 @@ def discover_run_files(dirs: Iterable[Path]) -> list[Path]:
     return sorted(found)
 
 
+def file_states(dirs: Iterable[Path]) -> dict[str, list[int]]:
+    """{path: [size, mtime_ns]} of every run file: what a sensor compares between ticks (no file is opened)."""
+    states = {}
+    for path in discover_run_files(dirs):
+        try:
+            st = path.stat()
+        except OSError:
+            continue  # gone between the listing and the stat
+        states[str(path)] = [st.st_size, st.st_mtime_ns]
+    return states
+
+
 def sync_offline(
     conn: duckdb.DuckDBPyConnection,
     dirs: Iterable[Path],

@@ -1,0 +1,49 @@
+"""A sensor that notices new or changed W&B run files and asks for a sync of the W&B assets."""
+
+import hashlib
+import json
+
+from dagster import (
+    AssetSelection,
+    DefaultSensorStatus,
+    RunRequest,
+    SensorEvaluationContext,
+    SensorResult,
+    SkipReason,
+    sensor,
+)
+
+from mvdata_assets.runs.assets import GROUP
+from mvdata_assets.runs.offline import file_states
+from mvdata_assets.settings import load_settings
+
+_settings = load_settings()
+
+
+@sensor(
+    name="wandb_offline_runs",
+    minimum_interval_seconds=_settings.sensor_interval_s,
+    default_status=DefaultSensorStatus.RUNNING if _settings.sensor_enabled else DefaultSensorStatus.STOPPED,
+    asset_selection=AssetSelection.groups(GROUP),
+    description="Polls MVDATA_WANDB_OFFLINE_DIRS (file sizes and mtimes only) and syncs when a run is new or grew.",
+)
+def wandb_offline_runs(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    states = file_states(load_settings().wandb_offline_dirs)
+    seen = json.loads(context.cursor) if context.cursor else {}
+    changed = sorted(path for path, state in states.items() if seen.get(path) != state)
+    if not changed:
+        return SkipReason(f"{len(states)} run files, none new or changed since the last tick")
+    # the key names this exact change: a retried tick never launches it twice, the next change launches again
+    change = json.dumps([[path, *states[path]] for path in changed])
+    run_key = hashlib.sha256(change.encode()).hexdigest()[:16]
+    new = sum(1 for path in changed if path not in seen)
+    context.log.info(f"{new} new and {len(changed) - new} changed run files")
+    return SensorResult(
+        run_requests=[
+            RunRequest(
+                run_key=run_key,
+                tags={"mvdata/new_run_files": str(new), "mvdata/changed_run_files": str(len(changed) - new)},
+            )
+        ],
+        cursor=json.dumps(states),
+    )
