@@ -181,20 +181,17 @@ def history_checks(warehouse: WarehouseResource):
                 ANTI JOIN (SELECT run_ref FROM {SCHEMA}._run_refs JOIN {SCHEMA}.runs USING (entity, project, run_id)) r
                 ON h.run_ref = r.run_ref"""
         ).fetchone()[0]
-    yield AssetCheckResult(
-        check_name="history_has_no_duplicates",
-        asset_key=table_key("history"),
-        passed=duplicates == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"duplicate_keys": MetadataValue.int(duplicates)},
-    )
-    yield AssetCheckResult(
-        check_name="history_runs_exist",
-        asset_key=table_key("history"),
-        passed=orphans == 0,
-        severity=AssetCheckSeverity.ERROR,
-        metadata={"orphan_rows": MetadataValue.int(orphans)},
-    )
+    for check_name, count, label in (
+        ("history_has_no_duplicates", duplicates, "duplicate_keys"),
+        ("history_runs_exist", orphans, "orphan_rows"),
+    ):
+        yield AssetCheckResult(
+            check_name=check_name,
+            asset_key=table_key("history"),
+            passed=count == 0,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={label: MetadataValue.int(count)},
+        )
 
 
 wandb_assets = [wandb_offline_tables, wandb_exports]
