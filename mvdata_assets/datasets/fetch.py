@@ -147,7 +147,7 @@ class Downloader:
         # disk and be counted per file.
         self._http = urllib3.PoolManager(
             num_pools=64,
-            maxsize=concurrency,
+            maxsize=concurrency + segments,  # a big file takes `segments` connections at once
             block=False,
             timeout=urllib3.Timeout(connect=min(10.0, timeout_s), read=timeout_s),
             retries=urllib3.Retry(total=None, connect=0, read=0, status=0, redirect=10, other=0),
