@@ -1,10 +1,9 @@
-"""The `mvdata` command: what the warehouse holds, and the demo's run writer."""
+"""The `mvdata` command: the demo, what the warehouse holds, dataset status and downloads from a terminal."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from mvdata_assets.db import connect
 from mvdata_assets.runs import store
@@ -140,16 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("names", nargs="*", help="datasets of the catalog (all when none is given)")
     fetch.add_argument("--verify", action="store_true", help="re-hash files already on disk")
     commands.add_parser("demo", help="write demo runs and files, serve them on loopback, materialise every asset")
-    demo = commands.add_parser("demo-runs", help="write the demo's offline W&B runs (skipped if present)")
-    demo.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
-    if args.command == "demo-runs":
-        from mvdata_assets.demo import write_demo_runs
-
-        written = write_demo_runs(args.out_dir)
-        print(f"wrote {len(written)} offline runs under {args.out_dir / 'wandb'}" if written else
-              f"demo runs already in {args.out_dir / 'wandb'}: not rewritten")  # fmt: skip
-        return 0
     if args.command == "demo":
         from mvdata_assets.demo import run_demo
 

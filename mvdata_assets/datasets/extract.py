@@ -38,10 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
+from mvdata_assets.datasets.catalog import ARCHIVE_SUFFIXES  # the one list of what can be unpacked
+
 __all__ = ["ARCHIVE_SUFFIXES", "BadArchive", "Extracted", "UnsafeArchive", "extract", "is_extracted", "marker_path"]
 
-# Same list as catalog.ARCHIVE_SUFFIXES (a test keeps them in step); kept here so this module stands alone.
-ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar", ".tar.gz", ".tgz")
 
 _MARKER_VERSION = 1
 _CHUNK = 1 << 20
