@@ -23,10 +23,13 @@ def report() -> int:
         ).fetchall()
         counts = {t: conn.execute(f"SELECT count(*) FROM wandb.{t}").fetchone()[0] for t in store.RUN_TABLES}
     print(f"\nW&B runs in the warehouse ({len(runs)}):")
-    print(f"  {'project':<14} {'run':<10} {'name':<22} {'state':<9} {'last step':>9} {'history rows':>12}")
+    wide = max([len("project"), *(len(r[0]) for r in runs)]), max([len("name"), *(len(r[2]) for r in runs)])
+    print(
+        f"  {'project':<{wide[0]}} {'run':<10} {'name':<{wide[1]}} {'state':<9} {'last step':>9} {'history rows':>12}"
+    )
     for project, run_id, name, state, last_step, rows in runs:
         step = "-" if last_step is None else last_step
-        print(f"  {project:<14} {run_id:<10} {name:<22} {state:<9} {step:>9} {rows:>12}")
+        print(f"  {project:<{wide[0]}} {run_id:<10} {name:<{wide[1]}} {state:<9} {step:>9} {rows:>12}")
     print("\nRows per table: " + ", ".join(f"wandb.{t} {n:,}" for t, n in counts.items()))
     print(f"Warehouse: {settings.warehouse}")
     exports = sorted(settings.exports.glob("*.parquet"))
@@ -93,6 +96,7 @@ def download(names: list[str], verify: bool) -> int:
 
     from mvdata_assets.datasets.catalog import load_catalog
     from mvdata_assets.datasets.download import download_dataset
+    from mvdata_assets.tracking import DatasetOutcome, DownloadTracker
 
     settings = load_settings()
     catalog = load_catalog(settings.catalog)
@@ -101,16 +105,24 @@ def download(names: list[str], verify: bool) -> int:
         print(f"not in the catalog: {', '.join(unknown)} (known: {', '.join(catalog)})")
         return 2
     failed = 0
+    selected = names or list(catalog)
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
     with Progress(*columns) as bars:
         tasks: dict[str, int] = {}
+        tracker = (
+            DownloadTracker(settings.home, selected, settings.data_root, warn=lambda m: bars.console.print(m))
+            if settings.tracking_enabled
+            else None
+        )
 
         def progress(url: str, done: int, total: int | None) -> None:
             if url not in tasks:
                 tasks[url] = bars.add_task(url.rsplit("/", 1)[-1], total=total)
             bars.update(tasks[url], completed=done, total=total)
 
-        for name in names or list(catalog):
+        for name in selected:
+            if tracker:
+                tracker.start()
             run = download_dataset(
                 catalog[name],
                 settings.data_root,
@@ -120,6 +132,9 @@ def download(names: list[str], verify: bool) -> int:
                 progress=progress,
             )
             s = run.summary
+            tracked = tracker.record(DatasetOutcome.from_summary(s, run.bytes_transferred)) if tracker else None
+            if tracked:
+                bars.console.print(f"W&B: {tracked.name}: {tracked.url or tracked.offline_dir}")
             bars.console.print(
                 f"{name}: {s.status} ({s.downloaded} downloaded, {s.skipped} skipped, {s.failed} failed)"
             )

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dagster import Definitions, define_asset_job, in_process_executor
 
 from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
-from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
 from mvdata_assets.runs.assets import GROUP as WANDB_GROUP
 from mvdata_assets.runs.assets import wandb_assets, wandb_checks
 from mvdata_assets.runs.sensors import wandb_offline_runs
@@ -24,7 +24,8 @@ defs = Definitions(
     jobs=[main_job, wandb_sync_job, datasets_job],
     sensors=[wandb_offline_runs],
     resources={
-        "warehouse": WarehouseResource(database=str(settings.warehouse), lock_timeout_s=settings.lock_timeout_s)
+        "warehouse": WarehouseResource(database=str(settings.warehouse), lock_timeout_s=settings.lock_timeout_s),
+        "tracking": DownloadTrackingResource(enabled=settings.tracking_enabled),
     },
     # small steps over one local DuckDB file: a process per step would cost ~5 s each for nothing
     executor=in_process_executor,

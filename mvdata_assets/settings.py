@@ -17,6 +17,13 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from exc
 
 
+def _switch(name: str, default: str) -> bool:
+    raw = (os.environ.get(name) or default).lower()
+    if raw not in ("1", "on", "true", "0", "off", "false"):
+        raise ValueError(f"{name} must be on or off, got {raw!r}")
+    return raw in ("1", "on", "true")
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -28,6 +35,7 @@ class Settings:
     download_concurrency: int
     sensor_interval_s: int
     sensor_enabled: bool  # on by default when a W&B source is configured
+    tracking_enabled: bool  # log each download run to W&B (the SDK's WANDB_MODE picks online / offline)
 
     @property
     def warehouse(self) -> Path:
@@ -55,5 +63,6 @@ def load_settings() -> Settings:
         else None,
         download_concurrency=int(_float("MVDATA_DOWNLOAD_CONCURRENCY", 16)),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
-        sensor_enabled=os.environ.get("MVDATA_WANDB_SENSOR", "on" if dirs else "off").lower() in ("1", "on", "true"),
+        sensor_enabled=_switch("MVDATA_WANDB_SENSOR", "on" if dirs else "off"),
+        tracking_enabled=_switch("MVDATA_WANDB_TRACKING", "on"),
     )

@@ -11,6 +11,7 @@ from dagster import (
     AssetKey,
     AssetsDefinition,
     Config,
+    ConfigurableResource,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -20,6 +21,7 @@ from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
 from mvdata_assets.datasets.download import DatasetRun, download_dataset
 from mvdata_assets.settings import load_settings
+from mvdata_assets.tracking import PROJECT, DatasetOutcome, DownloadTracker, TrackedRun
 from mvdata_assets.warehouse import WarehouseResource
 
 GROUP = "datasets"
@@ -28,6 +30,45 @@ GROUP = "datasets"
 class DownloadConfig(Config):
     verify: bool = False
     """Re-hash files already on disk instead of trusting their recorded size and checksum."""
+
+
+class DownloadTrackingResource(ConfigurableResource):
+    """Logs each Dagster run that downloads datasets as one W&B run; WANDB_MODE picks online or offline."""
+
+    enabled: bool = True
+    project: str = PROJECT
+    entity: str | None = None
+    init_timeout_s: float = 30.0
+
+    def tracker(self, context: AssetExecutionContext, catalog_names: list[str]) -> DownloadTracker | None:
+        if not self.enabled:
+            return None  # no W&B run, and the run counter stays as it is
+        settings = load_settings()
+        selection = context.run.asset_selection or set()
+        selected = [key.path[-1] for key in selection if key.path[:1] == [GROUP] and key.path[-1] in catalog_names]
+        return DownloadTracker(
+            settings.home,
+            sorted(selected) or catalog_names,
+            settings.data_root,
+            warn=context.log.warning,
+            dagster_run_id=context.run_id,
+            project=self.project,
+            entity=self.entity,
+            init_timeout_s=self.init_timeout_s,
+        )
+
+
+def _tracking_metadata(tracked: TrackedRun | None, tracker: DownloadTracker | None) -> dict:
+    if tracker is None:
+        return {"wandb_tracking": "off"}
+    if tracked is None:
+        return {"wandb_tracking": "skipped (see the run's warnings)"}
+    where = (
+        {"wandb_run_url": MetadataValue.url(tracked.url)}
+        if tracked.url
+        else {"wandb_offline_dir": MetadataValue.path(str(tracked.offline_dir))}
+    )
+    return {"wandb_run_number": tracked.number, "wandb_run_name": tracked.name, **where}
 
 
 def dataset_key(name: str) -> AssetKey:
@@ -80,7 +121,7 @@ def _dataset_metadata(run: DatasetRun) -> dict:
     }
 
 
-def build_dataset_asset(dataset: Dataset) -> AssetsDefinition:
+def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDefinition:
     key = dataset_key(dataset.name)
 
     @asset(
@@ -99,23 +140,41 @@ def build_dataset_asset(dataset: Dataset) -> AssetsDefinition:
             "files_in_catalog": len(dataset.files),
         },
     )
-    def _dataset(context: AssetExecutionContext, config: DownloadConfig, warehouse: WarehouseResource):
+    def _dataset(
+        context: AssetExecutionContext,
+        config: DownloadConfig,
+        warehouse: WarehouseResource,
+        tracking: DownloadTrackingResource,
+    ):
         settings = load_settings()
-        run = download_dataset(
-            dataset,
-            settings.data_root,
-            warehouse.get_connection,
-            verify=config.verify,
-            concurrency=settings.download_concurrency,
-            progress=_progress_logger(context),
-        )
+        tracker = tracking.tracker(context, catalog_names)
+        if tracker:
+            tracker.start()
+        started = time.monotonic()
+        try:
+            run = download_dataset(
+                dataset,
+                settings.data_root,
+                warehouse.get_connection,
+                verify=config.verify,
+                concurrency=settings.download_concurrency,
+                progress=_progress_logger(context),
+            )
+        except Exception:
+            if tracker:  # the download run's W&B log still counts this dataset, as failed
+                files = len(dataset.files)
+                seconds = time.monotonic() - started
+                tracker.record(DatasetOutcome(dataset.name, "failed", 0, files, 0, files, dataset.est_size_bytes, 0,
+                                              seconds))  # fmt: skip
+            raise
+        tracked = tracker.record(DatasetOutcome.from_summary(run.summary, run.bytes_transferred)) if tracker else None
         if dataset.access == "manual":
             context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
         failed = [r for r in run.results if r.status == "failed"]
         for result in failed:
             context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
         unverified = [r for r in run.results if r.status != "failed" and not r.sha256]
-        metadata = _dataset_metadata(run)
+        metadata = _dataset_metadata(run) | _tracking_metadata(tracked, tracker)
         if dataset.instructions:
             metadata["instructions"] = MetadataValue.md(dataset.instructions)
         yield MaterializeResult(metadata=metadata)
@@ -176,4 +235,5 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
 def dataset_assets() -> list[AssetsDefinition]:
     """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary."""
     datasets = load_catalog(load_settings().catalog)
-    return [*(build_dataset_asset(d) for d in datasets.values()), build_summary_asset(datasets)]
+    names = list(datasets)
+    return [*(build_dataset_asset(d, names) for d in datasets.values()), build_summary_asset(datasets)]

@@ -13,7 +13,7 @@ import yaml
 from dagster import DagsterInstance, materialize
 
 from mvdata_assets.cli import main, status
-from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
 from mvdata_assets.warehouse import WarehouseResource
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
@@ -73,7 +73,10 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _run(home: Path, instance: DagsterInstance, run_config: dict | None = None):
     result = materialize(
         dataset_assets(),
-        resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb"))},
+        resources={
+            "warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
+            "tracking": DownloadTrackingResource(enabled=False),
+        },
         instance=instance,
         run_config=run_config,
     )
@@ -144,7 +147,10 @@ def test_second_run_skips_verified_files_without_network(setup) -> None:
     result = materialize(
         dataset_assets(),
         selection=["datasets/mini_vqa"],
-        resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb"))},
+        resources={
+            "warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
+            "tracking": DownloadTrackingResource(enabled=False),
+        },
         instance=instance,
         run_config=config,
     )
