@@ -216,10 +216,11 @@ def run_demo(home: Path) -> int:
         os.environ.update(
             MVDATA_HOME=str(home),
             DAGSTER_HOME=str(home / "dagster"),
-            MVDATA_WANDB_OFFLINE_DIRS=str(runs),
+            # the download runs' own W&B logs (written offline under $MVDATA_HOME/tracking) are ingested too
+            MVDATA_WANDB_OFFLINE_DIRS=f"{runs}:{home / 'tracking'}",
             MVDATA_CATALOG=str(catalog),
         )
-        env = dict(os.environ)
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
         dagster = Path(sys.executable).parent / "dagster"
         command = [str(dagster), "asset", "materialize", "-m", "mvdata_assets.definitions", "--select", "*"]
         print(f"Materialising every asset: {' '.join(command[1:])} (log: {log})")
