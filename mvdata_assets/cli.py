@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mvdata_assets.db import connect
@@ -39,6 +40,8 @@ def report() -> int:
     env = f"MVDATA_WANDB_OFFLINE_DIRS={':'.join(str(d) for d in settings.wandb_offline_dirs)}"
     if settings.catalog:
         env += f" MVDATA_CATALOG={settings.catalog}"
+    if os.environ.get("WANDB_MODE"):  # so download runs started from the UI are logged the same way
+        env += f" WANDB_MODE={os.environ['WANDB_MODE']}"
     print(f"Open the UI: {env} .venv/bin/dagster dev -w workspace.yaml")
     return 0
 

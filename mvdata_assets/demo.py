@@ -219,8 +219,9 @@ def run_demo(home: Path) -> int:
             # the download runs' own W&B logs (written offline under $MVDATA_HOME/tracking) are ingested too
             MVDATA_WANDB_OFFLINE_DIRS=f"{runs}:{home / 'tracking'}",
             MVDATA_CATALOG=str(catalog),
+            WANDB_MODE="offline",  # no account needed: the download run is logged offline
         )
-        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+        env = {**os.environ, "WANDB_SILENT": "true"}
         dagster = Path(sys.executable).parent / "dagster"
         # one pass closes the loop: the in-process executor runs the dataset steps (and so finishes the download
         # run's W&B log) before `wandb_offline_tables`, whose step key sorts after theirs; CI checks it
