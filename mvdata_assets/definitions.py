@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from dagster import Definitions, define_asset_job, in_process_executor
+from dagster import (
+    AssetSelection,
+    AutomationConditionSensorDefinition,
+    DefaultSensorStatus,
+    Definitions,
+    define_asset_job,
+    in_process_executor,
+)
 
 from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
 from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
@@ -16,13 +23,18 @@ settings = load_settings()
 
 wandb_sync_job = define_asset_job("wandb_sync", selection=f"group:{WANDB_GROUP}")
 datasets_job = define_asset_job("datasets_download", selection=f"group:{DATASETS_GROUP}")
+# runs the assets' automation conditions (exports, leaderboard, download summary follow their upstream);
+# Dagster's default automation sensor starts stopped, this one starts running
+automation = AutomationConditionSensorDefinition(
+    "mvdata_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING
+)
 main_job = define_asset_job("mvdata_main", selection="*", description="Both halves: every dataset and W&B asset.")
 
 defs = Definitions(
     assets=[*dataset_assets(), *wandb_assets],
     asset_checks=wandb_checks,
     jobs=[main_job, wandb_sync_job, datasets_job],
-    sensors=[wandb_offline_runs],
+    sensors=[wandb_offline_runs, automation],
     resources={
         "warehouse": WarehouseResource(database=str(settings.warehouse), lock_timeout_s=settings.lock_timeout_s),
         "tracking": DownloadTrackingResource(enabled=settings.tracking_enabled),

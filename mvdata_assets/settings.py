@@ -24,6 +24,10 @@ def _switch(name: str, default: str) -> bool:
     return raw in ("1", "on", "true")
 
 
+def _list(name: str, default: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (os.environ.get(name) or default).split(",") if item.strip())
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path
@@ -36,6 +40,8 @@ class Settings:
     sensor_interval_s: int
     sensor_enabled: bool  # on by default when a W&B source is configured
     tracking_enabled: bool  # log each download run to W&B (the SDK's WANDB_MODE picks online / offline)
+    leaderboard_metrics: tuple[str, ...]  # glob patterns of the main metrics
+    leaderboard_config: tuple[str, ...]  # config keys to show; none: those that differ between runs
 
     @property
     def warehouse(self) -> Path:
@@ -65,4 +71,6 @@ def load_settings() -> Settings:
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
         sensor_enabled=_switch("MVDATA_WANDB_SENSOR", "on" if dirs else "off"),
         tracking_enabled=_switch("MVDATA_WANDB_TRACKING", "on"),
+        leaderboard_metrics=_list("MVDATA_LEADERBOARD_METRICS", "*loss*,*acc,*accuracy*,*f1*,*bleu*,*cider*"),
+        leaderboard_config=_list("MVDATA_LEADERBOARD_CONFIG", ""),
     )

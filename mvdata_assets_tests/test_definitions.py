@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from dagster import AssetKey, DagsterInstance, Definitions, materialize
+from dagster import AssetKey, DagsterInstance, Definitions, evaluate_automation_conditions, materialize
 
 from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets.db import WarehouseBusy, warehouse_lock
@@ -36,6 +36,7 @@ EXPECTED_KEYS = sorted(
         "wandb/exports/runs_metadata_system_attrs",
         "wandb/exports/runs_metadata_sweep_info",
         "wandb/exports/runs_history",
+        "wandb/leaderboard",
     ]
 )
 
@@ -113,6 +114,13 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
     schema = history["dagster/column_schema"].schema
     assert [c.name for c in schema.columns][:4] == ["entity", "project", "run_id", "step"]
     assert "train/loss" in history["preview"].value or "eval/" in history["preview"].value
+    assert history["main_metrics"].value.startswith("![main metrics of the latest runs](data:image/png;base64,")
+    board = result.asset_materializations_for_node("wandb__leaderboard")[0].metadata
+    assert board["dagster/row_count"].value == len(DEMO_RUNS)
+    assert board["metrics"].value["eval/vqav2_acc"] == "higher is better"
+    assert board["metrics"].value["train/loss"] == "lower is better"
+    assert set(board["config_keys"].value) >= {"optim.lr", "model.vision_encoder"}  # what differs between runs
+    assert "siglip-lr3e-4" in board["newest runs"].value
     checks = result.get_asset_check_evaluations()
     assert {c.check_name: c.passed for c in checks} == {"history_has_no_duplicates": True, "history_runs_exist": True}
 
@@ -124,6 +132,25 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
     _, refreshed = _materialize(home, instance, {"ops": {"wandb_offline_tables": {"config": {"force_refresh": True}}}})
     assert refreshed["wandb/history"]["runs_updated"].value == len(DEMO_RUNS)
     assert refreshed["wandb/history"]["dagster/row_count"].value == stored
+
+
+def test_downstream_follows_the_tables_by_itself(home: Path) -> None:
+    """The automation sensor's evaluation: exports and leaderboard are requested after a sync, then not again."""
+    instance = DagsterInstance.ephemeral()
+    resources = {"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb"))}
+    wandb_defs = Definitions(assets=wandb_assets, resources=resources)
+    start = evaluate_automation_conditions(defs=wandb_defs, instance=instance)  # the sensor's first tick
+    assert start.total_requested == 0
+    tables = [a for a in wandb_assets if a.node_def.name == "wandb_offline_tables"]
+    assert materialize(tables, resources=resources, instance=instance).success  # e.g. launched by the runs sensor
+    after_sync = evaluate_automation_conditions(defs=wandb_defs, instance=instance, cursor=start.cursor)
+    requested = {k for k in EXPECTED_KEYS if after_sync.get_num_requested(AssetKey.from_user_string(k))}
+    assert requested == {k for k in EXPECTED_KEYS if k.startswith(("wandb/exports/", "wandb/leaderboard"))}
+    _materialize(home, instance)  # everything, once
+    again = evaluate_automation_conditions(defs=wandb_defs, instance=instance, cursor=after_sync.cursor)
+    assert again.total_requested == 0
+    automation = defs.get_sensor_def("mvdata_automation")
+    assert automation.default_status.value == "RUNNING"
 
 
 def test_history_export_holds_every_stored_value(home: Path) -> None:

@@ -10,6 +10,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
+    AutomationCondition,
     Config,
     ConfigurableResource,
     MaterializeResult,
@@ -17,6 +18,7 @@ from dagster import (
     asset,
 )
 
+from mvdata_assets import charts
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
 from mvdata_assets.datasets.download import DatasetRun, download_dataset
@@ -75,12 +77,6 @@ def dataset_key(name: str) -> AssetKey:
     return AssetKey([GROUP, name])
 
 
-def _markdown_table(header: tuple, rows: list[tuple]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _progress_logger(context: AssetExecutionContext, every_s: float = 5.0):
     """Download progress as log lines in the run's logs (a terminal gets bars from the CLI instead)."""
     last: dict[str, float] = {}
@@ -110,7 +106,7 @@ def _dataset_metadata(run: DatasetRun) -> dict:
         "seconds": MetadataValue.float(round(seconds, 3)),
         "extracted": MetadataValue.json(run.extracted),
         "files": MetadataValue.md(
-            _markdown_table(
+            charts.markdown_table(
                 ("path", "status", "bytes", "attempts", "error"),
                 [
                     (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or "")
@@ -201,6 +197,8 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
         kinds={"duckdb"},
         deps=[dataset_key(name) for name in datasets],
         description="datasets.download_summary: per dataset status and counts, as the old report showed them.",
+        # follows any dataset's materialisation by itself, even while other datasets were never downloaded
+        automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
     )
     def download_summary(warehouse: WarehouseResource) -> MaterializeResult:
         with warehouse.get_connection() as conn:
@@ -219,7 +217,12 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
         ]  # fmt: skip
         return MaterializeResult(
             metadata={
-                "report": MetadataValue.md(_markdown_table(store.REPORT_COLUMNS, [s.report_row() for s in summaries])),
+                "report": MetadataValue.md(
+                    charts.markdown_table(store.REPORT_COLUMNS, [s.report_row() for s in summaries])
+                ),
+                "status_chart": MetadataValue.md(
+                    charts.markdown_image(charts.dataset_status(summaries), "files per dataset")
+                ),
                 "complete": sum(s.status == "complete" for s in summaries),
                 "partial": sum(s.status == "partial" for s in summaries),
                 "failed": sum(s.status == "failed" for s in summaries),

@@ -7,24 +7,32 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetSpec,
+    AutomationCondition,
     Config,
     MaterializeResult,
     MetadataValue,
     TableColumn,
     TableSchema,
+    asset,
     multi_asset,
     multi_asset_check,
 )
 
-from mvdata_assets.runs import exports
+from mvdata_assets import charts
+from mvdata_assets.runs import exports, leaderboard
 from mvdata_assets.runs.offline import SyncReport, sync_offline
-from mvdata_assets.runs.store import SCHEMA
+from mvdata_assets.runs.store import SCHEMA, generation
 from mvdata_assets.settings import load_settings
 from mvdata_assets.warehouse import WarehouseResource
 
 GROUP = "wandb"
 TABLES = ("runs", "history", "config", "summary", "metadata", "system_metrics")
 METADATA_EXPORTS = ("runs_metadata", *(f"runs_metadata_{s}" for s in exports.METADATA_SLICES))
+
+
+# downstream of the tables, these follow every sync by themselves (the automation sensor must be running)
+FOLLOW_UPSTREAM = AutomationCondition.eager()
+CURVES_SHOWN = 4
 
 
 def table_key(name: str) -> AssetKey:
@@ -52,12 +60,10 @@ def _table_metadata(conn, table: str) -> dict:
     ).fetchall()
     count = conn.execute(f"SELECT count(*) FROM {SCHEMA}.{table}").fetchone()[0]
     preview = conn.execute(f"SELECT * FROM {SCHEMA}.{table} LIMIT 5").fetchall()
-    header = "| " + " | ".join(c for c, _ in columns) + " |\n|" + "---|" * len(columns) + "\n"
-    body = "".join("| " + " | ".join(str(v)[:40].replace("|", "\\|") for v in row) + " |\n" for row in preview)
     return {
         "dagster/row_count": MetadataValue.int(count),
         "dagster/column_schema": TableSchema(columns=[TableColumn(c, t) for c, t in columns]),
-        "preview": MetadataValue.md(header + body),
+        "preview": MetadataValue.md(charts.markdown_table([c for c, _ in columns], preview, width=40)),
         "table": MetadataValue.text(f"{SCHEMA}.{table}"),
     }
 
@@ -105,8 +111,28 @@ def wandb_offline_tables(context: AssetExecutionContext, config: SyncConfig, war
                     **shared,
                     "rows_written": MetadataValue.int(report.rows.get(table, 0)),
                     **_table_metadata(conn, table),
+                    **(_curves_metadata(conn, settings) if table == "history" else {}),
                 },
             )
+
+
+def _curves_metadata(conn, settings) -> dict:
+    """The main metrics of the latest runs as a picture; redrawn only when a sync changed the warehouse."""
+    cache = settings.home / "cache" / "history_curves.md"
+    stamp = f"<!-- generation {generation(conn)} -->\n"
+    if cache.exists() and cache.read_text().startswith(stamp):
+        picture = cache.read_text()[len(stamp) :]
+    else:
+        metrics = leaderboard.main_metrics(conn, settings.leaderboard_metrics)[:CURVES_SHOWN]
+        curves = leaderboard.latest_curves(conn, metrics)
+        picture = (
+            charts.markdown_image(charts.metric_curves(curves), "main metrics of the latest runs")
+            if curves
+            else ("No history values match MVDATA_LEADERBOARD_METRICS yet.")
+        )
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(stamp + picture)
+    return {"main_metrics": MetadataValue.md(picture)}
 
 
 @multi_asset(
@@ -118,6 +144,7 @@ def wandb_offline_tables(context: AssetExecutionContext, config: SyncConfig, war
                 kinds={"parquet"},
                 deps=[table_key(t) for t in TABLES if t != "history"],
                 description=f"{name}.parquet: one row per run",
+                automation_condition=FOLLOW_UPSTREAM,
             )
             for name in METADATA_EXPORTS
         ),
@@ -127,6 +154,7 @@ def wandb_offline_tables(context: AssetExecutionContext, config: SyncConfig, war
             kinds={"parquet"},
             deps=[table_key("history"), table_key("runs")],
             description="runs_history.parquet: one row per run and step, one column per metric",
+            automation_condition=FOLLOW_UPSTREAM,
         ),
     ],
     can_subset=True,
@@ -153,6 +181,40 @@ def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehous
                         ),
                     },
                 )
+
+
+@asset(
+    key=table_key("leaderboard"),
+    group_name=GROUP,
+    kinds={"duckdb"},
+    deps=[table_key("runs"), table_key("history"), table_key("config")],
+    automation_condition=FOLLOW_UPSTREAM,
+    description="wandb.leaderboard: per run, best and last value of the main metrics and the key config values, "
+    "newest first (MVDATA_LEADERBOARD_METRICS / MVDATA_LEADERBOARD_CONFIG choose them).",
+)
+def wandb_leaderboard(warehouse: WarehouseResource) -> MaterializeResult:
+    settings = load_settings()
+    with warehouse.get_connection() as conn:
+        board = leaderboard.build(conn, settings.leaderboard_metrics, settings.leaderboard_config)
+        top = conn.execute(f"SELECT * FROM {SCHEMA}.leaderboard LIMIT 20").fetchall()
+    shown = ["display_name", "state", *(c for c in board.columns if c.startswith(("best:", "last:", "config:")))]
+    index = [board.columns.index(c) for c in shown]
+    return MaterializeResult(
+        metadata={
+            "dagster/row_count": MetadataValue.int(board.rows),
+            "metrics": MetadataValue.json(
+                {m: "lower is better" if leaderboard.lower_is_better(m) else "higher is better" for m in board.metrics}
+            ),
+            "config_keys": MetadataValue.json(board.config_keys),
+            "newest runs": MetadataValue.md(
+                charts.markdown_table(shown, [[_cell(row[i]) for i in index] for row in top])
+            ),
+        }
+    )
+
+
+def _cell(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
 
 
 @multi_asset_check(
@@ -194,5 +256,5 @@ def history_checks(warehouse: WarehouseResource):
         )
 
 
-wandb_assets = [wandb_offline_tables, wandb_exports]
+wandb_assets = [wandb_offline_tables, wandb_exports, wandb_leaderboard]
 wandb_checks = [history_checks]

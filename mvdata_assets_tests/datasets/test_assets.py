@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import zipfile
@@ -11,6 +12,7 @@ import duckdb
 import pytest
 import yaml
 from dagster import DagsterInstance, materialize
+from PIL import Image
 
 from mvdata_assets.cli import main, status
 from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
@@ -125,6 +127,10 @@ def test_catalog_datasets_materialise_with_true_counts(setup) -> None:
     assert "| Dataset | Status | Downloaded | Failed | Skipped | Total | Success Rate | Est. Size |" in report
     assert "| mini_coco | complete | 1 | 0 | 0 | 1 | 100.0% |" in report
     assert "| mini_vqa | partial | 1 | 1 | 0 | 2 | 50.0% |" in report
+    chart = metadata["datasets/download_summary"]["status_chart"].value
+    assert chart.startswith("![files per dataset](data:image/png;base64,")
+    pixels = set(Image.open(io.BytesIO(base64.b64decode(chart.split(",", 1)[1].rstrip(")")))).convert("RGB").getdata())
+    assert {(0x2E, 0x7D, 0x32), (0xC6, 0x28, 0x28)} <= pixels  # bars of downloaded and of failed files are drawn
 
 
 def test_second_run_skips_verified_files_without_network(setup) -> None:
