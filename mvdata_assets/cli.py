@@ -99,7 +99,7 @@ def download(names: list[str], verify: bool) -> int:
 
     from mvdata_assets.datasets.catalog import load_catalog
     from mvdata_assets.datasets.download import download_dataset
-    from mvdata_assets.tracking import DatasetOutcome, DownloadTracker
+    from mvdata_assets.tracking import DownloadTracker
 
     settings = load_settings()
     catalog = load_catalog(settings.catalog)
@@ -135,7 +135,7 @@ def download(names: list[str], verify: bool) -> int:
                 progress=progress,
             )
             s = run.summary
-            tracked = tracker.record(DatasetOutcome.from_summary(s, run.bytes_transferred)) if tracker else None
+            tracked = tracker.record(s, run.bytes_transferred) if tracker else None
             if tracked:
                 bars.console.print(f"W&B: {tracked.name}: {tracked.url or tracked.offline_dir}")
             bars.console.print(

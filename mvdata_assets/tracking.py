@@ -41,31 +41,6 @@ _open_runs: dict[str, Run] = {}
 
 
 @dataclass(frozen=True)
-class DatasetOutcome:
-    """What one dataset's download did: the true counts (a complete dataset counts nothing as failed)."""
-
-    name: str
-    status: str  # complete | partial | failed | manual
-    downloaded: int
-    failed: int
-    skipped: int
-    total: int
-    est_size_bytes: int | None
-    bytes: int
-    seconds: float
-
-    @classmethod
-    def from_summary(cls, summary: Summary, bytes_transferred: int) -> DatasetOutcome:
-        return cls(summary.dataset, summary.status, summary.downloaded, summary.failed, summary.skipped,
-                   summary.total, summary.est_size_bytes, bytes_transferred, summary.seconds)  # fmt: skip
-
-    @property
-    def summary(self) -> Summary:
-        return Summary(self.name, self.status, self.downloaded, self.failed, self.skipped, self.total,
-                       self.est_size_bytes, 0, self.seconds)  # fmt: skip
-
-
-@dataclass(frozen=True)
 class TrackedRun:
     """Where the W&B run of a download run is, for the materialisation's metadata."""
 
@@ -161,20 +136,23 @@ class DownloadTracker:
                 return None
         return self.tracked() if self.run is not None else None
 
-    def record(self, outcome: DatasetOutcome) -> TrackedRun | None:
-        """Logs a finished dataset and the progress; after the last selected dataset, the summary, then finishes."""
+    def record(self, summary: Summary, bytes_transferred: int) -> TrackedRun | None:
+        """Logs a finished dataset and the progress; after the last selected dataset, the summary, then finishes.
+
+        The counts are the dataset's true ones (`store.summarize`): a complete dataset counts nothing as failed.
+        """
         if self.start() is None:
             return None
         run = self.run
         try:
             with self.counter.lock:
                 state = self._load()
-                state["datasets"][outcome.name] = asdict(outcome)
+                state["datasets"][summary.dataset] = {"summary": asdict(summary), "bytes": bytes_transferred}
                 self._save(state)
-            outcomes = [DatasetOutcome(**d) for d in state["datasets"].values()]
+            outcomes = [Summary(**d["summary"]) for d in state["datasets"].values()]
             processed = len(outcomes)
             total = max(len(self.selected), processed)
-            run.log(self._dataset_metrics(outcome) | {
+            run.log(self._dataset_metrics(summary, bytes_transferred) | {
                 "progress/datasets_processed": processed,
                 "progress/total_datasets": total,
                 "progress/percentage": 100.0 * processed / total,
@@ -253,20 +231,20 @@ class DownloadTracker:
         )
 
     @staticmethod
-    def _dataset_metrics(outcome: DatasetOutcome) -> dict[str, Any]:
-        prefix = f"dataset/{outcome.name}/"
+    def _dataset_metrics(summary: Summary, bytes_transferred: int) -> dict[str, Any]:
+        prefix = f"dataset/{summary.dataset}/"
         return {
-            prefix + "downloaded": outcome.downloaded,
-            prefix + "failed": outcome.failed,
-            prefix + "skipped": outcome.skipped,
-            prefix + "total": outcome.total,
-            prefix + "success_rate": outcome.summary.success_rate,
-            prefix + "bytes": outcome.bytes,
-            prefix + "seconds": outcome.seconds,
+            prefix + "downloaded": summary.downloaded,
+            prefix + "failed": summary.failed,
+            prefix + "skipped": summary.skipped,
+            prefix + "total": summary.total,
+            prefix + "success_rate": summary.success_rate,
+            prefix + "bytes": bytes_transferred,
+            prefix + "seconds": summary.seconds,
         }
 
     @staticmethod
-    def _log_summary(run: Run, outcomes: list[DatasetOutcome], started: float) -> None:
+    def _log_summary(run: Run, outcomes: list[Summary], started: float) -> None:
         import wandb
 
         duration = time.time() - started
@@ -275,7 +253,7 @@ class DownloadTracker:
         skipped = sum(o.skipped for o in outcomes)
         attempted = sum(o.total for o in outcomes)
         statuses = [o.status for o in outcomes]
-        rows = [list(o.summary.report_row()) for o in sorted(outcomes, key=lambda o: o.name)]
+        rows = [list(o.report_row()) for o in sorted(outcomes, key=lambda o: o.dataset)]
         run.log({
             "summary/total_files_downloaded": downloaded,
             "summary/total_files_failed": failed,

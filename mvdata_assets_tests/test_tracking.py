@@ -194,11 +194,12 @@ def test_unreachable_wandb_warns_once_and_the_downloads_go_on(home: Path, monkey
 _CHILD = """
 import sys
 from pathlib import Path
-from mvdata_assets.tracking import DatasetOutcome, DownloadTracker
+from mvdata_assets.datasets.store import Summary
+from mvdata_assets.tracking import DownloadTracker
 home, key, name, selected = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4].split(",")
 tracker = DownloadTracker(home, selected, home / "datasets", warn=lambda m: sys.exit("warned: " + m),
                           dagster_run_id=key)
-tracked = tracker.record(DatasetOutcome(name, "complete", 1, 0, 0, 1, None, 10, 0.1))
+tracked = tracker.record(Summary(name, "complete", 1, 0, 0, 1, None, 10, 0.1), 10)
 print(tracked.number, tracked.offline_dir)
 """
 
@@ -257,3 +258,27 @@ def test_a_terminal_download_is_a_download_run_too(
     monkeypatch.setenv("MVDATA_WANDB_TRACKING", "off")
     assert main(["download", "tiny_coco"]) == 0
     assert "W&B" not in capsys.readouterr().out and RunCounter(home / "tracking").current() == 1
+
+
+def test_a_dataset_step_that_raises_is_logged_as_failed(home: Path, tmp_path: Path) -> None:
+    """Refused for want of disk space: the step fails, the W&B log still counts the dataset, as failed."""
+    catalog = yaml.safe_load((tmp_path / "catalog.yaml").read_text())
+    catalog["datasets"]["huge"] = {"description": "more than any disk", "access": "public",
+                                   "files": [{"url": "http://127.0.0.1:9/huge.bin", "size": 10**18}]}  # fmt: skip
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    instance = DagsterInstance.ephemeral()
+    result = materialize(
+        dataset_assets(),
+        resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
+                   "tracking": DownloadTrackingResource()},
+        instance=instance,
+        raise_on_error=False,
+    )  # fmt: skip
+    assert not result.success
+    assert "GiB missing" in str(result.get_step_failure_events()[0].step_failure_data.error)
+    conn = _read_back(home / "tracking")
+    rows = conn.sql("SELECT key, value FROM wandb.history WHERE key LIKE 'dataset/huge/%' OR key LIKE 'summary/%'")
+    logged = dict(rows.fetchall())
+    assert logged["dataset/huge/failed"] == 1 and logged["dataset/huge/downloaded"] == 0
+    assert logged["summary/failed_datasets"] == 1 and logged["summary/fully_downloaded_datasets"] == 1
+    assert logged["summary/total_files_attempted"] == 5

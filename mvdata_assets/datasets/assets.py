@@ -23,7 +23,7 @@ from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
 from mvdata_assets.datasets.download import DatasetRun, download_dataset
 from mvdata_assets.settings import load_settings
-from mvdata_assets.tracking import PROJECT, DatasetOutcome, DownloadTracker, TrackedRun
+from mvdata_assets.tracking import PROJECT, DownloadTracker, TrackedRun
 from mvdata_assets.warehouse import WarehouseResource
 
 GROUP = "datasets"
@@ -160,10 +160,10 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
             if tracker:  # the download run's W&B log still counts this dataset, as failed
                 files = len(dataset.files)
                 seconds = time.monotonic() - started
-                tracker.record(DatasetOutcome(dataset.name, "failed", 0, files, 0, files, dataset.est_size_bytes, 0,
-                                              seconds))  # fmt: skip
+                size = dataset.est_size_bytes
+                tracker.record(store.Summary(dataset.name, "failed", 0, files, 0, files, size, 0, seconds), 0)
             raise
-        tracked = tracker.record(DatasetOutcome.from_summary(run.summary, run.bytes_transferred)) if tracker else None
+        tracked = tracker.record(run.summary, run.bytes_transferred) if tracker else None
         if dataset.access == "manual":
             context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
         failed = [r for r in run.results if r.status == "failed"]
