@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import socket
@@ -510,15 +511,11 @@ class History:
         for i, row in enumerate(rows):
             row.setdefault(STEP, first_step + i)
         rows.sort(key=lambda r: r[STEP])
-        keys = [STEP] + sorted({k for r in rows for k in r} - {STEP})
-        columns, json_keys = {}, set()
-        for key in keys:
-            arr, is_json = _encode_column([r.get(key) for r in rows])
-            columns[key] = arr
+        columns, json_keys = {STEP: pa.array([r[STEP] for r in rows], pa.int64())}, set()
+        for key in sorted({k for r in rows for k in r} - {STEP}):
+            columns[key], is_json = _encode_column([r.get(key) for r in rows])
             if is_json:
                 json_keys.add(key)
-        if STEP in json_keys:
-            raise ValueError("history `_step` values must be ints")
         return pa.table(columns), frozenset(json_keys)
 
     def append(self, rows: list[Mapping[str, Any]] | pa.Table) -> History:
@@ -1500,7 +1497,18 @@ class WandbServer:
 
     def env(self, api_key: str | None = None) -> dict[str, str]:
         """The variables that point the wandb SDK (and wandb-core) at this server."""
-        return {"WANDB_BASE_URL": self.url, "WANDB_API_KEY": api_key or next(iter(sorted(self.api_keys)))}
+        return {"WANDB_BASE_URL": self.url, "WANDB_API_KEY": api_key or min(self.api_keys)}
+
+    def sdk_env(self, home: Path, api_key: str | None = None) -> dict[str, str]:
+        """A whole environment for a wandb SDK process that sees only this server: HOME, settings, cache (parquet
+        exports are cached by run, not content) and run dirs under `home`; no proxies, no other WANDB_* variable."""
+        dirs = {"HOME": "home", "WANDB_CONFIG_DIR": "config", "WANDB_CACHE_DIR": "cache", "WANDB_DIR": "dir"}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and "proxy" not in k.lower()}
+        for var, sub in dirs.items():
+            (home / sub).mkdir(parents=True, exist_ok=True)
+            env[var] = str(home / sub)
+        env.update(self.env(api_key), NO_PROXY="127.0.0.1,localhost", WANDB_SILENT="true")
+        return env
 
     # -- data
 
