@@ -10,10 +10,13 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from mvdata_assets_tests.runs.wandb_server import WandbServer
 
 WRITER = Path(__file__).with_name("sdk_writer.py")
 LEGACY_FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "wandb-offline-2021"
@@ -143,3 +146,11 @@ def place_run_file(folder: Path, data: bytes, run_id: str, tag: str = "copy") ->
     path = run_dir / f"run-{run_id}.wandb"
     path.write_bytes(data)
     return path
+
+
+@pytest.fixture(scope="module")
+def wandb_server() -> Iterator[WandbServer]:
+    """A W&B-compatible server on 127.0.0.1 (ephemeral port), shared by a module's tests: each SDK process that
+    talks to it costs ~1 s of wandb-core start-up, so tests use their own projects instead of their own server."""
+    with WandbServer() as server:
+        yield server
