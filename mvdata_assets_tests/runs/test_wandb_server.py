@@ -217,6 +217,7 @@ def test_values_files_metadata_and_sweeps(wandb_server: WandbServer, tmp_path: P
             "files": [(f.name, f.size) for f in files],
             "downloaded": {f.name: pathlib.Path("dl", f.name).read_bytes() for f in files},
             "sweep": (run.sweep_name, run.sweep.config),
+            "projects": [p.name for p in api.projects("ent", per_page=2)],
         }
         """,
     )
@@ -232,6 +233,7 @@ def test_values_files_metadata_and_sweeps(wandb_server: WandbServer, tmp_path: P
     assert got["downloaded"]["output.log"] == b"hello\n"
     assert json.loads(got["downloaded"]["wandb-metadata.json"]) == metadata
     assert got["sweep"] == ("sw1", sweep_config)
+    assert got["projects"] == sorted({p for e, p in wandb_server.projects if e == E})
     assert wandb_server.count("file", run="v1") == 4  # three downloads + metadata
 
 
@@ -272,7 +274,8 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
     wandb_server.append_history(E, "hist", "grown", truth[1200:1800])
     wandb_server.export_history(E, "hist", "grown", upto=1500)
     wandb_server.append_history(E, "hist", "grown", truth[1800:])
-    wandb_server.add_run(E, "hist", "done", history=truth)
+    events = [{"_timestamp": 1.7e9 + i, "system.cpu": 10.0 + i} for i in range(20)]
+    wandb_server.add_run(E, "hist", "done", history=truth, events=events)
     wandb_server.clear_requests()
     got = sdk(
         wandb_server,
@@ -283,6 +286,7 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
         result = {name: list(runs[name].scan_history(use_cache=False)) for name in ("exp", "live", "grown", "done")}
         result["sampled"] = runs["done"].history(samples=100, pandas=False)
         result["sampled_keys"] = runs["done"].history(keys=["loss", "phase"], samples=50, pandas=False)
+        result["system"] = runs["done"].history(stream="system", samples=5, pandas=False)
         result["window"] = list(runs["exp"].scan_history(min_step=1990, max_step=2010, use_cache=False))
         """,
     )
@@ -311,8 +315,9 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
     assert ops("live") == {"RunHistoryKeys": 1, "RunParquetHistory": 1, "HistoryPage": 3}  # 2 + ceil(2500 / 1000)
     assert ops("grown") == {"RunHistoryKeys": 1, "RunParquetHistory": 1, "parquet": 1, "HistoryPage": 2}
     assert ops("done")["parquet"] == 1 and "HistoryPage" not in ops("done")
-    assert ops("done")["RunFullHistory"] == 1 and ops("done")["RunSampledHistory"] == 1
+    assert ops("done")["RunFullHistory"] == 2 and ops("done")["RunSampledHistory"] == 1  # history + events
 
+    assert got["system"] == [events[i] for i in (0, 5, 10, 14, 19)]
     sampled = got["sampled"]
     assert len(sampled) == 100 and sampled[0]["_step"] == 0 and sampled[-1]["_step"] == 2499
     assert all(same(logged(r), truth[r["_step"]]) for r in sampled)

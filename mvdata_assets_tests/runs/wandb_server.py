@@ -494,10 +494,6 @@ class History:
         self.export_files = max(1, export_files)
         self._key_info: dict[str, Any] | None = None
 
-    @classmethod
-    def empty(cls) -> History:
-        return cls(pa.table({STEP: pa.array([], pa.int64())}), frozenset(), 0, 1)
-
     @staticmethod
     def encode(rows: list[Mapping[str, Any]] | pa.Table, first_step: int) -> tuple[pa.Table, frozenset[str]]:
         """Rows (dicts; missing `_step` numbered on from `first_step`; None = key not logged) or a ready table."""
@@ -641,7 +637,6 @@ class RunRecord:
     events: tuple[dict[str, Any], ...]
     files: dict[str, tuple[bytes, datetime]]
     history: History
-    version: int = 0
 
     @property
     def storage_id(self) -> str:
@@ -822,21 +817,12 @@ def _sort_key(run: RunRecord, path: str) -> list[Any]:
 # GraphQL object types, resolved field by field.
 
 
-class _Connection:
-    """Relay-style page: `edges {node cursor}` and `pageInfo {endCursor hasNextPage}`."""
-
-    @staticmethod
-    def page(items: list[tuple[Any, str]], has_next: bool, total: int | None = None) -> dict[str, Any]:
-        return {
-            "edges": [{"node": node, "cursor": cursor} for node, cursor in items],
-            "pageInfo": {
-                "endCursor": items[-1][1] if items else None,
-                "hasNextPage": has_next,
-                "startCursor": items[0][1] if items else None,
-                "hasPreviousPage": False,
-            },
-            "totalCount": total,
-        }
+def _page(items: list[tuple[Any, str]], has_next: bool) -> dict[str, Any]:
+    """A Relay-style connection page: `edges {node cursor}` and `pageInfo {endCursor hasNextPage}`."""
+    return {
+        "edges": [{"node": node, "cursor": cursor} for node, cursor in items],
+        "pageInfo": {"__typename": "PageInfo", "endCursor": items[-1][1] if items else None, "hasNextPage": has_next},
+    }
 
 
 class _QueryRoot:
@@ -871,27 +857,15 @@ class _QueryRoot:
         project = self.server.project_record(entityName or self.server.default_entity, name or "")
         return _ProjectNode(self.server, project) if project else None
 
-    gql_model = gql_project
-
     def gql_models(self, entityName: str | None = None, first: int = 50, after: str | None = None, **_: Any) -> dict:
+        """An entity's projects by name (`api.projects()`)."""
         entity = entityName or self.server.default_entity
         with self.server.lock:
             projects = sorted((p for (e, _), p in self.server.projects.items() if e == entity), key=lambda p: p.name)
-        start = 0 if after is None else next((i + 1 for i, p in enumerate(projects) if p.name == _uncursor(after)), 0)
-        chunk = projects[start : start + first]
-        items = [(_ProjectNode(self.server, p), _cursor(p.name)) for p in chunk]
-        return _Connection.page(items, start + first < len(projects), len(projects))
-
-    gql_projects = gql_models
-
-    def gql_entity(self, name: str | None = None, **_: Any) -> dict[str, Any]:
-        return {"__typename": "Entity", "id": _b64(f"Entity:{name}"), "name": name, "isTeam": False}
-
-    def gql___type(self, **_: Any) -> None:
-        return None
-
-    def gql___schema(self, **_: Any) -> None:
-        return None
+        if after:
+            projects = [p for p in projects if p.name > _uncursor(after)]
+        items = [(_ProjectNode(self.server, p), _cursor(p.name)) for p in projects[:first]]
+        return _page(items, len(projects) > first)
 
 
 class _ProjectNode:
@@ -955,26 +929,17 @@ class _ProjectNode:
         first = 50 if first is None else first
         page = keyed[:first]
         items = [(_RunNode(self.server, r), _cursor(k)) for k, r in page]
-        return _Connection.page(items, len(keyed) > first, len(runs))
+        return _page(items, len(keyed) > first)
 
     def gql_run(self, name: str | None = None, **_: Any) -> _RunNode | None:
         with self.server.lock:
             run = self.project.runs.get(name or "")
         return _RunNode(self.server, run) if run else None
 
-    gql_bucket = gql_run
-
     def gql_sweep(self, sweepName: str | None = None, **_: Any) -> _SweepNode | None:
         with self.server.lock:
             sweep = self.project.sweeps.get(sweepName or "")
         return _SweepNode(self.server, self.project, sweep) if sweep else None
-
-    def gql_sweeps(self, first: int = 50, after: str | None = None, **_: Any) -> dict[str, Any]:
-        with self.server.lock:
-            sweeps = sorted(self.project.sweeps.values(), key=lambda s: s.created_at)
-        start = 0 if after is None else int(_uncursor(after)) + 1
-        items = [(_SweepNode(self.server, self.project, s), _cursor(start + i)) for i, s in enumerate(sweeps)]
-        return _Connection.page(items[start : start + first], start + first < len(sweeps), len(sweeps))
 
 
 class _SweepNode:
@@ -1019,13 +984,6 @@ class _SweepNode:
             return sum(1 for r in self.project.runs.values() if r.sweep == self.sweep.name)
 
     gql_runCountExpected = gql_runCount
-
-    def gql_controllerRunName(self) -> None:
-        return None
-
-    def gql_runs(self, first: int = 50, after: str | None = None, order: str | None = None, **_: Any) -> dict:
-        node = _ProjectNode(self.server, self.project)
-        return node.gql_runs(filters={"sweep": self.sweep.name}, first=first, after=after, order=order)
 
 
 class _RunNode:
@@ -1187,7 +1145,7 @@ class _RunNode:
             files = [f for f in files if f[0] > mark]
         first = 50 if first is None else first
         items = [(self._file(*f), _cursor(f[0])) for f in files[:first]]
-        return _Connection.page(items, len(files) > first, len(files))
+        return _page(items, len(files) > first)
 
     def _file(self, name: str, data: bytes, when: datetime) -> dict[str, Any]:
         url = self.server.file_url(self.run, name)
@@ -1201,7 +1159,6 @@ class _RunNode:
             "mimetype": "application/json" if name.endswith(".json") else "application/octet-stream",
             "updatedAt": _format_time(when),
             "md5": base64.b64encode(hashlib.md5(data).digest()).decode(),
-            "storagePath": f"{self.run.entity}/{self.run.project}/{self.run.name}/{name}",
         }
 
 
@@ -1271,9 +1228,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._serve("HEAD")
-
-    def do_PUT(self) -> None:
-        self._serve("PUT")
 
     def _serve(self, method: str) -> None:
         started = time.monotonic()
@@ -1622,7 +1576,6 @@ class WandbServer:
                 elif field not in {f.name for f in dataclasses.fields(RunRecord)} or field in ("history", "seq"):
                     raise TypeError(f"update_run: unknown or read-only field {key!r}")
                 setattr(run, field, value)
-            run.version += 1
             return run
 
     def append_history(
@@ -1641,7 +1594,6 @@ class WandbServer:
             history = run.history.append(rows)
             run.history = history.with_exports() if export else history
             run.heartbeat_at = _timestamp(heartbeat_at, run.heartbeat_at + timedelta(seconds=max(1, len(rows))))
-            run.version += 1
             return run
 
     def export_history(
@@ -1651,7 +1603,6 @@ class WandbServer:
         with self.lock:
             run = self.run_record(entity, project, run_id)
             run.history = run.history.with_exports(upto, files)
-            run.version += 1
             return run
 
     def delete_run(self, entity: str, project: str, run_id: str) -> None:
