@@ -1230,35 +1230,45 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve("HEAD")
 
     def _serve(self, method: str) -> None:
-        started = time.monotonic()
         wb = self.server.wandb
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         path = urlsplit(self.path).path
         op, variables, run, payload = self._classify(method, path, body)
         fault = wb.take_fault(op, run, path)
-        status = 0
+        self._started = time.monotonic()
+        self._entry: LoggedRequest | None = LoggedRequest(method, path, op, variables, run, 0, 0.0, bool(fault))
         try:
             if fault and fault.delay:
                 time.sleep(fault.delay)
             if fault and fault.drop:
+                self._record(0)
                 self.close_connection = True
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
             elif fault and fault.malformed:
-                status = self._send(200, b'{"data": {"project": ', "application/json")
+                self._send(200, b'{"data": {"project": ', "application/json")
             elif fault and fault.status:
                 headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
                 body_out = _dumps({"errors": [{"message": f"injected HTTP {fault.status}"}]}).encode()
-                status = self._send(fault.status, body_out, "application/json", headers)
+                self._send(fault.status, body_out, "application/json", headers)
             else:
-                status = self._route(method, path, op, payload)
+                self._route(method, path, op, payload)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            wb.log_request(
-                LoggedRequest(method, path, op, variables, run, status, time.monotonic() - started, fault is not None)
-            )
+            self._record(0)
+
+    def _record(self, status: int) -> None:
+        """Logs the request once, before its answer is written, so a client never sees an answer not yet logged."""
+        if self._entry is not None:
+            entry, self._entry = self._entry, None
+            seconds = time.monotonic() - self._started
+            self.server.wandb.log_request(dataclasses.replace(entry, status=status, seconds=seconds))
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._record(code)
+        super().send_response(code, message)
 
     def _classify(self, method: str, path: str, body: bytes) -> tuple[str, dict[str, Any], str | None, Any]:
         if method == "POST" and path.rstrip("/") == "/graphql":
@@ -1289,7 +1299,7 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return user == "api" and key in self.server.wandb.api_keys
 
-    def _route(self, method: str, path: str, op: str, payload: Any) -> int:
+    def _route(self, method: str, path: str, op: str, payload: Any) -> None:
         wb = self.server.wandb
         if op == "otel":
             return self._send(200, b"", "application/x-protobuf")
@@ -1311,7 +1321,7 @@ class _Handler(BaseHTTPRequestHandler):
         result = wb.execute(payload, op)
         return self._send(200, json.dumps(result, ensure_ascii=False, allow_nan=False).encode(), "application/json")
 
-    def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> int:
+    def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -1320,9 +1330,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        return status
 
-    def _send_file(self, method: str, data: bytes | Path, content_type: str) -> int:
+    def _send_file(self, method: str, data: bytes | Path, content_type: str) -> None:
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
         start, stop, status = 0, size, 200
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
@@ -1337,7 +1346,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                return 416
+                return
             status = 206
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -1347,7 +1356,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
         self.end_headers()
         if method == "HEAD":
-            return status
+            return
         if isinstance(data, bytes):
             self.wfile.write(data[start:stop])
         else:
@@ -1360,7 +1369,6 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     self.wfile.write(chunk)
                     remaining -= len(chunk)
-        return status
 
 
 class _HTTPServer(ThreadingHTTPServer):
