@@ -20,6 +20,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer
@@ -270,6 +272,7 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
     truth = history_rows(2500)
     wandb_server.add_run(E, "hist", "exp", state="running", history=truth, exported_steps=2000, export_files=2)
     wandb_server.add_run(E, "hist", "live", state="running", history=truth, exported_steps=0)
+    wandb_server.add_run(E, "hist", "keyed", state="running", history=truth, exported_steps=2000, export_files=2)
     wandb_server.add_run(E, "hist", "grown", state="running", history=truth[:1200], exported_steps=1000)
     wandb_server.append_history(E, "hist", "grown", truth[1200:1800])
     wandb_server.export_history(E, "hist", "grown", upto=1500)
@@ -287,6 +290,8 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
         result["sampled"] = runs["done"].history(samples=100, pandas=False)
         result["sampled_keys"] = runs["done"].history(keys=["loss", "phase"], samples=50, pandas=False)
         result["system"] = runs["done"].history(stream="system", samples=5, pandas=False)
+        result["keyed"] = [r["_step"] for r in runs["live"].scan_history(keys=["loss"], use_cache=False)]
+        result["keyed_exp"] = list(runs["keyed"].scan_history(keys=["loss", "größe/λ"], use_cache=False))
         result["window"] = list(runs["exp"].scan_history(min_step=1990, max_step=2010, use_cache=False))
         """,
     )
@@ -312,7 +317,19 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
 
     # export files are downloaded whole; HistoryPage only for windows reaching the live steps (pages of 1000)
     assert ops("exp") == {"RunHistoryKeys": 2, "RunParquetHistory": 2, "parquet": 4, "HistoryPage": 2}
-    assert ops("live") == {"RunHistoryKeys": 1, "RunParquetHistory": 1, "HistoryPage": 3}  # 2 + ceil(2500 / 1000)
+    # 2 + ceil(2500 / 1000) for the full scan; the keyed scan pages the live steps with SampledHistoryPage
+    assert ops("live") == {"RunHistoryKeys": 2, "RunParquetHistory": 2, "HistoryPage": 3, "SampledHistoryPage": 3}
+    assert got["keyed"] == list(range(2500))
+    # with keys, wandb-core reads the export files remotely with HTTP range requests
+    assert [r["_step"] for r in got["keyed_exp"]] == list(range(2500))
+    assert all(r["loss"] == truth[r["_step"]]["loss"] for r in got["keyed_exp"])
+    assert {r.status for r in wandb_server.requests("parquet", run="keyed")} == {206}
+    specs = [json.loads(r.variables["spec"]) for r in wandb_server.requests("SampledHistoryPage", run="live")]
+    assert [(s["minStep"], s["maxStep"], s["samples"]) for s in specs] == [
+        (0, 999, 1000),
+        (1000, 1999, 1000),
+        (2000, 2499, 500),
+    ]
     assert ops("grown") == {"RunHistoryKeys": 1, "RunParquetHistory": 1, "parquet": 1, "HistoryPage": 2}
     assert ops("done")["parquet"] == 1 and "HistoryPage" not in ops("done")
     assert ops("done")["RunFullHistory"] == 2 and ops("done")["RunSampledHistory"] == 1  # history + events
@@ -435,3 +452,47 @@ def test_file_range_requests_and_persistent_faults(wandb_server: WandbServer) ->
         assert resp.read() == bytes(range(200))
     assert fault.hits == 3
     assert [r.status for r in wandb_server.requests("file", run="x1")][-4:] == [503, 503, 503, 200]
+
+
+def test_mutations_and_table_history(wandb_server: WandbServer) -> None:
+    table = pa.table({"loss": [0.5, 0.25, 0.125], "_step": [0, 1, 2]})
+    wandb_server.add_run(E, "mut", "m1", state="running", history=table, exported_steps=2, tags=["a"])
+    wandb_server.add_run(E, "mut", "m2")
+    before = wandb_server.run_record(E, "mut", "m1").heartbeat_at
+    wandb_server.append_history(E, "mut", "m1", [{"loss": 0.0625, "note": "x"}])
+    wandb_server.update_run(E, "mut", "m1", tags=["b"], config={"lr": 2**70}, summary={"loss": 0.0625}, state="failed")
+    wandb_server.delete_run(E, "mut", "m2")
+    query = """
+    query Q($e: String!, $f: JSONString) {
+      project(name: "mut", entityName: $e) {
+        runCount(filters: $f)
+        run(name: "m1") {
+          state tags config summaryMetrics heartbeatAt historyLineCount historyKeys
+          history(minStep: 1, maxStep: 10, samples: 100)
+          parquetHistory(liveKeys: ["_step", "loss"]) { parquetUrls liveData }
+        }
+      }
+    }
+    """
+    beat = (before + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    status, body = post(wandb_server, {"query": query, "variables": {"e": E, "f": json.dumps({"heartbeatAt": beat})}})
+    assert status == 200, body
+    project = body["data"]["project"]
+    run = project["run"]
+    assert project["runCount"] == 1  # m2 is gone; m1's heartbeat advanced with the appended step
+    assert (run["state"], run["tags"], run["historyLineCount"]) == ("failed", ["b"], 4)
+    assert json.loads(run["config"]) == {"lr": {"value": 2**70, "desc": None}}
+    assert json.loads(run["summaryMetrics"]) == {"loss": 0.0625}
+    assert (
+        run["historyKeys"]["lastStep"] == 3 and run["historyKeys"]["keys"]["note"]["typeCounts"][0]["type"] == "string"
+    )
+    assert [json.loads(line) for line in run["history"]] == [
+        {"_step": 1, "loss": 0.25},
+        {"_step": 2, "loss": 0.125},
+        {"_step": 3, "loss": 0.0625, "note": "x"},
+    ]
+    assert len(run["parquetHistory"]["parquetUrls"]) == 1
+    assert run["parquetHistory"]["liveData"] == [{"_step": 2, "loss": 0.125}, {"_step": 3, "loss": 0.0625}]
+    with urllib.request.urlopen(run["parquetHistory"]["parquetUrls"][0], timeout=10) as resp:
+        exported = pq.read_table(pa.BufferReader(resp.read()))
+    assert exported.to_pylist() == [{"_step": 0, "loss": 0.5}, {"_step": 1, "loss": 0.25}]

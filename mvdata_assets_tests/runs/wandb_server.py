@@ -501,7 +501,8 @@ class History:
             table = rows
             if STEP not in table.column_names:
                 table = table.add_column(0, STEP, pa.array(range(first_step, first_step + table.num_rows), pa.int64()))
-            table = table.set_column(table.schema.get_field_index(STEP), STEP, table.column(STEP).cast(pa.int64()))
+            others = [name for name in table.column_names if name != STEP]
+            table = pa.table([table.column(STEP).cast(pa.int64()), *table.select(others).columns], [STEP, *others])
             return table.sort_by(STEP), frozenset()
         rows = [dict(r) for r in rows]
         for i, row in enumerate(rows):
@@ -595,9 +596,10 @@ class History:
         return self._key_info
 
     def export_table(self) -> pa.Table:
-        """The exported rows as the parquet export holds them."""
+        """The exported rows as the parquet export holds them (without keys first logged after the boundary)."""
         table = self.table.slice(0, self.exported)
-        for key in self.json_keys:
+        table = table.select([k for k in table.column_names if table.column(k).null_count < table.num_rows])
+        for key in self.json_keys.intersection(table.column_names):
             table = table.set_column(table.schema.get_field_index(key), key, _export_column(table.column(key)))
         return table
 
@@ -1099,7 +1101,9 @@ class _RunNode:
         history = self.run.history
         keys = list(dict.fromkeys(spec.get("keys") or []))
         start = history.index(int(spec["minStep"])) if spec.get("minStep") is not None else 0
-        stop = history.index(int(spec["maxStep"])) if spec.get("maxStep") is not None else len(history)
+        # maxStep is inclusive here (unlike history(minStep, maxStep)): wandb-core 0.31 pages keyed scans as
+        # {minStep: 0, maxStep: 999, samples: 1000}, {minStep: 1000, maxStep: 1999, ...}
+        stop = history.index(int(spec["maxStep"]) + 1) if spec.get("maxStep") is not None else len(history)
         if any(k not in history.table.column_names for k in keys):
             return []
         table = history.table.slice(start, max(0, stop - start))
