@@ -7,12 +7,14 @@ findings pickled, so values come back with their exact types; one module-wide se
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import math
 import pickle
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -451,7 +453,14 @@ def test_file_range_requests_and_persistent_faults(wandb_server: WandbServer) ->
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert resp.read() == bytes(range(200))
     assert fault.hits == 3
-    assert [r.status for r in wandb_server.requests("file", run="x1")][-4:] == [503, 503, 503, 200]
+    wandb_server.fault("file", run="x1", drop=True)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        urllib.request.urlopen(url, timeout=10)
+    wandb_server.fault("file", run="x1", delay=0.3)
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read() == bytes(range(200)) and time.monotonic() - started >= 0.3
+    assert [r.status for r in wandb_server.requests("file", run="x1")][-6:] == [503, 503, 503, 200, 0, 200]
 
 
 def test_mutations_and_table_history(wandb_server: WandbServer) -> None:

@@ -67,7 +67,6 @@ KNOWN_OPERATIONS = frozenset(
         "GetSweep",
         "GetSweepLegacy",
         "GetSweepState",
-        "SweepConfig",
     }
 )
 _BASE_TIME = datetime(2024, 1, 1)
