@@ -7,12 +7,14 @@ findings pickled, so values come back with their exact types; one module-wide se
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import math
 import pickle
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -20,6 +22,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer
@@ -217,6 +221,7 @@ def test_values_files_metadata_and_sweeps(wandb_server: WandbServer, tmp_path: P
             "files": [(f.name, f.size) for f in files],
             "downloaded": {f.name: pathlib.Path("dl", f.name).read_bytes() for f in files},
             "sweep": (run.sweep_name, run.sweep.config),
+            "projects": [p.name for p in api.projects("ent", per_page=2)],
         }
         """,
     )
@@ -232,6 +237,7 @@ def test_values_files_metadata_and_sweeps(wandb_server: WandbServer, tmp_path: P
     assert got["downloaded"]["output.log"] == b"hello\n"
     assert json.loads(got["downloaded"]["wandb-metadata.json"]) == metadata
     assert got["sweep"] == ("sw1", sweep_config)
+    assert got["projects"] == sorted({p for e, p in wandb_server.projects if e == E})
     assert wandb_server.count("file", run="v1") == 4  # three downloads + metadata
 
 
@@ -268,11 +274,13 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
     truth = history_rows(2500)
     wandb_server.add_run(E, "hist", "exp", state="running", history=truth, exported_steps=2000, export_files=2)
     wandb_server.add_run(E, "hist", "live", state="running", history=truth, exported_steps=0)
+    wandb_server.add_run(E, "hist", "keyed", state="running", history=truth, exported_steps=2000, export_files=2)
     wandb_server.add_run(E, "hist", "grown", state="running", history=truth[:1200], exported_steps=1000)
     wandb_server.append_history(E, "hist", "grown", truth[1200:1800])
     wandb_server.export_history(E, "hist", "grown", upto=1500)
     wandb_server.append_history(E, "hist", "grown", truth[1800:])
-    wandb_server.add_run(E, "hist", "done", history=truth)
+    events = [{"_timestamp": 1.7e9 + i, "system.cpu": 10.0 + i} for i in range(20)]
+    wandb_server.add_run(E, "hist", "done", history=truth, events=events)
     wandb_server.clear_requests()
     got = sdk(
         wandb_server,
@@ -283,6 +291,9 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
         result = {name: list(runs[name].scan_history(use_cache=False)) for name in ("exp", "live", "grown", "done")}
         result["sampled"] = runs["done"].history(samples=100, pandas=False)
         result["sampled_keys"] = runs["done"].history(keys=["loss", "phase"], samples=50, pandas=False)
+        result["system"] = runs["done"].history(stream="system", samples=5, pandas=False)
+        result["keyed"] = [r["_step"] for r in runs["live"].scan_history(keys=["loss"], use_cache=False)]
+        result["keyed_exp"] = list(runs["keyed"].scan_history(keys=["loss", "größe/λ"], use_cache=False))
         result["window"] = list(runs["exp"].scan_history(min_step=1990, max_step=2010, use_cache=False))
         """,
     )
@@ -308,11 +319,24 @@ def test_scan_history_exports_live_tail_and_sampled(wandb_server: WandbServer, t
 
     # export files are downloaded whole; HistoryPage only for windows reaching the live steps (pages of 1000)
     assert ops("exp") == {"RunHistoryKeys": 2, "RunParquetHistory": 2, "parquet": 4, "HistoryPage": 2}
-    assert ops("live") == {"RunHistoryKeys": 1, "RunParquetHistory": 1, "HistoryPage": 3}  # 2 + ceil(2500 / 1000)
+    # 2 + ceil(2500 / 1000) for the full scan; the keyed scan pages the live steps with SampledHistoryPage
+    assert ops("live") == {"RunHistoryKeys": 2, "RunParquetHistory": 2, "HistoryPage": 3, "SampledHistoryPage": 3}
+    assert got["keyed"] == list(range(2500))
+    # with keys, wandb-core reads the export files remotely with HTTP range requests
+    assert [r["_step"] for r in got["keyed_exp"]] == list(range(2500))
+    assert all(r["loss"] == truth[r["_step"]]["loss"] for r in got["keyed_exp"])
+    assert {r.status for r in wandb_server.requests("parquet", run="keyed")} == {206}
+    specs = [json.loads(r.variables["spec"]) for r in wandb_server.requests("SampledHistoryPage", run="live")]
+    assert [(s["minStep"], s["maxStep"], s["samples"]) for s in specs] == [
+        (0, 999, 1000),
+        (1000, 1999, 1000),
+        (2000, 2499, 500),
+    ]
     assert ops("grown") == {"RunHistoryKeys": 1, "RunParquetHistory": 1, "parquet": 1, "HistoryPage": 2}
     assert ops("done")["parquet"] == 1 and "HistoryPage" not in ops("done")
-    assert ops("done")["RunFullHistory"] == 1 and ops("done")["RunSampledHistory"] == 1
+    assert ops("done")["RunFullHistory"] == 2 and ops("done")["RunSampledHistory"] == 1  # history + events
 
+    assert got["system"] == [events[i] for i in (0, 5, 10, 14, 19)]
     sampled = got["sampled"]
     assert len(sampled) == 100 and sampled[0]["_step"] == 0 and sampled[-1]["_step"] == 2499
     assert all(same(logged(r), truth[r["_step"]]) for r in sampled)
@@ -429,4 +453,55 @@ def test_file_range_requests_and_persistent_faults(wandb_server: WandbServer) ->
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert resp.read() == bytes(range(200))
     assert fault.hits == 3
-    assert [r.status for r in wandb_server.requests("file", run="x1")][-4:] == [503, 503, 503, 200]
+    wandb_server.fault("file", run="x1", drop=True)
+    with pytest.raises((http.client.RemoteDisconnected, ConnectionError)):
+        urllib.request.urlopen(url, timeout=10)
+    wandb_server.fault("file", run="x1", delay=0.3)
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        assert resp.read() == bytes(range(200)) and time.monotonic() - started >= 0.3
+    assert [r.status for r in wandb_server.requests("file", run="x1")][-6:] == [503, 503, 503, 200, 0, 200]
+
+
+def test_mutations_and_table_history(wandb_server: WandbServer) -> None:
+    table = pa.table({"loss": [0.5, 0.25, 0.125], "_step": [0, 1, 2]})
+    wandb_server.add_run(E, "mut", "m1", state="running", history=table, exported_steps=2, tags=["a"])
+    wandb_server.add_run(E, "mut", "m2")
+    before = wandb_server.run_record(E, "mut", "m1").heartbeat_at
+    wandb_server.append_history(E, "mut", "m1", [{"loss": 0.0625, "note": "x"}])
+    wandb_server.update_run(E, "mut", "m1", tags=["b"], config={"lr": 2**70}, summary={"loss": 0.0625}, state="failed")
+    wandb_server.delete_run(E, "mut", "m2")
+    query = """
+    query Q($e: String!, $f: JSONString) {
+      project(name: "mut", entityName: $e) {
+        runCount(filters: $f)
+        run(name: "m1") {
+          state tags config summaryMetrics heartbeatAt historyLineCount historyKeys
+          history(minStep: 1, maxStep: 10, samples: 100)
+          parquetHistory(liveKeys: ["_step", "loss"]) { parquetUrls liveData }
+        }
+      }
+    }
+    """
+    beat = (before + timedelta(seconds=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    status, body = post(wandb_server, {"query": query, "variables": {"e": E, "f": json.dumps({"heartbeatAt": beat})}})
+    assert status == 200, body
+    project = body["data"]["project"]
+    run = project["run"]
+    assert project["runCount"] == 1  # m2 is gone; m1's heartbeat advanced with the appended step
+    assert (run["state"], run["tags"], run["historyLineCount"]) == ("failed", ["b"], 4)
+    assert json.loads(run["config"]) == {"lr": {"value": 2**70, "desc": None}}
+    assert json.loads(run["summaryMetrics"]) == {"loss": 0.0625}
+    assert (
+        run["historyKeys"]["lastStep"] == 3 and run["historyKeys"]["keys"]["note"]["typeCounts"][0]["type"] == "string"
+    )
+    assert [json.loads(line) for line in run["history"]] == [
+        {"_step": 1, "loss": 0.25},
+        {"_step": 2, "loss": 0.125},
+        {"_step": 3, "loss": 0.0625, "note": "x"},
+    ]
+    assert len(run["parquetHistory"]["parquetUrls"]) == 1
+    assert run["parquetHistory"]["liveData"] == [{"_step": 2, "loss": 0.125}, {"_step": 3, "loss": 0.0625}]
+    with urllib.request.urlopen(run["parquetHistory"]["parquetUrls"][0], timeout=10) as resp:
+        exported = pq.read_table(pa.BufferReader(resp.read()))
+    assert exported.to_pylist() == [{"_step": 0, "loss": 0.5}, {"_step": 1, "loss": 0.25}]

@@ -67,7 +67,6 @@ KNOWN_OPERATIONS = frozenset(
         "GetSweep",
         "GetSweepLegacy",
         "GetSweepState",
-        "SweepConfig",
     }
 )
 _BASE_TIME = datetime(2024, 1, 1)
@@ -494,10 +493,6 @@ class History:
         self.export_files = max(1, export_files)
         self._key_info: dict[str, Any] | None = None
 
-    @classmethod
-    def empty(cls) -> History:
-        return cls(pa.table({STEP: pa.array([], pa.int64())}), frozenset(), 0, 1)
-
     @staticmethod
     def encode(rows: list[Mapping[str, Any]] | pa.Table, first_step: int) -> tuple[pa.Table, frozenset[str]]:
         """Rows (dicts; missing `_step` numbered on from `first_step`; None = key not logged) or a ready table."""
@@ -505,7 +500,8 @@ class History:
             table = rows
             if STEP not in table.column_names:
                 table = table.add_column(0, STEP, pa.array(range(first_step, first_step + table.num_rows), pa.int64()))
-            table = table.set_column(table.schema.get_field_index(STEP), STEP, table.column(STEP).cast(pa.int64()))
+            others = [name for name in table.column_names if name != STEP]
+            table = pa.table([table.column(STEP).cast(pa.int64()), *table.select(others).columns], [STEP, *others])
             return table.sort_by(STEP), frozenset()
         rows = [dict(r) for r in rows]
         for i, row in enumerate(rows):
@@ -599,9 +595,10 @@ class History:
         return self._key_info
 
     def export_table(self) -> pa.Table:
-        """The exported rows as the parquet export holds them."""
+        """The exported rows as the parquet export holds them (without keys first logged after the boundary)."""
         table = self.table.slice(0, self.exported)
-        for key in self.json_keys:
+        table = table.select([k for k in table.column_names if table.column(k).null_count < table.num_rows])
+        for key in self.json_keys.intersection(table.column_names):
             table = table.set_column(table.schema.get_field_index(key), key, _export_column(table.column(key)))
         return table
 
@@ -641,7 +638,6 @@ class RunRecord:
     events: tuple[dict[str, Any], ...]
     files: dict[str, tuple[bytes, datetime]]
     history: History
-    version: int = 0
 
     @property
     def storage_id(self) -> str:
@@ -822,21 +818,12 @@ def _sort_key(run: RunRecord, path: str) -> list[Any]:
 # GraphQL object types, resolved field by field.
 
 
-class _Connection:
-    """Relay-style page: `edges {node cursor}` and `pageInfo {endCursor hasNextPage}`."""
-
-    @staticmethod
-    def page(items: list[tuple[Any, str]], has_next: bool, total: int | None = None) -> dict[str, Any]:
-        return {
-            "edges": [{"node": node, "cursor": cursor} for node, cursor in items],
-            "pageInfo": {
-                "endCursor": items[-1][1] if items else None,
-                "hasNextPage": has_next,
-                "startCursor": items[0][1] if items else None,
-                "hasPreviousPage": False,
-            },
-            "totalCount": total,
-        }
+def _page(items: list[tuple[Any, str]], has_next: bool) -> dict[str, Any]:
+    """A Relay-style connection page: `edges {node cursor}` and `pageInfo {endCursor hasNextPage}`."""
+    return {
+        "edges": [{"node": node, "cursor": cursor} for node, cursor in items],
+        "pageInfo": {"__typename": "PageInfo", "endCursor": items[-1][1] if items else None, "hasNextPage": has_next},
+    }
 
 
 class _QueryRoot:
@@ -871,27 +858,15 @@ class _QueryRoot:
         project = self.server.project_record(entityName or self.server.default_entity, name or "")
         return _ProjectNode(self.server, project) if project else None
 
-    gql_model = gql_project
-
     def gql_models(self, entityName: str | None = None, first: int = 50, after: str | None = None, **_: Any) -> dict:
+        """An entity's projects by name (`api.projects()`)."""
         entity = entityName or self.server.default_entity
         with self.server.lock:
             projects = sorted((p for (e, _), p in self.server.projects.items() if e == entity), key=lambda p: p.name)
-        start = 0 if after is None else next((i + 1 for i, p in enumerate(projects) if p.name == _uncursor(after)), 0)
-        chunk = projects[start : start + first]
-        items = [(_ProjectNode(self.server, p), _cursor(p.name)) for p in chunk]
-        return _Connection.page(items, start + first < len(projects), len(projects))
-
-    gql_projects = gql_models
-
-    def gql_entity(self, name: str | None = None, **_: Any) -> dict[str, Any]:
-        return {"__typename": "Entity", "id": _b64(f"Entity:{name}"), "name": name, "isTeam": False}
-
-    def gql___type(self, **_: Any) -> None:
-        return None
-
-    def gql___schema(self, **_: Any) -> None:
-        return None
+        if after:
+            projects = [p for p in projects if p.name > _uncursor(after)]
+        items = [(_ProjectNode(self.server, p), _cursor(p.name)) for p in projects[:first]]
+        return _page(items, len(projects) > first)
 
 
 class _ProjectNode:
@@ -955,26 +930,17 @@ class _ProjectNode:
         first = 50 if first is None else first
         page = keyed[:first]
         items = [(_RunNode(self.server, r), _cursor(k)) for k, r in page]
-        return _Connection.page(items, len(keyed) > first, len(runs))
+        return _page(items, len(keyed) > first)
 
     def gql_run(self, name: str | None = None, **_: Any) -> _RunNode | None:
         with self.server.lock:
             run = self.project.runs.get(name or "")
         return _RunNode(self.server, run) if run else None
 
-    gql_bucket = gql_run
-
     def gql_sweep(self, sweepName: str | None = None, **_: Any) -> _SweepNode | None:
         with self.server.lock:
             sweep = self.project.sweeps.get(sweepName or "")
         return _SweepNode(self.server, self.project, sweep) if sweep else None
-
-    def gql_sweeps(self, first: int = 50, after: str | None = None, **_: Any) -> dict[str, Any]:
-        with self.server.lock:
-            sweeps = sorted(self.project.sweeps.values(), key=lambda s: s.created_at)
-        start = 0 if after is None else int(_uncursor(after)) + 1
-        items = [(_SweepNode(self.server, self.project, s), _cursor(start + i)) for i, s in enumerate(sweeps)]
-        return _Connection.page(items[start : start + first], start + first < len(sweeps), len(sweeps))
 
 
 class _SweepNode:
@@ -1019,13 +985,6 @@ class _SweepNode:
             return sum(1 for r in self.project.runs.values() if r.sweep == self.sweep.name)
 
     gql_runCountExpected = gql_runCount
-
-    def gql_controllerRunName(self) -> None:
-        return None
-
-    def gql_runs(self, first: int = 50, after: str | None = None, order: str | None = None, **_: Any) -> dict:
-        node = _ProjectNode(self.server, self.project)
-        return node.gql_runs(filters={"sweep": self.sweep.name}, first=first, after=after, order=order)
 
 
 class _RunNode:
@@ -1141,7 +1100,9 @@ class _RunNode:
         history = self.run.history
         keys = list(dict.fromkeys(spec.get("keys") or []))
         start = history.index(int(spec["minStep"])) if spec.get("minStep") is not None else 0
-        stop = history.index(int(spec["maxStep"])) if spec.get("maxStep") is not None else len(history)
+        # maxStep is inclusive here (unlike history(minStep, maxStep)): wandb-core 0.31 pages keyed scans as
+        # {minStep: 0, maxStep: 999, samples: 1000}, {minStep: 1000, maxStep: 1999, ...}
+        stop = history.index(int(spec["maxStep"]) + 1) if spec.get("maxStep") is not None else len(history)
         if any(k not in history.table.column_names for k in keys):
             return []
         table = history.table.slice(start, max(0, stop - start))
@@ -1187,7 +1148,7 @@ class _RunNode:
             files = [f for f in files if f[0] > mark]
         first = 50 if first is None else first
         items = [(self._file(*f), _cursor(f[0])) for f in files[:first]]
-        return _Connection.page(items, len(files) > first, len(files))
+        return _page(items, len(files) > first)
 
     def _file(self, name: str, data: bytes, when: datetime) -> dict[str, Any]:
         url = self.server.file_url(self.run, name)
@@ -1201,7 +1162,6 @@ class _RunNode:
             "mimetype": "application/json" if name.endswith(".json") else "application/octet-stream",
             "updatedAt": _format_time(when),
             "md5": base64.b64encode(hashlib.md5(data).digest()).decode(),
-            "storagePath": f"{self.run.entity}/{self.run.project}/{self.run.name}/{name}",
         }
 
 
@@ -1272,39 +1232,46 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._serve("HEAD")
 
-    def do_PUT(self) -> None:
-        self._serve("PUT")
-
     def _serve(self, method: str) -> None:
-        started = time.monotonic()
         wb = self.server.wandb
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         path = urlsplit(self.path).path
         op, variables, run, payload = self._classify(method, path, body)
         fault = wb.take_fault(op, run, path)
-        status = 0
+        self._started = time.monotonic()
+        self._entry: LoggedRequest | None = LoggedRequest(method, path, op, variables, run, 0, 0.0, bool(fault))
         try:
             if fault and fault.delay:
                 time.sleep(fault.delay)
             if fault and fault.drop:
+                self._record(0)
                 self.close_connection = True
                 with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
             elif fault and fault.malformed:
-                status = self._send(200, b'{"data": {"project": ', "application/json")
+                self._send(200, b'{"data": {"project": ', "application/json")
             elif fault and fault.status:
                 headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
                 body_out = _dumps({"errors": [{"message": f"injected HTTP {fault.status}"}]}).encode()
-                status = self._send(fault.status, body_out, "application/json", headers)
+                self._send(fault.status, body_out, "application/json", headers)
             else:
-                status = self._route(method, path, op, payload)
+                self._route(method, path, op, payload)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         finally:
-            wb.log_request(
-                LoggedRequest(method, path, op, variables, run, status, time.monotonic() - started, fault is not None)
-            )
+            self._record(0)
+
+    def _record(self, status: int) -> None:
+        """Logs the request once, before its answer is written, so a client never sees an answer not yet logged."""
+        if self._entry is not None:
+            entry, self._entry = self._entry, None
+            seconds = time.monotonic() - self._started
+            self.server.wandb.log_request(dataclasses.replace(entry, status=status, seconds=seconds))
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        self._record(code)
+        super().send_response(code, message)
 
     def _classify(self, method: str, path: str, body: bytes) -> tuple[str, dict[str, Any], str | None, Any]:
         if method == "POST" and path.rstrip("/") == "/graphql":
@@ -1335,7 +1302,7 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         return user == "api" and key in self.server.wandb.api_keys
 
-    def _route(self, method: str, path: str, op: str, payload: Any) -> int:
+    def _route(self, method: str, path: str, op: str, payload: Any) -> None:
         wb = self.server.wandb
         if op == "otel":
             return self._send(200, b"", "application/x-protobuf")
@@ -1357,7 +1324,7 @@ class _Handler(BaseHTTPRequestHandler):
         result = wb.execute(payload, op)
         return self._send(200, json.dumps(result, ensure_ascii=False, allow_nan=False).encode(), "application/json")
 
-    def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> int:
+    def _send(self, status: int, body: bytes, content_type: str, headers: Mapping[str, str] | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -1366,9 +1333,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        return status
 
-    def _send_file(self, method: str, data: bytes | Path, content_type: str) -> int:
+    def _send_file(self, method: str, data: bytes | Path, content_type: str) -> None:
         size = len(data) if isinstance(data, bytes) else data.stat().st_size
         start, stop, status = 0, size, 200
         m = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
@@ -1383,7 +1349,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Range", f"bytes */{size}")
                 self.send_header("Content-Length", "0")
                 self.end_headers()
-                return 416
+                return
             status = 206
         self.send_response(status)
         self.send_header("Content-Type", content_type)
@@ -1393,7 +1359,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{size}")
         self.end_headers()
         if method == "HEAD":
-            return status
+            return
         if isinstance(data, bytes):
             self.wfile.write(data[start:stop])
         else:
@@ -1406,7 +1372,6 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     self.wfile.write(chunk)
                     remaining -= len(chunk)
-        return status
 
 
 class _HTTPServer(ThreadingHTTPServer):
@@ -1622,7 +1587,6 @@ class WandbServer:
                 elif field not in {f.name for f in dataclasses.fields(RunRecord)} or field in ("history", "seq"):
                     raise TypeError(f"update_run: unknown or read-only field {key!r}")
                 setattr(run, field, value)
-            run.version += 1
             return run
 
     def append_history(
@@ -1641,7 +1605,6 @@ class WandbServer:
             history = run.history.append(rows)
             run.history = history.with_exports() if export else history
             run.heartbeat_at = _timestamp(heartbeat_at, run.heartbeat_at + timedelta(seconds=max(1, len(rows))))
-            run.version += 1
             return run
 
     def export_history(
@@ -1651,7 +1614,6 @@ class WandbServer:
         with self.lock:
             run = self.run_record(entity, project, run_id)
             run.history = run.history.with_exports(upto, files)
-            run.version += 1
             return run
 
     def delete_run(self, entity: str, project: str, run_id: str) -> None:
