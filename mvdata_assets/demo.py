@@ -224,7 +224,7 @@ def run_demo(home: Path) -> int:
         env = {**os.environ, "WANDB_SILENT": "true"}
         dagster = Path(sys.executable).parent / "dagster"
         # one pass closes the loop: the in-process executor runs the dataset steps (and so finishes the download
-        # run's W&B log) before `wandb_offline_tables`, whose step key sorts after theirs; CI checks it
+        # run's W&B log) before `wandb_tables`, whose step key sorts after theirs; CI checks it
         command = [str(dagster), "asset", "materialize", "-m", "mvdata_assets.definitions", "--select", "*"]
         print(f"Materialising every asset: {' '.join(command[1:])} (log: {log})")
         with log.open("w") as out:

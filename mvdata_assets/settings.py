@@ -40,6 +40,11 @@ class Settings:
     sensor_interval_s: int
     sensor_enabled: bool  # on by default when a W&B source is configured
     tracking_enabled: bool  # log each download run to W&B (the SDK's WANDB_MODE picks online / offline)
+    wandb_projects: tuple[str, ...]  # entity/project pulled from the W&B API
+    api_states: tuple[str, ...]  # API filters: run states, tags (any of), created since (ISO, UTC)
+    api_tags: tuple[str, ...]
+    api_created_since: str | None
+    api_concurrency: int
     leaderboard_metrics: tuple[str, ...]  # glob patterns of the main metrics
     leaderboard_config: tuple[str, ...]  # config keys to show; none: those that differ between runs
 
@@ -69,8 +74,15 @@ def load_settings() -> Settings:
         else None,
         download_concurrency=int(_float("MVDATA_DOWNLOAD_CONCURRENCY", 16)),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
-        sensor_enabled=_switch("MVDATA_WANDB_SENSOR", "on" if dirs else "off"),
+        sensor_enabled=_switch(
+            "MVDATA_WANDB_SENSOR", "on" if dirs or os.environ.get("MVDATA_WANDB_PROJECTS") else "off"
+        ),
         tracking_enabled=_switch("MVDATA_WANDB_TRACKING", "on"),
+        wandb_projects=_list("MVDATA_WANDB_PROJECTS", ""),
+        api_states=_list("MVDATA_WANDB_API_STATES", ""),
+        api_tags=_list("MVDATA_WANDB_API_TAGS", ""),
+        api_created_since=os.environ.get("MVDATA_WANDB_API_CREATED_SINCE") or None,
+        api_concurrency=int(_float("MVDATA_WANDB_API_CONCURRENCY", 8)),
         leaderboard_metrics=_list("MVDATA_LEADERBOARD_METRICS", "*loss*,*acc,*accuracy*,*f1*,*bleu*,*cider*"),
         leaderboard_config=_list("MVDATA_LEADERBOARD_CONFIG", ""),
     )

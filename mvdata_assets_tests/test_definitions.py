@@ -65,7 +65,7 @@ def _materialize(home: Path, instance: DagsterInstance, run_config: dict | None 
     )
     assert result.success
     materializations = {
-        m.asset_key.to_user_string(): m.metadata for m in result.asset_materializations_for_node("wandb_offline_tables")
+        m.asset_key.to_user_string(): m.metadata for m in result.asset_materializations_for_node("wandb_tables")
     }
     return result, materializations
 
@@ -129,7 +129,7 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
     assert second["wandb/history"]["rows_written"].value == 0
     assert second["wandb/history"]["dagster/row_count"].value == stored
 
-    _, refreshed = _materialize(home, instance, {"ops": {"wandb_offline_tables": {"config": {"force_refresh": True}}}})
+    _, refreshed = _materialize(home, instance, {"ops": {"wandb_tables": {"config": {"force_refresh": True}}}})
     assert refreshed["wandb/history"]["runs_updated"].value == len(DEMO_RUNS)
     assert refreshed["wandb/history"]["dagster/row_count"].value == stored
 
@@ -141,7 +141,7 @@ def test_downstream_follows_the_tables_by_itself(home: Path) -> None:
     wandb_defs = Definitions(assets=wandb_assets, resources=resources)
     start = evaluate_automation_conditions(defs=wandb_defs, instance=instance)  # the sensor's first tick
     assert start.total_requested == 0
-    tables = [a for a in wandb_assets if a.node_def.name == "wandb_offline_tables"]
+    tables = [a for a in wandb_assets if a.node_def.name == "wandb_tables"]
     assert materialize(tables, resources=resources, instance=instance).success  # e.g. launched by the runs sensor
     after_sync = evaluate_automation_conditions(defs=wandb_defs, instance=instance, cursor=start.cursor)
     requested = {k for k in EXPECTED_KEYS if after_sync.get_num_requested(AssetKey.from_user_string(k))}

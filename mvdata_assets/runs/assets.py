@@ -20,6 +20,7 @@ from dagster import (
 
 from mvdata_assets import charts
 from mvdata_assets.runs import exports, leaderboard
+from mvdata_assets.runs.api import ApiFilters, ApiSyncReport, sync_api
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
 from mvdata_assets.settings import load_settings
@@ -68,14 +69,16 @@ def _table_metadata(conn, table: str) -> dict:
     }
 
 
-def _sync_metadata(report: SyncReport) -> dict:
+def _sync_metadata(offline: SyncReport, api: ApiSyncReport) -> dict:
     return {
-        "runs_new": MetadataValue.int(report.count("new")),
-        "runs_updated": MetadataValue.int(report.count("grown", "replaced", "refreshed")),
-        "runs_unchanged": MetadataValue.int(report.count("unchanged")),
-        "bytes_read": MetadataValue.int(report.bytes_read),
-        "seconds": MetadataValue.float(round(report.seconds, 3)),
-        "problems": MetadataValue.json(report.problems),
+        "runs_new": MetadataValue.int(offline.count("new") + api.count("new")),
+        "runs_updated": MetadataValue.int(offline.count("grown", "replaced", "refreshed") + api.count("updated")),
+        "runs_unchanged": MetadataValue.int(offline.count("unchanged") + api.count("unchanged")),
+        "runs_deleted_upstream": MetadataValue.int(api.count("deleted")),
+        "bytes_read": MetadataValue.int(offline.bytes_read),
+        "api_requests_for_runs": MetadataValue.int(sum(r.requests for r in api.runs)),
+        "seconds": MetadataValue.float(round(offline.seconds + api.seconds, 3)),
+        "problems": MetadataValue.json(offline.problems + api.problems),
     }
 
 
@@ -85,31 +88,47 @@ def _sync_metadata(report: SyncReport) -> dict:
         for t in TABLES
     ],
     can_subset=False,
-    description="Syncs every run under MVDATA_WANDB_OFFLINE_DIRS into the warehouse, incrementally.",
+    description="Syncs every run under MVDATA_WANDB_OFFLINE_DIRS and of the MVDATA_WANDB_PROJECTS on the W&B API "
+    "into the warehouse, incrementally.",
 )
-def wandb_offline_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: WarehouseResource):
+def wandb_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: WarehouseResource):
     settings = load_settings()
     with warehouse.get_connection() as conn:
-        report = sync_offline(
+        offline = sync_offline(
             conn,
             settings.wandb_offline_dirs,
             force_refresh=config.force_refresh,
             running_window_s=settings.running_window_s,
         )
-        for problem in report.problems:
+        api = sync_api(
+            conn,
+            settings.wandb_projects,
+            filters=ApiFilters(settings.api_states, settings.api_tags, settings.api_created_since),
+            force_refresh=config.force_refresh,
+            concurrency=settings.api_concurrency,
+            log=context.log.info,
+        )
+        for problem in offline.problems + api.problems:
             context.log.warning(problem)
         context.log.info(
-            f"{len(report.files)} run files: {report.count('new')} new, "
-            f"{report.count('grown', 'replaced', 'refreshed')} updated, {report.count('unchanged')} unchanged; "
-            f"{report.bytes_read} bytes in {report.seconds:.2f} s"
+            f"{len(offline.files)} run files: {offline.count('new')} new, "
+            f"{offline.count('grown', 'replaced', 'refreshed')} updated, {offline.count('unchanged')} unchanged; "
+            f"{offline.bytes_read} bytes in {offline.seconds:.2f} s"
         )
-        shared = _sync_metadata(report)
+        if settings.wandb_projects:
+            context.log.info(
+                f"W&B API: {len(api.runs)} runs: {api.count('new')} new, {api.count('updated')} updated, "
+                f"{api.count('unchanged')} unchanged, {api.count('deleted')} deleted upstream, "
+                f"{api.count('failed')} failed, in {api.seconds:.2f} s"
+            )
+        shared = _sync_metadata(offline, api)
         for table in TABLES:
+            rows = offline.rows.get(table, 0) + api.rows.get(table, 0)
             yield MaterializeResult(
                 asset_key=table_key(table),
                 metadata={
                     **shared,
-                    "rows_written": MetadataValue.int(report.rows.get(table, 0)),
+                    "rows_written": MetadataValue.int(rows),
                     **_table_metadata(conn, table),
                     **(_curves_metadata(conn, settings) if table == "history" else {}),
                 },
@@ -256,5 +275,5 @@ def history_checks(warehouse: WarehouseResource):
         )
 
 
-wandb_assets = [wandb_offline_tables, wandb_exports, wandb_leaderboard]
+wandb_assets = [wandb_tables, wandb_exports, wandb_leaderboard]
 wandb_checks = [history_checks]

@@ -16,12 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import duckdb
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from mvdata_assets.runs import store
 from mvdata_assets.runs.store import SCHEMA, RunKey
-from mvdata_assets.runs.values import NestedState, finite_or_none, flat_rows, to_json
+from mvdata_assets.runs.values import NestedState, finite_or_none, to_json
 from mvdata_assets.runs.wandb_file import (
     Chunk,
     NotAWandbFile,
@@ -32,15 +31,6 @@ from mvdata_assets.runs.wandb_file import (
 )
 
 FINGERPRINT_BYTES = 4096
-VALUE_ROWS = pa.schema([("key", pa.string()), ("value", pa.float64()), ("value_json", pa.string())])
-STATS_ROWS = pa.schema(
-    [
-        ("timestamp", pa.timestamp("us", tz="UTC")),
-        ("key", pa.string()),
-        ("value", pa.float64()),
-        ("value_json", pa.string()),
-    ]
-)
 
 
 @dataclass
@@ -282,7 +272,7 @@ def _read_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, r
                 store.delete_run(conn, *key)
             if key is None:
                 continue
-            _insert_history(conn, key, chunk)
+            store.insert_history(conn, key, chunk.history)
             progress.add(chunk)
             for path_key, value_json in chunk.config:
                 states["config"].apply(path_key, value_json)
@@ -302,9 +292,9 @@ def _read_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, r
     for name, value in progress.environment.items():
         states["metadata"].apply((name,), to_json(value))
     for table, state in states.items():
-        _replace_values(conn, table, key, state)
+        store.replace_values(conn, table, key, state)
         setattr(watermark, f"{table}_state", state.to_json())
-    _insert_stats(conn, key, progress.stats)
+    store.insert_stats(conn, key, progress.stats)
     outcome.history_rows = progress.history_rows
     outcome.rows = {"history": progress.history_rows, "system_metrics": len(progress.stats)}
     outcome.state = _upsert_run(conn, key, progress, path, plan.mtime, running_window_s, outcome.problem)
@@ -319,66 +309,6 @@ def _owner(conn: duckdb.DuckDBPyConnection, key: RunKey, path: Path) -> str | No
         if Path(other).exists():
             return other
     return None
-
-
-def _insert_history(conn: duckdb.DuckDBPyConnection, key: RunKey, chunk: Chunk) -> None:
-    history = chunk.history
-    if not history.num_rows:
-        return
-    names = history["key"].combine_chunks()
-    refs = pa.array(store.key_refs(conn, names.dictionary.to_pylist()), pa.int32())
-    batch = history.set_column(history.schema.get_field_index("key"), "key_ref", pc.take(refs, names.indices))
-    conn.register("history_chunk", batch)
-    try:
-        conn.execute(
-            f"""INSERT INTO {SCHEMA}._history
-                SELECT ?, step,
-                       CASE WHEN isfinite("timestamp") THEN to_timestamp("timestamp") END,
-                       CASE WHEN isfinite(runtime_s) THEN runtime_s END,
-                       key_ref, value, value_json
-                FROM history_chunk""",
-            [store.run_ref(conn, key)],
-        )
-    finally:
-        conn.unregister("history_chunk")
-
-
-def _replace_values(conn: duckdb.DuckDBPyConnection, table: str, key: RunKey, state: NestedState) -> None:
-    """The run's rows of `table` become the state's leaves (a few hundred rows at most: rewritten whole)."""
-    conn.execute(f"DELETE FROM {SCHEMA}.{table} WHERE entity = ? AND project = ? AND run_id = ?", list(key))
-    rows = state.rows()
-    if not rows:
-        return
-    keys, values, jsons = zip(*rows, strict=True)
-    batch = pa.Table.from_arrays(
-        [pa.array(keys, pa.string()), pa.array(values, pa.float64()), pa.array(jsons, pa.string())],
-        schema=VALUE_ROWS,
-    )
-    conn.register("value_rows", batch)
-    try:
-        conn.execute(f"INSERT INTO {SCHEMA}.{table} SELECT ?, ?, ?, key, value, value_json FROM value_rows", list(key))
-    finally:
-        conn.unregister("value_rows")
-
-
-def _insert_stats(conn: duckdb.DuckDBPyConnection, key: RunKey, stats: list) -> None:
-    rows = [(when, *row) for when, k, v in stats for row in flat_rows(k, v)]
-    if not rows:
-        return
-    when, keys, values, jsons = zip(*rows, strict=True)
-    batch = pa.Table.from_arrays(
-        [pa.array(when, STATS_ROWS.field("timestamp").type), pa.array(keys), pa.array(values, pa.float64()),
-         pa.array(jsons, pa.string())],
-        schema=STATS_ROWS,
-    )  # fmt: skip
-    conn.register("stats_rows", batch)
-    try:
-        conn.execute(
-            f"INSERT INTO {SCHEMA}.system_metrics SELECT ?, ?, ?, timestamp, key, value, value_json FROM stats_rows",
-            list(key),
-        )
-    finally:
-        conn.unregister("stats_rows")
 
 
 def _state(exit_code: int | None, mtime: float, running_window_s: float) -> str:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mvdata_assets.runs.values import NestedState, flat_rows
 
 SCHEMA = "wandb"
 
@@ -64,6 +68,16 @@ DDL = [
     )""",
 ]
 
+VALUE_ROWS = pa.schema([("key", pa.string()), ("value", pa.float64()), ("value_json", pa.string())])
+STATS_ROWS = pa.schema(
+    [
+        ("timestamp", pa.timestamp("us", tz="UTC")),
+        ("key", pa.string()),
+        ("value", pa.float64()),
+        ("value_json", pa.string()),
+    ]
+)
+
 RUN_TABLES = ("history", "config", "summary", "metadata", "system_metrics")
 RunKey = tuple[str, str, str]  # entity, project, run_id
 
@@ -121,3 +135,65 @@ def delete_run(conn: duckdb.DuckDBPyConnection, entity: str, project: str, run_i
             f"DELETE FROM {SCHEMA}.{table} WHERE entity = ? AND project = ? AND run_id = ?",
             [entity, project, run_id],
         )
+
+
+def insert_history(conn: duckdb.DuckDBPyConnection, key: RunKey, history: pa.Table) -> None:
+    """Long history rows (step, timestamp s, runtime_s, key, value, value_json) of one run, keys as references."""
+    if not history.num_rows:
+        return
+    names = history["key"].combine_chunks()
+    if not pa.types.is_dictionary(names.type):
+        names = names.dictionary_encode()
+    refs = pa.array(key_refs(conn, names.dictionary.to_pylist()), pa.int32())
+    batch = history.set_column(history.schema.get_field_index("key"), "key_ref", pc.take(refs, names.indices))
+    conn.register("history_chunk", batch)
+    try:
+        conn.execute(
+            f"""INSERT INTO {SCHEMA}._history
+                SELECT ?, step,
+                       CASE WHEN isfinite("timestamp") THEN to_timestamp("timestamp") END,
+                       CASE WHEN isfinite(runtime_s) THEN runtime_s END,
+                       key_ref, value, value_json
+                FROM history_chunk""",
+            [run_ref(conn, key)],
+        )
+    finally:
+        conn.unregister("history_chunk")
+
+
+def replace_values(conn: duckdb.DuckDBPyConnection, table: str, key: RunKey, state: NestedState) -> None:
+    """The run's rows of `table` become the state's leaves (a few hundred rows at most: rewritten whole)."""
+    conn.execute(f"DELETE FROM {SCHEMA}.{table} WHERE entity = ? AND project = ? AND run_id = ?", list(key))
+    rows = state.rows()
+    if not rows:
+        return
+    keys, values, jsons = zip(*rows, strict=True)
+    batch = pa.Table.from_arrays(
+        [pa.array(keys, pa.string()), pa.array(values, pa.float64()), pa.array(jsons, pa.string())],
+        schema=VALUE_ROWS,
+    )
+    conn.register("value_rows", batch)
+    try:
+        conn.execute(f"INSERT INTO {SCHEMA}.{table} SELECT ?, ?, ?, key, value, value_json FROM value_rows", list(key))
+    finally:
+        conn.unregister("value_rows")
+
+
+def insert_stats(conn: duckdb.DuckDBPyConnection, key: RunKey, stats: list) -> None:
+    rows = [(when, *row) for when, k, v in stats for row in flat_rows(k, v)]
+    if not rows:
+        return
+    when, keys, values, jsons = zip(*rows, strict=True)
+    batch = pa.Table.from_arrays(
+        [pa.array(when, STATS_ROWS.field("timestamp").type), pa.array(keys), pa.array(values, pa.float64()),
+         pa.array(jsons, pa.string())],
+        schema=STATS_ROWS,
+    )  # fmt: skip
+    conn.register("stats_rows", batch)
+    try:
+        conn.execute(
+            f"INSERT INTO {SCHEMA}.system_metrics SELECT ?, ?, ?, timestamp, key, value, value_json FROM stats_rows",
+            list(key),
+        )
+    finally:
+        conn.unregister("stats_rows")
