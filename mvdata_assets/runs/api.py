@@ -332,7 +332,7 @@ def _split_column(column: pa.ChunkedArray) -> tuple[pa.Array, pa.Array]:
         as_int = column.cast(pa.int64())
         beyond = pc.greater(pc.abs(as_int), EXACT_INT_LIMIT)
         exact = pc.if_else(beyond, pc.cast(as_int, pa.string()), pa.scalar(None, pa.string()))
-        return as_int.cast(pa.float64()).combine_chunks(), exact.combine_chunks()
+        return as_int.cast(pa.float64(), safe=False).combine_chunks(), exact.combine_chunks()
     pairs = [split_value(v) for v in column.to_pylist()]  # strings, booleans, lists: a JSON text each
     return pa.array([p[0] for p in pairs], pa.float64()), pa.array([p[1] for p in pairs], pa.string())
 

@@ -1,0 +1,227 @@
+"""The W&B API source against the W&B-compatible server on loopback, through the real SDK (and its wandb-core)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from mvdata_assets.runs.api import ApiFilters, ApiSourceError, sync_api
+from mvdata_assets.runs.values import leaf_paths, split_value
+from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer
+
+E = "mvlm"
+BASE = datetime(2025, 3, 1, 12, 0, 0)
+UNICODE_KEY = "损失/ünï ✓"
+QUOTE_KEY = 'it\'s "quoted"'
+SQL_KEY = "x'); DROP TABLE wandb.runs; --"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WandbServer]:
+    with WandbServer() as server:
+        yield server
+
+
+@pytest.fixture
+def sdk(server: WandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> WandbServer:
+    """The SDK in this process pointed at the server only (HOME, config and cache under tmp_path)."""
+    for name, value in server.sdk_env(tmp_path / "sdk").items():
+        monkeypatch.setenv(name, value)
+    return server
+
+
+def history(seed: int, steps: int) -> list[dict[str, Any]]:
+    """Rows as a training script logs them: sparse eval keys, a nested dict, NaN / ±Inf, big ints, strings."""
+    rng = random.Random(seed)
+    rows = []
+    for step in range(steps):
+        row: dict[str, Any] = {
+            "_step": step,
+            "_timestamp": 1.74e9 + step * 0.5,
+            "_runtime": step * 0.5,
+            "train/loss": 4.0 * math.exp(-step / 300) + rng.random() * 0.01,
+            "train/tokens": 2**53 + step * 7,  # beyond what a DOUBLE holds exactly
+            UNICODE_KEY: rng.random(),
+            QUOTE_KEY: step * 2.0,
+            SQL_KEY: -step,
+            "grad": {"norm": rng.random(), "clip": step % 2 == 0},
+        }
+        if step % 97 == 0:
+            row["train/loss"] = float("nan")
+        if step == 13:
+            row[UNICODE_KEY] = float("inf")
+        if step % 50 == 49:
+            row["eval/vqav2_acc"] = step / steps
+            row["eval/split"] = f"val-{step}"
+        rows.append(row)
+    return rows
+
+
+def expected_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, str], tuple[float | None, str | None]]:
+    out = {}
+    for row in rows:
+        for name, item in row.items():
+            if name in ("_step", "_timestamp", "_runtime"):
+                continue
+            for path, leaf in leaf_paths(item, (name,)):
+                out[(row["_step"], ".".join(path))] = split_value(leaf)
+    return out
+
+
+def stored_rows(conn: duckdb.DuckDBPyConnection, run_id: str) -> dict[tuple[int, str], tuple[float | None, str | None]]:
+    rows = conn.execute(
+        "SELECT step, key, value, value_json FROM wandb.history WHERE run_id = ?", [run_id]
+    ).fetchall()
+    got = {(step, key): (value, value_json) for step, key, value, value_json in rows}
+    assert len(got) == len(rows), "a (run, step, key) stored twice"
+    return got
+
+
+def same(a: tuple, b: tuple) -> bool:
+    return all(
+        (x is None and y is None) or x == y or (isinstance(x, float) and isinstance(y, float) and math.isnan(x)
+                                                and math.isnan(y))
+        for x, y in zip(a, b, strict=True)
+    )  # fmt: skip
+
+
+def mismatches(expected: dict, got: dict) -> list[str]:
+    problems = [f"missing {k}" for k in expected.keys() - got.keys()]
+    problems += [f"extra {k}" for k in got.keys() - expected.keys()]
+    problems += [f"{k}: {got[k]} != {v}" for k, v in expected.items() if k in got and not same(v, got[k])]
+    return problems[:10]
+
+
+def add_project(server: WandbServer, project: str, runs: int = 4, steps: int = 600) -> dict[str, list[dict]]:
+    logged = {}
+    for i in range(runs):
+        rows = history(i, steps)
+        logged[f"run{i}"] = rows
+        server.add_run(
+            E, project, f"run{i}",
+            name=f"siglip-{i}", state=["finished", "running", "crashed", "preempted"][i % 4],
+            created_at=BASE + timedelta(hours=i), heartbeat_at=BASE + timedelta(hours=i, minutes=40),
+            tags=["demo", f"t{i % 2}"], group="siglip", job_type="pretrain", user="ana", host=f"gpu{i}",
+            notes=f"run {i} ✓", config={"optim": {"lr": 10**-i, "betas": [0.9, 0.95]}, "huge": 2**70, UNICODE_KEY: "✓"},
+            summary={"train/loss": rows[-1]["train/loss"], "best": {"acc": 0.5 + i / 10}, "_runtime": steps * 0.5},
+            system_metrics={"system.gpu.0.gpu": 40.0 + i, "_timestamp": 1.74e9 + 100},
+            metadata={"host": f"gpu{i}", "os": "Linux", "python": "3.11"},
+            history=rows, exported_steps=steps - 37 * (i + 1),  # each run has a live tail past its exports
+        )  # fmt: skip
+    return logged
+
+
+def test_a_project_lands_exactly(sdk: WandbServer, tmp_path: Path) -> None:
+    logged = add_project(sdk, "p")
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    report = sync_api(conn, [f"{E}/p"])
+    assert not report.problems and report.count("new") == 4
+    for run_id, rows in logged.items():
+        assert not mismatches(expected_rows(rows), stored_rows(conn, run_id)), run_id
+    runs = {row[0]: row[1:] for row in conn.execute(
+        """SELECT run_id, display_name, state, created_at, heartbeat_at, tags, "group", job_type, "user", host, notes,
+                  source, last_step, history_rows, runtime_s, url FROM wandb.runs""").fetchall()}  # fmt: skip
+    assert runs["run3"][:11] == ("siglip-3", "preempted", (BASE + timedelta(hours=3)).replace(tzinfo=UTC),
+                                 (BASE + timedelta(hours=3, minutes=40)).replace(tzinfo=UTC), ["demo", "t1"], "siglip",
+                                 "pretrain", "ana", "gpu3", "run 3 ✓", "api")  # fmt: skip
+    assert runs["run3"][11:14] == (599, len(expected_rows(logged["run3"])), 300.0)
+    assert runs["run3"][14] == f"{sdk.url}/{E}/p/runs/run3"
+    query = "SELECT key, coalesce(value_json, value::VARCHAR) FROM wandb.config WHERE run_id = 'run2'"
+    config = dict(conn.execute(query).fetchall())
+    assert config == {"optim.lr": "0.01", "optim.betas": "[0.9,0.95]", "huge": str(2**70), UNICODE_KEY: '"✓"'}
+    summary = dict(conn.execute("SELECT key, value FROM wandb.summary WHERE run_id = 'run1'").fetchall())
+    assert summary == {"train/loss": logged["run1"][-1]["train/loss"], "best.acc": 0.6}
+    metadata = dict(conn.execute("SELECT key, value_json FROM wandb.metadata WHERE run_id = 'run0'").fetchall())
+    assert metadata == {"host": '"gpu0"', "os": '"Linux"', "python": '"3.11"'}
+    system = conn.execute("SELECT key, value, timestamp FROM wandb.system_metrics WHERE run_id = 'run1'").fetchall()
+    assert system == [("system.gpu.0.gpu", 41.0, datetime.fromtimestamp(1.74e9 + 100, UTC))]
+
+
+def test_a_resync_asks_only_for_what_changed(sdk: WandbServer, tmp_path: Path) -> None:
+    logged = add_project(sdk, "incr", runs=12, steps=300)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    sync_api(conn, [f"{E}/incr"])
+    sdk.clear_requests()
+    report = sync_api(conn, [f"{E}/incr"])
+    assert report.count("unchanged") == 12 and not report.changed
+    assert sdk.graphql_ops() == ["Viewer", "Runs"] and sdk.count("parquet") == 0  # no history request at all
+
+    grown = ["run1", "run4", "run7", "run8", "run11"]
+    for run_id in grown:
+        more = [{"_step": 300 + k, "train/loss": 0.5 + k, "new_key": k} for k in range(1000)]
+        sdk.append_history(E, "incr", run_id, more)
+        logged[run_id] += more
+    sdk.update_run(E, "incr", "run2", tags=["best"], config={"optim": {"lr": 0.5}}, summary={"final": 1.0})
+    sdk.delete_run(E, "incr", "run5")
+    sdk.clear_requests()
+    report = sync_api(conn, [f"{E}/incr"])
+    assert {r.key[2] for r in report.runs if r.status == "updated"} == {*grown, "run2"}
+    assert [r.key[2] for r in report.runs if r.status == "deleted"] == ["run5"]
+    pages = sdk.requests("HistoryPage")
+    assert sorted(p.run for p in pages) == sorted(grown)  # only those runs' new steps travel
+    assert all(p.variables["minStep"] == 300 and p.variables["maxStep"] == 1300 for p in pages)
+    assert sdk.count("parquet") == 0 and sdk.count("RunFiles") == 0
+    for run_id in grown:
+        assert not mismatches(expected_rows(logged[run_id]), stored_rows(conn, run_id)), run_id
+    assert conn.execute("SELECT tags, state FROM wandb.runs WHERE run_id = 'run2'").fetchone() == (["best"], "crashed")
+    assert dict(conn.execute("SELECT key, value FROM wandb.config WHERE run_id = 'run2'").fetchall()) == {
+        "optim.lr": 0.5
+    }
+    assert conn.execute("SELECT key, value FROM wandb.summary WHERE run_id = 'run2'").fetchall() == [("final", 1.0)]
+    deleted = conn.execute("SELECT state, history_rows FROM wandb.runs WHERE run_id = 'run5'").fetchone()
+    assert deleted[0] == "deleted" and deleted[1] == len(stored_rows(conn, "run5")) > 0  # marked, data kept
+
+    sdk.clear_requests()
+    before = conn.execute("SELECT count(*) FROM wandb.history").fetchone()[0]
+    report = sync_api(conn, [f"{E}/incr"], force_refresh=True)
+    assert report.count("new") == 11 and conn.execute("SELECT count(*) FROM wandb.history").fetchone()[0] == before
+    assert sdk.count("RunParquetHistory") == 11
+
+
+def test_faults_are_retried_or_reported_per_run(sdk: WandbServer, tmp_path: Path) -> None:
+    logged = add_project(sdk, "faults", runs=4, steps=200)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    sdk.fault(op="Runs", status=429, retry_after=1, times=1)
+    slow = sdk.fault(op="RunParquetHistory", run="run1", status=500, times=1)
+    broken = sdk.fault(op="RunParquetHistory", run="run2", malformed=True, times=None)
+    report = sync_api(conn, [f"{E}/faults"])
+    assert slow.hits == 1 and broken.hits >= 1
+    assert {r.key[2]: r.status for r in report.runs} == {"run0": "new", "run1": "new", "run2": "failed",
+                                                          "run3": "new"}  # fmt: skip
+    assert len(report.problems) == 1 and report.problems[0].startswith(f"{E}/faults/run2: ")
+    assert not mismatches(expected_rows(logged["run1"]), stored_rows(conn, "run1"))
+    assert conn.execute("SELECT count(*) FROM wandb.history WHERE run_id = 'run2'").fetchone()[0] == 0
+    sdk.clear_faults()
+    report = sync_api(conn, [f"{E}/faults"])  # the failed run was not recorded as synced: it comes next time
+    assert {r.key[2] for r in report.runs if r.status == "new"} == {"run2"}
+    assert not mismatches(expected_rows(logged["run2"]), stored_rows(conn, "run2"))
+
+
+def test_filters_and_a_bad_key(sdk: WandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    add_project(sdk, "filtered", runs=4, steps=50)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    report = sync_api(conn, [f"{E}/filtered"], filters=ApiFilters(states=("finished", "crashed")))
+    assert sorted(r.key[2] for r in report.runs) == ["run0", "run2"]
+    report = sync_api(conn, [f"{E}/filtered"], filters=ApiFilters(tags=("t1",)))
+    assert sorted(r.key[2] for r in report.runs) == ["run1", "run3"]
+    assert not report.count("deleted")  # runs the filter leaves out are not taken for deleted
+    report = sync_api(conn, [f"{E}/filtered"], filters=ApiFilters(created_since="2025-03-01T14:00:00"))
+    assert sorted(r.key[2] for r in report.runs) == ["run2", "run3"]
+    with pytest.raises(ApiSourceError, match=f"{E}/nothing-here was not found"):
+        sync_api(conn, [f"{E}/nothing-here"])
+
+    wrong = "w" * 40
+    monkeypatch.setenv("WANDB_API_KEY", wrong)
+    with pytest.raises(ApiSourceError) as error:
+        sync_api(conn, [f"{E}/filtered"])
+    assert "login" in str(error.value) and sdk.url in str(error.value) and wrong not in str(error.value)
+    assert conn.execute("SELECT count(*) FROM wandb.runs").fetchone()[0] == 4  # what was stored stays
+    conn.close()
+    assert API_KEY.encode() not in (tmp_path / "w.duckdb").read_bytes()
