@@ -436,6 +436,11 @@ def _sync_project(
         ).fetchall()
     }
     listed = list_runs(client, entity, project, filters)
+    sweep_rows = conn.execute(
+        f"SELECT sweep_id FROM {SCHEMA}.sweeps WHERE entity = ? AND project = ?", [entity, project]
+    )
+    stored_sweeps = {sweep_id for (sweep_id,) in sweep_rows.fetchall()}
+    sweeps: set[str] = set()
     seen: set[str] = set()
     pending: list[tuple[Future, bool]] = []
 
@@ -448,7 +453,10 @@ def _sync_project(
         run_id = node["name"]
         seen.add(run_id)
         old = known.get(run_id)
-        if old and not force_refresh and old[0] == fingerprint(node) and old[3] is None:
+        unchanged = old and not force_refresh and old[0] == fingerprint(node) and old[3] is None
+        if node.get("sweepName") and (not unchanged or node["sweepName"] not in stored_sweeps):
+            sweeps.add(node["sweepName"])  # a changed run may mean its sweep moved on
+        if unchanged:
             report.runs.append(RunOutcome((entity, project, run_id), "unchanged"))
             continue
         is_new = old is None or force_refresh
@@ -461,6 +469,7 @@ def _sync_project(
         pending.append((future, is_new))
         drain(pool._max_workers * 2)  # noqa: SLF001 - bounded read-ahead: memory stays flat as projects grow
     drain(0)
+    _sync_sweeps(conn, client, entity, project, sweeps, report)
     if not filters.active:  # a filtered listing can't tell a deleted run from one the filter leaves out
         for run_id in known.keys() - seen:
             if known[run_id][3] is None:
@@ -543,6 +552,25 @@ def _upsert_run(
             history_rows,
         ],
     )  # fmt: skip
+
+
+def _sync_sweeps(
+    conn: duckdb.DuckDBPyConnection, client: Client, entity: str, project: str, sweep_ids: set[str],
+    report: ApiSyncReport,
+) -> None:  # fmt: skip
+    for sweep_id in sorted(sweep_ids):
+        try:
+            answer = client.graphql(SWEEP_QUERY, {"entity": entity, "project": project, "name": sweep_id})
+        except Exception as exc:  # noqa: BLE001 - a sweep's details failing leaves its runs stored
+            report.problems.append(f"{entity}/{project} sweep {sweep_id}: {_without_secrets(str(exc))}")
+            continue
+        sweep = (answer.get("project") or {}).get("sweep")
+        if sweep:
+            conn.execute(
+                f"INSERT OR REPLACE INTO {SCHEMA}.sweeps VALUES (?, ?, ?, ?, ?, ?)",
+                [entity, project, sweep["name"], sweep.get("displayName"), sweep.get("state"), sweep.get("config")],
+            )
+            report.rows["sweeps"] = report.rows.get("sweeps", 0) + 1
 
 
 def _mark_deleted(conn: duckdb.DuckDBPyConnection, key: RunKey) -> None:

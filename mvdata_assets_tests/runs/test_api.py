@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from collections.abc import Iterator
@@ -76,9 +77,7 @@ def expected_rows(rows: list[dict[str, Any]]) -> dict[tuple[int, str], tuple[flo
 
 
 def stored_rows(conn: duckdb.DuckDBPyConnection, run_id: str) -> dict[tuple[int, str], tuple[float | None, str | None]]:
-    rows = conn.execute(
-        "SELECT step, key, value, value_json FROM wandb.history WHERE run_id = ?", [run_id]
-    ).fetchall()
+    rows = conn.execute("SELECT step, key, value, value_json FROM wandb.history WHERE run_id = ?", [run_id]).fetchall()
     got = {(step, key): (value, value_json) for step, key, value, value_json in rows}
     assert len(got) == len(rows), "a (run, step, key) stored twice"
     return got
@@ -183,6 +182,25 @@ def test_a_resync_asks_only_for_what_changed(sdk: WandbServer, tmp_path: Path) -
     report = sync_api(conn, [f"{E}/incr"], force_refresh=True)
     assert report.count("new") == 11 and conn.execute("SELECT count(*) FROM wandb.history").fetchone()[0] == before
     assert sdk.count("RunParquetHistory") == 11
+
+
+def test_sweeps_are_fetched_once_and_again_when_their_runs_change(sdk: WandbServer, tmp_path: Path) -> None:
+    sdk.add_sweep(E, "sweeps", "sw1", name="lr sweep", state="RUNNING", config={"method": "grid", "metric": "loss"})
+    for i in range(3):
+        sdk.add_run(E, "sweeps", f"s{i}", sweep="sw1", state="running", config={"lr": i}, history=history(i, 20))
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    sync_api(conn, [f"{E}/sweeps"])
+    row = conn.execute("SELECT sweep_id, name, state, config FROM wandb.sweeps").fetchone()
+    assert row[:3] == ("sw1", "lr sweep", "RUNNING") and json.loads(row[3])["method"] == "grid"
+    assert conn.execute("SELECT DISTINCT sweep_id FROM wandb.runs").fetchall() == [("sw1",)]
+    sdk.clear_requests()
+    sync_api(conn, [f"{E}/sweeps"])
+    assert sdk.count("Sweep") == 0
+    sdk.add_sweep(E, "sweeps", "sw1", name="lr sweep", state="FINISHED", config={"method": "grid", "metric": "loss"})
+    sdk.update_run(E, "sweeps", "s2", state="finished")
+    sync_api(conn, [f"{E}/sweeps"])
+    assert sdk.count("Sweep") == 1
+    assert conn.execute("SELECT state FROM wandb.sweeps").fetchone() == ("FINISHED",)
 
 
 def test_faults_are_retried_or_reported_per_run(sdk: WandbServer, tmp_path: Path) -> None:
