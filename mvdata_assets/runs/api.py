@@ -304,7 +304,9 @@ def export_rows(table: pa.Table, after_step: int, before_step: int) -> pa.Table:
             parts.append(pa.table(
                 [step.filter(valid), timestamp.filter(valid), runtime.filter(valid), pa.array([key] * count),
                  value, value_json], schema=HISTORY_SCHEMA))  # fmt: skip
-    return pa.concat_tables(parts) if parts else HISTORY_SCHEMA.empty_table()
+    return (
+        pa.concat_tables(parts).combine_chunks() if parts else HISTORY_SCHEMA.empty_table()
+    )  # one chunk: DuckDB inserts it ~2x faster
 
 
 def _float_column(table: pa.Table, name: str) -> pa.ChunkedArray:

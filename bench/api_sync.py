@@ -1,0 +1,138 @@
+"""W&B API sync against the loopback W&B-compatible server, and the peer dr-wandb on the same project.
+
+    .venv/bin/python bench/api_sync.py [--runs 200 --steps 20000 --keys 10] [--peer /path/to/venv/bin/wandb-export]
+
+A project of RUNS runs x STEPS steps x KEYS metrics (one run in ten still live: its last 500 steps are not in the
+parquet export yet). Measured: a full sync into a fresh warehouse, a re-sync with nothing changed, and a re-sync
+after 5 runs gained 1,000 steps: seconds and requests (GraphQL by operation, parquet downloads). Then dr-wandb's
+`wandb-export ... --mode history` (installed in its own venv, see ../shared/peers.md) on the same server and
+project, and the ratio. The server is the tests' (mvdata_assets_tests/runs/wandb_server.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mvdata_assets.runs.api import sync_api  # noqa: E402
+from mvdata_assets_tests.runs.wandb_server import WandbServer  # noqa: E402
+
+ENTITY, PROJECT = "microvlm", "bench"
+DEFAULT_PEER = "/work/peers/drwandb-venv/bin/wandb-export"
+
+
+def history(seed: int, steps: int, keys: int, first_step: int = 0) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    step = np.arange(first_step, first_step + steps, dtype=np.int64)
+    columns = {"_step": step, "_timestamp": 1.74e9 + step * 0.5, "_runtime": step * 0.5}
+    for k in range(keys):
+        columns[f"train/metric_{k}"] = rng.random(steps) * 10.0 ** rng.integers(-3, 3)
+    return pa.table(columns)
+
+
+def build(server: WandbServer, runs: int, steps: int, keys: int) -> None:
+    for i in range(runs):
+        live = i % 10 == 0
+        server.add_run(
+            ENTITY, PROJECT, f"run{i:04d}", name=f"bench-{i}", state="running" if live else "finished",
+            created_at=1.74e9 + i * 60, config={"lr": 10 ** -(i % 5), "seed": i}, summary={"loss": 0.1},
+            history=history(i, steps, keys), exported_steps=steps - 500 if live else steps,
+        )  # fmt: skip
+    server.prepare_exports()
+
+
+def requests(server: WandbServer) -> str:
+    ops = Counter(e.op for e in server.requests())
+    ops.pop("otel", None)
+    return ", ".join(f"{op} {n}" for op, n in sorted(ops.items()))
+
+
+def graphql_requests(server: WandbServer) -> int:
+    return sum(1 for e in server.requests() if e.path.rstrip("/") == "/graphql")
+
+
+def timed_sync(server: WandbServer, conn: duckdb.DuckDBPyConnection, label: str) -> float:
+    server.clear_requests()
+    started = time.perf_counter()
+    report = sync_api(conn, [f"{ENTITY}/{PROJECT}"])
+    seconds = time.perf_counter() - started
+    assert not report.problems, report.problems[:3]
+    print(f"  {label:<32} {seconds:8.2f} s   {graphql_requests(server):5d} GraphQL   ({requests(server)})")
+    return seconds
+
+
+def run_peer(server: WandbServer, peer: str, work: Path) -> float | None:
+    if not Path(peer).exists():
+        print(f"  dr-wandb: not installed at {peer} (see ../shared/peers.md); skipped")
+        return None
+    server.clear_requests()
+    env = server.sdk_env(work / "peer-home")
+    started = time.perf_counter()
+    done = subprocess.run(
+        [peer, ENTITY, PROJECT, "--name", "bench", "--data-root", str(work / "peer-data"), "--mode", "history"],
+        env=env, cwd=work, capture_output=True, text=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        print(f"  dr-wandb failed ({done.returncode}): {done.stderr[-800:]}")
+        return None
+    print(f"  {'dr-wandb wandb-export (history)':<32} {seconds:8.2f} s   {graphql_requests(server):5d} GraphQL   "
+          f"({requests(server)})")  # fmt: skip
+    return seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=20_000)
+    parser.add_argument("--keys", type=int, default=10)
+    parser.add_argument("--peer", default=DEFAULT_PEER, help="dr-wandb's wandb-export ('' to skip)")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-api-"))
+    try:
+        with WandbServer(data_dir=work / "server") as server:
+            started = time.perf_counter()
+            build(server, args.runs, args.steps, args.keys)
+            values = args.runs * args.steps * args.keys
+            built = time.perf_counter() - started
+            print(f"W&B server on {server.url}: {args.runs} runs x {args.steps:,} steps x {args.keys} keys "
+                  f"({values:,} values), built in {built:.1f} s; {os.cpu_count()} CPUs")  # fmt: skip
+            os.environ.update(server.sdk_env(work / "sdk-home"))
+            conn = duckdb.connect(str(work / "warehouse.duckdb"))
+            full = timed_sync(server, conn, "full sync")
+            stored = conn.execute("SELECT count(*) FROM wandb.history").fetchone()[0]
+            assert stored == values, f"stored {stored:,} history values, expected {values:,}"
+            timed_sync(server, conn, "re-sync, nothing changed")
+            assert graphql_requests(server) <= 3 and server.count("HistoryPage") == 0 and server.count("parquet") == 0
+            for i in sorted({round(j * (args.runs - 1) / 4) for j in range(5)}):
+                server.append_history(ENTITY, PROJECT, f"run{i:04d}", history(i, 1000, args.keys, args.steps))
+            timed_sync(server, conn, "re-sync, 5 runs + 1,000 steps")
+            pages = server.requests("HistoryPage")
+            assert {p.variables["minStep"] for p in pages} == {args.steps} and len({p.run for p in pages}) == 5
+            conn.close()
+            print(f"  full sync: {values / full / 1e6:.2f} M values/s")
+            peer = run_peer(server, args.peer, work) if args.peer else None
+            if peer:
+                ratio = peer / full
+                print(f"\nfull sync: engine {full:.2f} s vs dr-wandb {peer:.2f} s = {ratio:.1f}x faster (goal >= 10x)")
+                print(("PASS" if ratio >= 10 else "FAIL") + f": full sync {ratio:.1f}x dr-wandb")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
