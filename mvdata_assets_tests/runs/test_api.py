@@ -11,10 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import pyarrow.parquet as pq
 import pytest
+from dagster import DagsterInstance, materialize
 
 from mvdata_assets.runs.api import ApiFilters, ApiSourceError, sync_api
+from mvdata_assets.runs.assets import wandb_assets
 from mvdata_assets.runs.values import leaf_paths, split_value
+from mvdata_assets.warehouse import WarehouseResource
 from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer
 
 E = "mvlm"
@@ -243,3 +247,24 @@ def test_filters_and_a_bad_key(sdk: WandbServer, tmp_path: Path, monkeypatch: py
     assert conn.execute("SELECT count(*) FROM wandb.runs").fetchone()[0] == 4  # what was stored stays
     conn.close()
     assert API_KEY.encode() not in (tmp_path / "w.duckdb").read_bytes()
+
+
+def test_both_sources_side_by_side_in_dagster(
+    sdk: WandbServer, sdk_runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_project(sdk, "side", runs=2, steps=120)
+    monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MVDATA_WANDB_PROJECTS", f"{E}/side")
+    monkeypatch.setenv("MVDATA_WANDB_OFFLINE_DIRS", str(sdk_runs["long"].out_dir))
+    resources = {"warehouse": WarehouseResource(database=str(tmp_path / "home" / "warehouse.duckdb"))}
+    result = materialize(wandb_assets, resources=resources, instance=DagsterInstance.ephemeral())
+    assert result.success
+    history = next(m.metadata for m in result.asset_materializations_for_node("wandb_tables")
+                   if m.asset_key.to_user_string() == "wandb/history")  # fmt: skip
+    assert history["runs_new"].value == 3 and history["api_requests_for_runs"].value >= 4
+    with duckdb.connect(str(tmp_path / "home" / "warehouse.duckdb"), read_only=True) as conn:
+        sources = conn.execute("SELECT source, count(*) FROM wandb.runs GROUP BY source ORDER BY source").fetchall()
+        board = conn.execute("SELECT count(*) FROM wandb.leaderboard").fetchone()[0]
+    assert sources == [("api", 2), ("offline", 1)] and board == 3
+    exported = pq.read_table(tmp_path / "home" / "exports" / "runs_metadata.parquet").to_pylist()
+    assert sorted(row["run_id"] for row in exported) == sorted(["run0", "run1", sdk_runs["long"].run_id])
