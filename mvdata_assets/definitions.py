@@ -15,7 +15,7 @@ from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
 from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
 from mvdata_assets.runs.assets import GROUP as WANDB_GROUP
 from mvdata_assets.runs.assets import wandb_assets, wandb_checks
-from mvdata_assets.runs.sensors import wandb_offline_runs
+from mvdata_assets.runs.sensors import wandb_api_runs, wandb_offline_runs
 from mvdata_assets.settings import load_settings
 from mvdata_assets.warehouse import WarehouseResource
 
@@ -34,7 +34,7 @@ defs = Definitions(
     assets=[*dataset_assets(), *wandb_assets],
     asset_checks=wandb_checks,
     jobs=[main_job, wandb_sync_job, datasets_job],
-    sensors=[wandb_offline_runs, automation],
+    sensors=[wandb_offline_runs, wandb_api_runs, automation],
     resources={
         "warehouse": WarehouseResource(database=str(settings.warehouse), lock_timeout_s=settings.lock_timeout_s),
         "tracking": DownloadTrackingResource(enabled=settings.tracking_enabled),

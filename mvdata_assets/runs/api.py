@@ -44,15 +44,18 @@ SYSTEM_COLUMNS = ("_step", "_timestamp", "_runtime")
 RUN_FIELDS = """name displayName state createdAt heartbeatAt tags group jobType sweepName host notes
     config summaryMetrics systemMetrics historyLineCount historyKeys user { username }"""
 
-RUNS_QUERY = f"""query Runs($project: String!, $entity: String!, $cursor: String, $perPage: Int, $order: String,
-        $filters: JSONString) {{
-    project(name: $project, entityName: $entity) {{
-        runs(filters: $filters, after: $cursor, first: $perPage, order: $order) {{
-            edges {{ node {{ {RUN_FIELDS} }} cursor }}
-            pageInfo {{ endCursor hasNextPage }}
-        }}
-    }}
-}}"""
+POLL_FIELDS = "name state createdAt heartbeatAt historyLineCount"  # what a sensor tick needs, nothing heavy
+LIVE_STATES = ("running", "pending", "preempting")
+
+RUNS_QUERY = """query Runs($project: String!, $entity: String!, $cursor: String, $perPage: Int, $order: String,
+        $filters: JSONString) {
+    project(name: $project, entityName: $entity) {
+        runs(filters: $filters, after: $cursor, first: $perPage, order: $order) {
+            edges { node { FIELDS } cursor }
+            pageInfo { endCursor hasNextPage }
+        }
+    }
+}"""
 
 PARQUET_QUERY = """query RunParquetHistory($project: String!, $entity: String!, $run: String!, $liveKeys: [String!]!) {
     project(name: $project, entityName: $entity) {
@@ -182,13 +185,13 @@ def _without_secrets(text: str) -> str:
     return text.replace(key, "***") if key else text
 
 
-def list_runs(client: Client, entity: str, project: str, filters: ApiFilters) -> Iterator[dict]:
+def list_runs(client: Client, entity: str, project: str, filters: dict, fields: str = RUN_FIELDS) -> Iterator[dict]:
     cursor = None
     while True:
         data = client.graphql(
-            RUNS_QUERY,
+            RUNS_QUERY.replace("FIELDS", fields),
             {"entity": entity, "project": project, "cursor": cursor, "perPage": PAGE_RUNS, "order": "+created_at",
-             "filters": json.dumps(filters.to_graphql())},
+             "filters": json.dumps(filters)},
         )  # fmt: skip
         if not data.get("project"):
             raise ApiSourceError(f"W&B project {entity}/{project} was not found (or this API key can't see it)")
@@ -198,6 +201,34 @@ def list_runs(client: Client, entity: str, project: str, filters: ApiFilters) ->
         if not runs["pageInfo"]["hasNextPage"]:
             return
         cursor = runs["pageInfo"]["endCursor"]
+
+
+def poll(client: Client, projects: Sequence[str], cursor: dict) -> tuple[list[str], dict]:
+    """Runs new or changed since the cursor, for a sensor: one light `Runs` query per project.
+
+    It asks only for runs created or heartbeating since the last poll, plus the runs that were live then
+    (a run that crashes stops heartbeating but changes state). The cursor keeps, per project, those times
+    and the runs seen live or at the boundary, so a run is reported once per change.
+    """
+    changed, new_cursor = [], {}
+    for path in projects:
+        entity, _, project = path.partition("/")
+        last = cursor.get(path, {})
+        seen: dict[str, list] = last.get("runs", {})
+        filters = {"$or": [
+            {"createdAt": {"$gte": last["created"]}}, {"heartbeatAt": {"$gte": last["heartbeat"]}},
+            {"name": {"$in": [name for name, (state, *_) in seen.items() if state in LIVE_STATES]}},
+        ]} if last else {}  # fmt: skip
+        nodes = list(list_runs(client, entity, project, filters, POLL_FIELDS))
+        created = max([last.get("created", ""), *(n["createdAt"] or "" for n in nodes)])
+        heartbeat = max([last.get("heartbeat", ""), *(n["heartbeatAt"] or "" for n in nodes)])
+        state = {n["name"]: [n["state"], n["heartbeatAt"], n["historyLineCount"], n["createdAt"]] for n in nodes}
+        changed += [f"{path}/{name}" for name, now in state.items() if seen.get(name) != now]
+        # remembered: live runs, and those at the boundaries that the next query's $gte returns again
+        keep = {name: now for name, now in {**seen, **state}.items()
+                if now[0] in LIVE_STATES or now[1] == heartbeat or now[3] == created}  # fmt: skip
+        new_cursor[path] = {"created": created, "heartbeat": heartbeat, "runs": keep}
+    return sorted(changed), new_cursor
 
 
 # ---- one run: what changed, and fetching it --------------------------------------------------------------
@@ -437,7 +468,7 @@ def _sync_project(
             [entity, project],
         ).fetchall()
     }
-    listed = list_runs(client, entity, project, filters)
+    listed = list_runs(client, entity, project, filters.to_graphql())
     sweep_rows = conn.execute(
         f"SELECT sweep_id FROM {SCHEMA}.sweeps WHERE entity = ? AND project = ?", [entity, project]
     )

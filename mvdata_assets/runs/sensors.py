@@ -1,4 +1,4 @@
-"""A sensor that notices new or changed W&B run files and asks for a sync of the W&B assets."""
+"""Sensors that notice new or changed W&B runs (offline run files, runs on the W&B API) and ask for a sync."""
 
 import hashlib
 import json
@@ -13,6 +13,7 @@ from dagster import (
     sensor,
 )
 
+from mvdata_assets.runs.api import ApiSourceError, Client, poll
 from mvdata_assets.runs.assets import GROUP
 from mvdata_assets.runs.offline import file_states
 from mvdata_assets.settings import load_settings
@@ -46,4 +47,32 @@ def wandb_offline_runs(context: SensorEvaluationContext) -> SensorResult | SkipR
             )
         ],
         cursor=json.dumps(states),
+    )
+
+
+@sensor(
+    name="wandb_api_runs",
+    minimum_interval_seconds=_settings.sensor_interval_s,
+    default_status=DefaultSensorStatus.RUNNING
+    if _settings.sensor_enabled and _settings.wandb_projects
+    else DefaultSensorStatus.STOPPED,
+    asset_selection=AssetSelection.groups(GROUP),
+    description="Polls MVDATA_WANDB_PROJECTS (runs created or heartbeating since the last tick, and the live ones) "
+    "and syncs when a run is new or changed.",
+)
+def wandb_api_runs(context: SensorEvaluationContext) -> SensorResult | SkipReason:
+    projects = load_settings().wandb_projects
+    if not projects:
+        return SkipReason("MVDATA_WANDB_PROJECTS is not set")
+    try:
+        changed, cursor = poll(Client(), projects, json.loads(context.cursor) if context.cursor else {})
+    except ApiSourceError as exc:
+        return SkipReason(str(exc))
+    if not changed:
+        return SensorResult(skip_reason=f"no run new or changed in {', '.join(projects)}", cursor=json.dumps(cursor))
+    run_key = hashlib.sha256(json.dumps([changed, cursor], sort_keys=True).encode()).hexdigest()[:16]
+    context.log.info(f"{len(changed)} runs new or changed: {', '.join(changed[:10])}")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=run_key, tags={"mvdata/changed_api_runs": str(len(changed))})],
+        cursor=json.dumps(cursor),
     )

@@ -13,10 +13,11 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 import pytest
-from dagster import DagsterInstance, materialize
+from dagster import DagsterInstance, build_sensor_context, materialize
 
 from mvdata_assets.runs.api import ApiFilters, ApiSourceError, sync_api
 from mvdata_assets.runs.assets import wandb_assets
+from mvdata_assets.runs.sensors import wandb_api_runs
 from mvdata_assets.runs.values import leaf_paths, split_value
 from mvdata_assets.warehouse import WarehouseResource
 from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer
@@ -268,3 +269,35 @@ def test_both_sources_side_by_side_in_dagster(
     assert sources == [("api", 2), ("offline", 1)] and board == 3
     exported = pq.read_table(tmp_path / "home" / "exports" / "runs_metadata.parquet").to_pylist()
     assert sorted(row["run_id"] for row in exported) == sorted(["run0", "run1", sdk_runs["long"].run_id])
+
+
+def test_the_api_sensor_asks_once_per_change(sdk: WandbServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    sdk.add_run(E, "watched", "done", state="finished", created_at=BASE, heartbeat_at=BASE + timedelta(hours=1),
+                history=history(0, 30))  # fmt: skip
+    sdk.add_run(E, "watched", "live", state="running", created_at=BASE + timedelta(hours=2),
+                heartbeat_at=BASE + timedelta(hours=3), history=history(1, 30))  # fmt: skip
+    monkeypatch.setenv("MVDATA_WANDB_PROJECTS", f"{E}/watched")
+    instance = DagsterInstance.ephemeral()
+
+    def tick(cursor: str | None):
+        result = wandb_api_runs(build_sensor_context(instance=instance, cursor=cursor))
+        return result.run_requests or [], result.cursor, result.skip_reason
+
+    first, cursor, _ = tick(None)
+    assert len(first) == 1 and first[0].tags["mvdata/changed_api_runs"] == "2"
+    sdk.clear_requests()
+    nothing, cursor, skip = tick(cursor)
+    assert not nothing and "no run new or changed" in skip.skip_message
+    assert sdk.graphql_ops() == ["Viewer", "Runs"]  # the poll is one light query
+    sdk.append_history(E, "watched", "live", [{"train/loss": 0.1}])  # still training: its heartbeat moves
+    grown, cursor, _ = tick(cursor)
+    assert len(grown) == 1 and grown[0].tags["mvdata/changed_api_runs"] == "1"
+    sdk.update_run(E, "watched", "live", state="crashed")  # stopped without a heartbeat
+    crashed, cursor, _ = tick(cursor)
+    sdk.add_run(E, "watched", "newer", state="running", created_at=BASE + timedelta(hours=5),
+                heartbeat_at=BASE + timedelta(hours=5), history=history(2, 10))  # fmt: skip
+    new, cursor, _ = tick(cursor)
+    assert len(crashed) == len(new) == 1
+    assert len({r.run_key for r in [*first, *grown, *crashed, *new]}) == 4  # each change its own key
+    again, _, _ = tick(cursor)
+    assert not again
