@@ -211,6 +211,7 @@ class DownloadTracker:
 
         number = state["number"]
         return wandb.init(
+            mode=wandb_mode(),  # as read here: the SDK's process-wide settings may predate the environment
             project=self.project,
             entity=self.entity,
             id=state["wandb_id"],

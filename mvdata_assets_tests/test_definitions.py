@@ -53,6 +53,8 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def home(tmp_path: Path, demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MVDATA_WANDB_OFFLINE_DIRS", str(demo_runs))
+    # the killed demo run stays 'running' however slow the machine: no state flips between two materialisations
+    monkeypatch.setenv("MVDATA_WANDB_RUNNING_WINDOW_S", "86400")
     return tmp_path / "home"
 
 
@@ -108,7 +110,7 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
         last_steps = dict(conn.execute("SELECT display_name, last_step FROM wandb.runs").fetchall())
     assert history["rows_written"].value == stored == history["dagster/row_count"].value
     assert {n for n, s in states.items() if s == "finished"} == {n for n, v in DEMO_RUNS.items() if v[3] is None}
-    assert states["clip-lr6e-4-killed"] in ("running", "crashed")  # no exit record: depends on the file's age
+    assert states["clip-lr6e-4-killed"] == "running"  # no exit record, and its file changed within the window
     assert last_steps["siglip-lr3e-4"] == DEMO_RUNS["siglip-lr3e-4"][2] - 1
     assert 0 < last_steps["clip-lr6e-4-killed"] <= DEMO_RUNS["clip-lr6e-4-killed"][3]
     schema = history["dagster/column_schema"].schema
