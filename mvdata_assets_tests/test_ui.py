@@ -413,9 +413,12 @@ def location_path(url: str) -> str:
 
 
 def test_browser_draws_the_asset_graph_and_materialises_the_datasets(
-    dagster_dev: DagsterDev, browser: webdriver.Chrome
+    browser: webdriver.Chrome, dagster_dev: DagsterDev
 ) -> None:
-    """What a user sees: both groups, their nodes and edges; "Materialize all" runs and the graph says so."""
+    """What a user sees: both groups, their nodes and edges; "Materialize all" runs and the graph says so.
+
+    `browser` comes first so that a skip (no chromium) costs no server start.
+    """
     shots = dagster_dev.artifacts
     started = time.monotonic()
     try:
