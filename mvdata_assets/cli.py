@@ -38,6 +38,8 @@ def report() -> int:
     query = "SELECT key, count(*) FROM wandb.history GROUP BY key"
     print(f"Query: .venv/bin/python -c \"import duckdb; duckdb.connect('{settings.warehouse}').sql('{query}').show()\"")
     env = f"MVDATA_WANDB_OFFLINE_DIRS={':'.join(str(d) for d in settings.wandb_offline_dirs)}"
+    if os.environ.get("DAGSTER_HOME"):  # the UI then shows the runs and materialisations already made
+        env = f"DAGSTER_HOME={os.environ['DAGSTER_HOME']} {env}"
     if settings.catalog:
         env += f" MVDATA_CATALOG={settings.catalog}"
     if os.environ.get("WANDB_MODE"):  # so download runs started from the UI are logged the same way

@@ -208,6 +208,9 @@ def run_demo(home: Path) -> int:
     www = home / "demo" / "www"
     files = write_demo_files(www)
     (home / "dagster").mkdir(parents=True, exist_ok=True)
+    instance_config = home / "dagster" / "dagster.yaml"
+    if not instance_config.exists():  # no telemetry upload, no first-visit pop-up from dagster.io: loopback only
+        instance_config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     log = home / "demo" / "materialize.log"
     with serve_directory(www) as base_url:
         catalog = write_demo_catalog(home / "demo" / "catalog.yaml", base_url, files)
