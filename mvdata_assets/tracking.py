@@ -38,6 +38,8 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 # W&B runs this process has open, by download run: the in-process executor logs every dataset into one
 # run and finishes it after the last; a process that ends early leaves the SDK's exit hook to finish it.
 _open_runs: dict[str, Run] = {}
+# download runs whose tracking gave up in this process: their other datasets neither retry nor warn again
+_given_up: set[str] = set()
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,6 @@ class DownloadTracker:
         self.data_root = data_root
         self.warn = warn
         self.project, self.entity, self.init_timeout_s = project, entity, init_timeout_s
-        self.disabled = False
 
     @property
     def run(self) -> Run | None:
@@ -126,7 +127,7 @@ class DownloadTracker:
 
     def start(self) -> TrackedRun | None:
         """Opens (or resumes) the download run's W&B run; the first call of a download run takes its number."""
-        if self.disabled:
+        if self.key in _given_up:
             return None
         if self.run is None:
             try:
@@ -272,8 +273,8 @@ class DownloadTracker:
         })  # fmt: skip
 
     def _give_up(self, reason: str) -> None:
-        if not self.disabled:
-            self.disabled = True
+        if self.key not in _given_up:
+            _given_up.add(self.key)
             self.warn(reason)
 
     def _load_or_none(self) -> dict | None:
