@@ -33,6 +33,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from mvdata_assets.demo import serve_directory, write_demo_catalog, write_demo_files
 from mvdata_assets_tests.runs.conftest import WRITER, wait_for_sidecars, writer_env
+from mvdata_assets_tests.runs.sdk_writer import proc_table
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -109,24 +110,9 @@ def query_warehouse(path: Path, sql: str, params: list | None = None) -> list[tu
         conn.close()
 
 
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """{pid: (ppid, session id, state)} of every process, from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[0])
-    return table
-
-
 def _tree(root: int) -> set[int]:
     """`root`, its descendants and every process of its session (which stays even when a parent is gone)."""
-    table = _proc_table()
+    table = proc_table()
     found = {root} | {pid for pid, (_, sid, _) in table.items() if sid == root}
     grew = True
     while grew:
@@ -137,7 +123,7 @@ def _tree(root: int) -> set[int]:
 
 
 def _alive(pids: set[int]) -> set[int]:
-    table = _proc_table()
+    table = proc_table()
     return {pid for pid in pids if pid in table and table[pid][2] not in ("Z", "X")}
 
 

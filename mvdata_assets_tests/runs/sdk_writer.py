@@ -38,10 +38,9 @@ def _set_env(out: Path) -> None:
     os.environ.pop("WANDB_API_KEY", None)
 
 
-def _children() -> list[int]:
-    """Pids of this process's children (the wandb-core sidecar), so the caller can wait for them."""
-    me = str(os.getpid())
-    pids = []
+def proc_table() -> dict[int, tuple[int, int, str]]:
+    """{pid: (ppid, session id, state)} of every process, from /proc."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -50,9 +49,13 @@ def _children() -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        if fields[1] == me:
-            pids.append(int(entry.name))
-    return pids
+        table[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[0])
+    return table
+
+
+def _children() -> list[int]:
+    """Pids of this process's children (the wandb-core sidecar), so the caller can wait for them."""
+    return [pid for pid, (ppid, _, _) in proc_table().items() if ppid == os.getpid()]
 
 
 def _write_truth(out: Path, scenario: str, truth: dict) -> None:
