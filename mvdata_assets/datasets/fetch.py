@@ -14,6 +14,7 @@ import ctypes
 import os
 import random
 import shutil
+import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ HF_HOST = "https://huggingface.co"
 # ones only when an attempt breaks (a file created per download would cost as much as a small file's transfer),
 # and a smaller .part left without its ETag is fetched again from byte 0.
 SIDECAR_BYTES = 1024 * 1024
-COMMIT_EVERY_S = 10.0  # verified files wait at most this long to be made durable and renamed, as one batch
+WRITE_BYTES = 1024 * 1024  # libcurl hands over 16 KiB at a time: written to the .part a MiB at a time
 
 Progress = Callable[[str, int, int | None], None]  # (url, bytes so far, total or None)
 
@@ -157,11 +158,12 @@ class Downloader:
         resolved = self.resolve(url)
         request = yield Request(resolved, self._headers(resolved))  # no sink: HEAD
         if request.status and request.status < 400 and not request.error:
-            length = request.response_headers.get("content-length")
+            headers = request.response_headers
+            length = headers.get("content-length")
             probes[url] = Probe(
                 size=int(length) if length and length.isdigit() else None,
-                etag=request.response_headers.get("etag"),
-                ranges=request.response_headers.get("accept-ranges", "").lower() == "bytes",
+                etag=headers.get("etag"),
+                ranges=headers.get("accept-ranges", "").lower() == "bytes",
             )
         else:
             probes[url] = f"HEAD: {refusal(request, url)}"
@@ -242,9 +244,12 @@ class Downloader:
             todo += [pair for pair, keep in zip(on_disk, kept, strict=True) if not keep]
         for folder in {task.dest.parent for task, _ in todo}:
             folder.mkdir(parents=True, exist_ok=True)
-        batch = _Batch()
-        loop.run((self._job(task, result, probes.get(task.url), batch) for task, result in todo), self.concurrency)
-        batch.commit()
+        committer = _Committer()
+        try:
+            jobs = (self._job(task, result, probes.get(task.url), committer) for task, result in todo)
+            loop.run(jobs, self.concurrency)
+        finally:
+            committer.close()
         return results
 
     def _keep_existing(self, task: FileTask, result: FileResult) -> bool:
@@ -262,8 +267,8 @@ class Downloader:
         result.seconds = time.monotonic() - started
         return True
 
-    def _job(self, task: FileTask, result: FileResult, probe: Probe | str | None, batch: _Batch) -> Job:
-        """One file's download on the loop, until it waits (verified) in `batch` or has failed for good."""
+    def _job(self, task: FileTask, result: FileResult, probe: Probe | str | None, committer: _Committer) -> Job:
+        """One file's download on the loop, until it is verified and handed to the committer, or failed for good."""
         started = time.monotonic()
         part = None
         try:
@@ -276,7 +281,7 @@ class Downloader:
             result.error = f"{type(exc).__name__}: {exc}"
         result.seconds = time.monotonic() - started
         if part is not None:
-            batch.add(result, part, task.dest)
+            committer.add(result, part, task.dest)
 
     def _download(self, task: FileTask, result: FileResult, probe: Probe | None) -> Generator[Any, Any, _Part]:
         part = _Part(task.dest)
@@ -321,7 +326,9 @@ class Downloader:
     ) -> Generator[Any, Any, tuple[int, Digests]]:
         url = self.resolve(task.url)
         size = probe.size or 0
-        transfer = SegmentedTransfer(url, self._headers(url), part.path, size, probe.etag, self.segments)
+        transfer = SegmentedTransfer(
+            url, self._headers(url), part.path, size, probe.etag, self.segments, self.timeout_s
+        )
         part.companions.add(transfer.state_path)
         report = (lambda done: self.progress(task.url, done, size)) if self.progress else None
         try:
@@ -431,6 +438,8 @@ class _Body:
         self.written = 0
         self.total: int | None = None
         self.fd: int | None = None
+        self.blocks: list[bytes] = []  # received, hashed, not yet written
+        self.buffered = 0
 
     def begin(self, request: Request) -> Writer | None:
         headers = request.response_headers
@@ -451,69 +460,98 @@ class _Body:
 
     def write(self, block: bytes) -> None:
         self.digests.update(block)
-        if os.write(self.fd, block) != len(block):
-            raise OSError(f"short write to {self.part.path} (disk full?)")
+        self.blocks.append(block)
+        self.buffered += len(block)
+        if self.buffered >= WRITE_BYTES:
+            self._flush()
         self.written += len(block)
         self.result.bytes_transferred += len(block)
         if self.progress:
             self.progress(self.task.url, self.written, self.total)
 
+    def _flush(self) -> None:
+        if self.blocks and os.writev(self.fd, self.blocks) != self.buffered:
+            raise OSError(f"short write to {self.part.path} (disk full?)")
+        self.blocks, self.buffered = [], 0
+
     def close(self) -> None:
+        """Writes what is left (also the bytes received before a break) and closes the .part."""
         if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+            try:
+                self._flush()
+            finally:
+                os.close(self.fd)
+                self.fd = None
 
 
-class _Batch:
-    """Verified `.part` files made durable and renamed into place many at a time, then reported `downloaded`.
+class _Committer:
+    """Verified `.part` files made durable and renamed into place in batches, by a thread of its own.
 
-    Why: an fsync per file plus one per folder cost more than a small file's whole transfer. One syncfs for the
-    batch, then the renames, then one fsync per folder keep the order that matters (the bytes on disk before the
-    name points at them, the names on disk before anyone records the files as downloaded).
+    Why: an fsync per file plus one per folder cost more than a small file's whole transfer. One syncfs per batch,
+    then the renames, then one fsync per folder keep the order that matters (the bytes on disk before the name
+    points at them, the names on disk before a file is reported `downloaded`), and the thread keeps that work off
+    the transfer loop: each batch holds what was verified while the one before was being committed.
     """
 
     def __init__(self) -> None:
-        self.pending: list[tuple[FileResult, _Part, Path]] = []
-        self.since = 0.0
+        self._pending: list[tuple[FileResult, _Part, Path]] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="mvdata-commit", daemon=True)
+        self._thread.start()
 
     def add(self, result: FileResult, part: _Part, dest: Path) -> None:
-        if not self.pending:
-            self.since = time.monotonic()
-        self.pending.append((result, part, dest))
-        if time.monotonic() - self.since >= COMMIT_EVERY_S:
-            self.commit()
+        with self._changed:
+            self._pending.append((result, part, dest))
+            self._changed.notify()
 
-    def commit(self) -> None:
-        pending, self.pending = self.pending, []
-        if not pending:
-            return
+    def close(self) -> None:
+        """Returns once every file added has been committed (or failed with the reason)."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join()
+
+    def _work(self) -> None:
+        while True:
+            with self._changed:
+                while not self._pending and not self._closed:
+                    self._changed.wait()
+                batch, self._pending = self._pending, []
+            if not batch:
+                return
+            _commit(batch)
+
+
+def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
+    folders = {dest.parent for _, _, dest in batch}
+    try:
+        for folder in {os.stat(folder).st_dev: folder for folder in folders}.values():
+            _syncfs(folder)
+    except OSError as exc:
+        for result, _, _ in batch:
+            result.error = f"making the download durable: {type(exc).__name__}: {exc}"
+        return
+    renamed: dict[Path, list[FileResult]] = {}
+    for result, part, dest in batch:
         try:
-            for folder in {os.stat(dest.parent).st_dev: dest.parent for _, _, dest in pending}.values():
-                _syncfs(folder)
+            os.replace(part.path, dest)
+            result.mtime_ns = dest.stat().st_mtime_ns
         except OSError as exc:
-            for result, _, _ in pending:
-                result.error = f"making the download durable: {type(exc).__name__}: {exc}"
-            return
-        renamed: dict[Path, list[FileResult]] = {}
-        for result, part, dest in pending:
-            try:
-                os.replace(part.path, dest)
-                result.mtime_ns = dest.stat().st_mtime_ns
-            except OSError as exc:
-                result.error = f"renaming {part.path.name} into place: {type(exc).__name__}: {exc}"
-                continue
-            for path in part.companions:
-                path.unlink(missing_ok=True)
-            renamed.setdefault(dest.parent, []).append(result)
-        for folder, results in renamed.items():
-            try:
-                _fsync_dir(folder)
-            except OSError as exc:
-                for result in results:
-                    result.error = f"fsync of {folder}: {exc}"
-                continue
+            result.error = f"renaming {part.path.name} into place: {type(exc).__name__}: {exc}"
+            continue
+        for path in part.companions:
+            path.unlink(missing_ok=True)
+        renamed.setdefault(dest.parent, []).append(result)
+    for folder, results in renamed.items():
+        try:
+            _fsync_dir(folder)
+        except OSError as exc:
             for result in results:
-                result.status = "downloaded"
+                result.error = f"fsync of {folder}: {exc}"
+            continue
+        for result in results:
+            result.status = "downloaded"
 
 
 def _mismatch(task: FileTask, size: int, digests: Digests) -> str | None:

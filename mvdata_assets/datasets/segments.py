@@ -1,10 +1,11 @@
 """A big file fetched as several Range requests at once, hashed in order while the segments arrive.
 
-The segments are requests on the downloader's `CurlLoop`: each writes its bytes at their offset in the `.part`. A
-helper thread follows the segments in file order, reading back (from the page cache) what has arrived and feeding
-the sha256/md5, so the digest is ready when the last byte lands; hashing there keeps the second core busy and the
-loop free for the sockets. The same thread keeps the progress per segment in `<part>.segments.json`, written only
-after an fdatasync of the data it vouches for, so a killed download resumes every segment where it stood.
+Each segment runs in a thread of its own (on a `CurlLoop` of its own) and writes its bytes at their offset in the
+`.part`: receiving and writing a GiB is most of the work, and threads spread it over the cores, where the one loop
+thread would do it all in turn. The file's job on the downloader's loop follows the segments in file order, reading
+back (from the page cache) what has arrived and feeding the sha256/md5, so the digest is ready when the last byte
+lands. Progress per segment is kept in `<part>.segments.json`, written only after an fdatasync of the data it
+vouches for, so a killed download resumes every segment where it stood.
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvdata_assets.datasets.digests import Digests
-from mvdata_assets.datasets.transport import Request, TransientError, Writer, refusal
+from mvdata_assets.datasets.transport import Request, TransientError, Writer, perform, refusal
 
-READ_BYTES = 4 * 1024 * 1024
+READ_BYTES = 4 * 1024 * 1024  # hashed per step of the job, between which the loop serves the other files
+WRITE_BYTES = 1024 * 1024  # libcurl hands over 16 KiB at a time: written a MiB at a time
+POLL_S = 0.005  # how often the job looks for new bytes when it has hashed all there was
 SAVE_EVERY_BYTES = 64 * 1024 * 1024  # progress is made durable this often, or every SAVE_EVERY_S
 SAVE_EVERY_S = 5.0
 
@@ -29,11 +32,16 @@ class RangesRefused(Exception):
     """The server answered a segment's Range request with something else than that range."""
 
 
+class Stopped(Exception):
+    """The download was abandoned (the loop stopped): a segment's transfer ends here."""
+
+
 @dataclass
 class Segment:
     start: int
     end: int  # exclusive
     done: int = 0  # bytes of this segment on disk
+    received: int = 0  # body bytes that crossed the network in this attempt
 
     @property
     def finished(self) -> bool:
@@ -45,6 +53,7 @@ class _SegmentBody:
 
     def __init__(self, transfer: SegmentedTransfer, fd: int, segment: Segment) -> None:
         self.transfer, self.fd, self.segment = transfer, fd, segment
+        self.blocks = bytearray()
 
     def begin(self, request: Request) -> Writer | None:
         segment = self.segment
@@ -53,28 +62,46 @@ class _SegmentBody:
             return self.write
         if request.status in (200, 206, 416):  # the whole file or another range: abort rather than read it all
             raise RangesRefused(f"HTTP {request.status} to a segment's Range request")
-        return None  # an error answer: the job decides from its status
+        return None  # an error answer: classified from its status
 
     def write(self, block: bytes) -> None:
-        segment, transfer = self.segment, self.transfer
-        block = block[: segment.end - segment.start - segment.done]
-        os.pwrite(self.fd, block, segment.start + segment.done)
-        with transfer.changed:
-            segment.done += len(block)
-            transfer.transferred += len(block)
-            transfer.changed.notify_all()
+        if self.transfer.stopped:
+            raise Stopped
+        segment = self.segment
+        block = block[: segment.end - segment.start - segment.done - len(self.blocks)]
+        segment.received += len(block)
+        self.blocks += block
+        if len(self.blocks) >= WRITE_BYTES or segment.start + segment.done + len(self.blocks) >= segment.end:
+            self.flush()
+        if self.transfer.checkpoint_due():
+            self.transfer.checkpoint()
+
+    def flush(self) -> None:
+        """Writes what was received (also the bytes received before a break)."""
+        segment = self.segment
+        if self.blocks:
+            os.pwrite(self.fd, self.blocks, segment.start + segment.done)
+            segment.done += len(self.blocks)  # read by the hashing job: only ever covers bytes written
+            self.blocks = bytearray()
 
 
 class SegmentedTransfer:
-    def __init__(self, url: str, headers: list[str], part: Path, size: int, etag: str | None, segments: int) -> None:
+    def __init__(
+        self, url: str, headers: list[str], part: Path, size: int, etag: str | None, segments: int, timeout_s: float
+    ) -> None:
         self.url, self.headers, self.part, self.size, self.etag = url, headers, part, size, etag
+        self.timeout_s = timeout_s
         self.state_path = part.with_name(part.name + ".segments.json")
         self.segments = self._resume_or_split(segments)
-        self.changed = threading.Condition()
         self.stopped = False
-        self.error: BaseException | None = None  # the hashing thread's, raised by `run`
-        self.transferred = 0
+        self.errors: list[BaseException] = []
+        self._fd = -1
+        self._saving = threading.Lock()
         self._saved_at, self._saved_bytes = time.monotonic(), 0
+
+    @property
+    def transferred(self) -> int:
+        return sum(s.received for s in self.segments)
 
     def _resume_or_split(self, count: int) -> list[Segment]:
         try:
@@ -88,83 +115,85 @@ class SegmentedTransfer:
             f.truncate(self.size)
         return [Segment(start, min(start + step, self.size)) for start in range(0, self.size, step)]
 
-    def _save(self, done: list[int]) -> None:
-        segments = [[s.start, s.end, d] for s, d in zip(self.segments, done, strict=True)]
-        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-        tmp.write_text(json.dumps({"size": self.size, "etag": self.etag, "segments": segments}))
-        os.replace(tmp, self.state_path)
-
-    def _checkpoint(self, fd: int) -> None:
-        """Progress saved for a resume; the fdatasync first, so the state never vouches for bytes not on disk."""
-        with self.changed:
-            done, transferred = [s.done for s in self.segments], self.transferred
-        os.fdatasync(fd)
-        self._save(done)
-        self._saved_at, self._saved_bytes = time.monotonic(), transferred
-
-    def _checkpoint_due(self) -> bool:
+    def checkpoint_due(self) -> bool:
         unsaved = self.transferred - self._saved_bytes
         return unsaved >= SAVE_EVERY_BYTES or (unsaved > 0 and time.monotonic() - self._saved_at >= SAVE_EVERY_S)
 
-    def _follow(self, fd: int, digests: Digests, progress: Callable[[int], None] | None) -> None:
-        """Hashes the file in order as the segments fill it, saving progress on the way (its own thread)."""
+    def checkpoint(self, wait: bool = False) -> None:
+        """Progress saved for a resume: the state never vouches for bytes an fdatasync has not put on disk."""
+        if not self._saving.acquire(blocking=wait):
+            return  # another segment is saving it
+        try:
+            done, transferred = [s.done for s in self.segments], self.transferred
+            os.fdatasync(self._fd)
+            segments = [[s.start, s.end, d] for s, d in zip(self.segments, done, strict=True)]
+            tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+            tmp.write_text(json.dumps({"size": self.size, "etag": self.etag, "segments": segments}))
+            os.replace(tmp, self.state_path)
+            self._saved_at, self._saved_bytes = time.monotonic(), transferred
+        finally:
+            self._saving.release()
+
+    def _fetch(self, segment: Segment) -> None:
+        """One segment's request, in its own thread; what went wrong is left in `errors`."""
+        body = _SegmentBody(self, self._fd, segment)
+        request = Request(self.url, [*self.headers, *self._range(segment)], body)
+        try:
+            perform(request, self.timeout_s)
+            body.flush()
+            if request.failure is not None:
+                raise request.failure
+            if not request.taken:
+                raise refusal(request, self.url)
+            if request.error:
+                raise TransientError(f"a segment broke: {request.error}")
+            if not segment.finished:
+                raise TransientError("a segment's body ended early")
+        except BaseException as exc:
+            self.errors.append(exc)
+
+    def run(self, digests: Digests, progress: Callable[[int], None] | None = None) -> Generator[float, None, Digests]:
+        """Fetches the missing parts of every segment, feeding the whole file to `digests` (a job on the loop)."""
+        self._fd = os.open(self.part, os.O_RDWR)
+        workers = [
+            threading.Thread(target=self._fetch, args=(s,), name="mvdata-segment", daemon=True)
+            for s in self.segments
+            if not s.finished
+        ]
+        for worker in workers:
+            worker.start()
+        finished = False
         try:
             position = 0
             for segment in self.segments:
-                while position < segment.end:
-                    with self.changed:
-                        while not (self.stopped or position < segment.start + segment.done or self._checkpoint_due()):
-                            self.changed.wait(SAVE_EVERY_S)
-                        if self.stopped:
-                            return
-                        available = segment.start + segment.done
-                    if self._checkpoint_due():
-                        self._checkpoint(fd)
+                while position < segment.end and not self.errors:
+                    available = segment.start + segment.done
                     if position < available:
-                        while position < available:
-                            block = os.pread(fd, min(READ_BYTES, available - position), position)
-                            digests.update(block)
-                            position += len(block)
+                        block = os.pread(self._fd, min(READ_BYTES, available - position), position)
+                        digests.update(block)
+                        position += len(block)
                         if progress:
                             progress(position)
-        except BaseException as exc:  # raised by `run` once the requests are finished
-            self.error = exc
-
-    def run(
-        self, digests: Digests, progress: Callable[[int], None] | None = None
-    ) -> Generator[list[Request], list[Request], Digests]:
-        """Fetches the missing parts of every segment (a job step on the loop), feeding the whole file to `digests`."""
-        fd = os.open(self.part, os.O_RDWR)
-        follower = threading.Thread(target=self._follow, args=(fd, digests, progress), daemon=True)
-        follower.start()
-        finished = False
-        try:
-            requests = yield [
-                Request(self.url, [*self.headers, *self._range(s)], _SegmentBody(self, fd, s))
-                for s in self.segments
-                if not s.finished
-            ]
-            for request in requests:  # a segment kept going when another broke: the retry fetches the rest only
-                if request.failure is not None:
-                    raise request.failure
-                if not request.taken:
-                    raise refusal(request, self.url)
-                if request.error:
-                    raise TransientError(f"a segment broke: {request.error}")
-            if not all(s.finished for s in self.segments):
+                        yield 0  # the other files' turn
+                    elif any(worker.is_alive() for worker in workers):
+                        yield POLL_S
+                    else:
+                        break
+            # a segment kept going when another broke: the retry then fetches only the broken one's rest
+            while any(worker.is_alive() for worker in workers):
+                yield POLL_S
+            if self.errors:
+                raise next((e for e in self.errors if isinstance(e, RangesRefused)), self.errors[0])
+            if position < self.size:
                 raise TransientError("a segment's body ended early")
-            follower.join()
-            if self.error is not None:
-                raise self.error
             finished = True
         finally:
-            with self.changed:
-                self.stopped = True
-                self.changed.notify_all()
-            follower.join()
+            self.stopped = True  # ends the transfers early when the job is abandoned
+            for worker in workers:
+                worker.join()
             if not finished:
-                self._checkpoint(fd)
-            os.close(fd)
+                self.checkpoint(wait=True)
+            os.close(self._fd)
         return digests
 
     def _range(self, segment: Segment) -> list[str]:

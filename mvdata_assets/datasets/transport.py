@@ -6,8 +6,8 @@ follows redirects (dropping a custom Authorization header when a redirect leaves
 per transfer is a header callback per line and a body callback per block.
 
 The downloader keeps its per-file logic (resume, retry, verify) as plain sequential code: each file is a generator
-that yields what it waits for - a `Request`, a list of them (the segments of a big file) or a pause in seconds - and
-`CurlLoop.run` resumes it with the finished request(s), or after the pause. Nothing here imports Dagster.
+that yields what it waits for - a `Request`, or a pause in seconds - and `CurlLoop.run` resumes it with the finished
+request, or after the pause. Nothing here imports Dagster.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ WEB = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
 TRUST = ssl.get_default_verify_paths()
 
 Writer = Callable[[bytes], None]
-Job = Generator[Any, Any, None]  # yields Request | list[Request] | float (a pause in seconds)
+Job = Generator[Any, Any, None]  # yields a Request (and is sent it back, finished) or a pause in seconds
 
 
 class PermanentError(Exception):
@@ -61,31 +61,40 @@ class Request:
     headers: list[str]
     sink: Sink | None = None
     status: int = 0  # of the final answer, after redirects; 0 when none came
-    response_headers: dict[str, str] = field(default_factory=dict)  # names in lower case
     error: str | None = None  # why libcurl ended the transfer early (reset, timeout, ...); None if it completed
     error_code: int = 0
     failure: BaseException | None = None  # what the sink raised; the transfer was aborted there
     last_seen: float = 0.0  # time.monotonic() of the last byte received (or of the start)
     _begun: bool = False
     _writer: Writer | None = None
+    _lines: list[bytes] = field(default_factory=list)  # header lines of the final answer, parsed when asked for
 
     @property
     def taken(self) -> bool:
         """The sink accepted this answer's body."""
         return self._writer is not None
 
+    @property
+    def response_headers(self) -> dict[str, str]:
+        """The final answer's headers, names in lower case."""
+        headers = {}
+        for line in self._lines:
+            name, colon, value = line.decode("latin-1").partition(":")
+            if colon:
+                headers[name.strip().lower()] = value.strip()
+        return headers
+
     def _on_header(self, line: bytes) -> int | None:
         self.last_seen = time.monotonic()
-        try:
-            if line.startswith(b"HTTP/"):  # a new answer (after a redirect): its headers replace the last ones
-                self.status, self.response_headers = int(line.split(None, 2)[1]), {}
-            else:
-                name, colon, value = line.decode("latin-1").partition(":")
-                if colon:
-                    self.response_headers[name.strip().lower()] = value.strip()
-        except BaseException as exc:  # pycurl would only print it; kept to be raised in the job
-            self.failure = exc
-            return 0  # aborts the transfer
+        if line.startswith(b"HTTP/"):  # a new answer (after a redirect): its headers replace the last ones
+            try:
+                self.status = int(line.split(None, 2)[1])
+            except (IndexError, ValueError) as exc:  # pycurl would only print it: kept to be raised in the job
+                self.failure = exc
+                return 0  # aborts the transfer
+            self._lines = []
+        else:
+            self._lines.append(line)
         return None
 
     def _begin(self) -> None:
@@ -137,13 +146,6 @@ def refusal(request: Request, url: str) -> PermanentError | TransientError:
     return TransientError(f"unexpected HTTP {status}")
 
 
-@dataclass(eq=False)
-class _Wait:
-    job: Job
-    answer: Request | list[Request]
-    remaining: int
-
-
 class CurlLoop:
     """Runs download jobs over one libcurl multi handle: pooled keep-alive connections, one thread."""
 
@@ -151,7 +153,7 @@ class CurlLoop:
         self.timeout_s = timeout_s
         self._multi = pycurl.CurlMulti()  # no connection limit of its own: the jobs running at once bound them
         self._idle: list[pycurl.Curl] = []  # easy handles are reused: their set-up is not repeated per file
-        self._running: dict[pycurl.Curl, tuple[Request, _Wait]] = {}
+        self._running: dict[pycurl.Curl, tuple[Request, Job]] = {}
 
     def __enter__(self) -> CurlLoop:
         return self
@@ -171,7 +173,7 @@ class CurlLoop:
         handle.setopt(pycurl.MAXREDIRS, 10)
         handle.setopt(pycurl.PROTOCOLS, WEB)
         handle.setopt(pycurl.REDIR_PROTOCOLS, WEB)
-        # one connection per transfer, as segments need to be parallel (HTTP/2 would multiplex them over one)
+        # a transfer per connection, as before (HTTP/2 would multiplex a host's transfers over one TCP connection)
         handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         handle.setopt(pycurl.BUFFERSIZE, BUFFER_BYTES)
         if TRUST.cafile:
@@ -180,7 +182,7 @@ class CurlLoop:
             handle.setopt(pycurl.CAPATH, TRUST.capath)
         return handle
 
-    def _start(self, request: Request, wait: _Wait) -> None:
+    def _start(self, request: Request, job: Job) -> None:
         handle = self._handle()
         handle.setopt(pycurl.URL, request.url)
         handle.setopt(pycurl.HTTPHEADER, request.headers)
@@ -192,22 +194,21 @@ class CurlLoop:
         handle.setopt(pycurl.WRITEFUNCTION, request._on_body)
         request.last_seen = time.monotonic()
         self._multi.add_handle(handle)
-        self._running[handle] = (request, wait)
+        self._running[handle] = (request, job)
 
-    def _finish(self, handle: pycurl.Curl, code: int = 0, message: str = "") -> _Wait | None:
-        """Hands a finished transfer to its request; the job's wait when that was its last request."""
+    def _finish(self, handle: pycurl.Curl, code: int = 0, message: str = "") -> tuple[Job, Request]:
+        """Hands a finished transfer to its request: the job to resume with it."""
         self._multi.remove_handle(handle)
-        request, wait = self._running.pop(handle)
+        request, job = self._running.pop(handle)
         self._idle.append(handle)
         if code and request.failure is None:
             request.error_code = code
             request.error = f"timed out ({message})" if code == pycurl.E_OPERATION_TIMEDOUT else message
         if not request._begun and request.status and not code:
             request._begin()  # an empty body: the sink still learns about the answer
-        wait.remaining -= 1
-        return wait if wait.remaining == 0 else None
+        return job, request
 
-    def _expire(self) -> list[_Wait | None]:
+    def _expire(self) -> list[tuple[Job, Request]]:
         """Ends the transfers that received nothing for `timeout_s`.
 
         By hand, because libcurl's nearest option (LOW_SPEED_TIME) counts whole seconds and averages the speed over
@@ -228,23 +229,16 @@ class CurlLoop:
         scan_every = min(1.0, self.timeout_s / 5)
         next_scan = time.monotonic() + scan_every
 
-        def advance(job: Job, value: Any) -> None:
-            while True:
-                try:
-                    op = job.send(value)
-                except StopIteration:
-                    active.discard(job)
-                    return
-                if isinstance(op, int | float):
-                    heapq.heappush(timers, (time.monotonic() + op, next(order), job))
-                    return
-                requests = op if isinstance(op, list) else [op]
-                if requests:
-                    wait = _Wait(job, op, len(requests))
-                    for request in requests:
-                        self._start(request, wait)
-                    return
-                value = op  # nothing to wait for
+        def advance(job: Job, value: Request | None) -> None:
+            try:
+                op = job.send(value)
+            except StopIteration:
+                active.discard(job)
+                return
+            if isinstance(op, Request):
+                self._start(op, job)
+            else:
+                heapq.heappush(timers, (time.monotonic() + op, next(order), job))
 
         try:
             while True:
@@ -266,9 +260,8 @@ class CurlLoop:
                     if time.monotonic() >= next_scan:
                         finished += self._expire()
                         next_scan = time.monotonic() + scan_every
-                    for wait in finished:
-                        if wait is not None:
-                            advance(wait.job, wait.answer)
+                    for job, request in finished:
+                        advance(job, request)
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
                     advance(heapq.heappop(timers)[2], None)
@@ -285,3 +278,14 @@ class CurlLoop:
             self._running.clear()
             for job in active:
                 job.close()  # their `finally` blocks close files and save segment state
+
+
+def perform(request: Request, timeout_s: float) -> Request:
+    """One request in the calling thread, on a loop of its own (the segments of a big file each run in a thread)."""
+
+    def job() -> Job:
+        yield request
+
+    with CurlLoop(timeout_s=timeout_s) as loop:
+        loop.run([job()], 1)
+    return request
