@@ -105,6 +105,12 @@ def test_file_with_size_and_sha256_downloads(server: FileServer, serve: Callable
     assert server.bytes_sent("coco/ann.zip") == len(data)
 
 
+def test_empty_file_downloads(serve: Callable[..., FileTask]) -> None:
+    task = serve("empty.txt", b"")
+    (result,) = downloader().fetch_all([task])
+    assert_downloaded(result, task, b"")
+
+
 def test_md5_is_checked_too(serve: Callable[..., FileTask]) -> None:
     data = blob(50_000, 1)
     plain = serve("md5/ok.bin", data, checksum=False)
