@@ -255,7 +255,10 @@ class Downloader:
         return results
 
     def _keep_existing(self, task: FileTask, result: FileResult) -> bool:
-        """A file already in place (from an earlier run, or put there by hand) is kept if it matches."""
+        """A file already in place (from an earlier run, or put there by hand) is kept if it matches.
+
+        True when it needs no download: it matched (skipped), or reading it failed (the result says why).
+        """
         started = time.monotonic()
         try:
             digests = Digests(md5=bool(task.md5))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import ssl
 import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
@@ -28,9 +27,6 @@ BUFFER_BYTES = 256 * 1024  # body bytes per callback at most: fewer Python calls
 PERMANENT_STATUSES = {400, 401, 403, 404, 405, 410, 451}
 PERMANENT_CURL_ERRORS = {pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT, pycurl.E_TOO_MANY_REDIRECTS}
 WEB = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
-# The manylinux wheel's libcurl looks for CA certificates where RHEL keeps them; use the system's store (and
-# SSL_CERT_FILE / SSL_CERT_DIR), which is what urllib3 and the ssl module trust.
-TRUST = ssl.get_default_verify_paths()
 
 Writer = Callable[[bytes], None]
 Job = Generator[Any, Any, None]  # yields a Request (and is sent it back, finished) or a pause in seconds
@@ -176,10 +172,6 @@ class CurlLoop:
         # a transfer per connection, as before (HTTP/2 would multiplex a host's transfers over one TCP connection)
         handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         handle.setopt(pycurl.BUFFERSIZE, BUFFER_BYTES)
-        if TRUST.cafile:
-            handle.setopt(pycurl.CAINFO, TRUST.cafile)
-        if TRUST.capath:
-            handle.setopt(pycurl.CAPATH, TRUST.capath)
         return handle
 
     def _start(self, request: Request, job: Job) -> None:
