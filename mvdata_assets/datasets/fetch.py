@@ -25,6 +25,8 @@ from typing import Any
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer
 from mvdata_assets.datasets.transport import (
+    WRITE_BLOCKS,
+    WRITE_BYTES,
     CurlLoop,
     Job,
     PermanentError,
@@ -39,8 +41,6 @@ HF_HOST = "https://huggingface.co"
 # ones only when an attempt breaks (a file created per download would cost as much as a small file's transfer),
 # and a smaller .part left without its ETag is fetched again from byte 0.
 SIDECAR_BYTES = 1024 * 1024
-WRITE_BYTES = 1024 * 1024  # libcurl hands over 16 KiB at a time: written to the .part a MiB at a time
-WRITE_BLOCKS = 1024  # or this many blocks (writev's IOV_MAX), whichever comes first
 BACKLOG_BYTES = 64 * 1024 * 1024  # verified bodies held in memory for the committer before the loop waits for it
 
 Progress = Callable[[str, int, int | None], None]  # (url, bytes so far, total or None)

@@ -19,10 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvdata_assets.datasets.digests import Digests
-from mvdata_assets.datasets.transport import Request, TransientError, Writer, perform, refusal
+from mvdata_assets.datasets.transport import (
+    WRITE_BLOCKS,
+    WRITE_BYTES,
+    Request,
+    TransientError,
+    Writer,
+    perform,
+    refusal,
+)
 
 READ_BYTES = 4 * 1024 * 1024  # hashed per step of the job, between which the loop serves the other files
-WRITE_BYTES = 1024 * 1024  # libcurl hands over 16 KiB at a time: written a MiB at a time
 POLL_S = 0.005  # how often the job looks for new bytes when it has hashed all there was
 SAVE_EVERY_BYTES = 64 * 1024 * 1024  # progress is made durable this often, or every SAVE_EVERY_S
 SAVE_EVERY_S = 5.0
@@ -53,7 +60,8 @@ class _SegmentBody:
 
     def __init__(self, transfer: SegmentedTransfer, fd: int, segment: Segment) -> None:
         self.transfer, self.fd, self.segment = transfer, fd, segment
-        self.blocks = bytearray()
+        self.blocks: list[bytes] = []  # received, not yet written
+        self.buffered = 0
 
     def begin(self, request: Request) -> Writer | None:
         segment = self.segment
@@ -68,21 +76,25 @@ class _SegmentBody:
         if self.transfer.stopped:
             raise Stopped
         segment = self.segment
-        block = block[: segment.end - segment.start - segment.done - len(self.blocks)]
+        left = segment.end - segment.start - segment.done - self.buffered
+        if len(block) > left:
+            block = block[:left]
         segment.received += len(block)
-        self.blocks += block
-        if len(self.blocks) >= WRITE_BYTES or segment.start + segment.done + len(self.blocks) >= segment.end:
+        self.blocks.append(block)
+        self.buffered += len(block)
+        if self.buffered >= WRITE_BYTES or len(self.blocks) >= WRITE_BLOCKS or self.buffered == left:
             self.flush()
-        if self.transfer.checkpoint_due():
-            self.transfer.checkpoint()
+            if self.transfer.checkpoint_due():
+                self.transfer.checkpoint()
 
     def flush(self) -> None:
         """Writes what was received (also the bytes received before a break)."""
         segment = self.segment
         if self.blocks:
-            os.pwrite(self.fd, self.blocks, segment.start + segment.done)
-            segment.done += len(self.blocks)  # read by the hashing job: only ever covers bytes written
-            self.blocks = bytearray()
+            if os.pwritev(self.fd, self.blocks, segment.start + segment.done) != self.buffered:
+                raise OSError(f"short write to {self.transfer.part} (disk full?)")
+            segment.done += self.buffered  # read by the hashing job: only ever covers bytes written
+            self.blocks, self.buffered = [], 0
 
 
 class SegmentedTransfer:

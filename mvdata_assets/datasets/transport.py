@@ -23,7 +23,11 @@ from typing import Any, Protocol
 import pycurl
 
 USER_AGENT = "mvdata-assets/0.1"
-BUFFER_BYTES = 256 * 1024  # body bytes per callback at most: fewer Python calls than libcurl's 16 KiB default
+BUFFER_BYTES = 256 * 1024  # libcurl's receive buffer (its default is 16 KiB)
+# libcurl hands a body over 16 KiB at a time at most: sinks write it to disk a MiB at a time, or after this many blocks
+# (writev's IOV_MAX), whichever comes first
+WRITE_BYTES = 1024 * 1024
+WRITE_BLOCKS = 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 405, 410, 451}
 PERMANENT_CURL_ERRORS = {pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT, pycurl.E_TOO_MANY_REDIRECTS}
 WEB = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
