@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import queue
 import random
 import shutil
 import threading
@@ -42,6 +43,10 @@ HF_HOST = "https://huggingface.co"
 # and a smaller .part left without its ETag is fetched again from byte 0.
 SIDECAR_BYTES = 1024 * 1024
 BACKLOG_BYTES = 64 * 1024 * 1024  # verified bodies held in memory for the committer before the loop waits for it
+# a batch is committed once it holds this many files or its first file has waited this long (or at the end): each
+# syncfs also commits the filesystem's journal, which slows the file creations going on meanwhile
+BATCH_FILES = 500
+BATCH_WAIT_S = 0.25
 
 Progress = Callable[[str, int, int | None], None]  # (url, bytes so far, total or None)
 
@@ -170,10 +175,12 @@ class Downloader:
         else:
             probes[url] = f"HEAD: {refusal(request, url)}"
 
-    def _plan(self, loop: CurlLoop, tasks: list[FileTask], known: dict[Path, Known], verify: bool) -> Plan:
+    def _plan(
+        self, loop: CurlLoop, listing: _Listing, tasks: list[FileTask], known: dict[Path, Known], verify: bool
+    ) -> Plan:
         """Sizes, ETags and Range support of what must be fetched, and whether it fits on the disk."""
         # what must travel: with `verify`, files on disk are re-hashed locally, not asked for
-        to_fetch = [t for t in tasks if not (t.dest.exists() if verify else _present(t, known.get(t.dest)))]
+        to_fetch = [t for t in tasks if not (listing.has(t.dest) if verify else _present(t, known.get(t.dest)))]
         # a HEAD only where it tells something: an unknown size, or a file big enough to go in segments
         to_probe = [t for t in to_fetch if t.size is None or t.size >= self.segment_min_bytes]
         probes: dict[str, Probe | str] = {}
@@ -182,10 +189,7 @@ class Downloader:
         for task in to_fetch:
             probe = probes.get(task.url)
             size = task.size or (probe.size if isinstance(probe, Probe) else None) or 0
-            try:
-                have = os.stat(task.dest.with_name(task.dest.name + ".part")).st_size
-            except FileNotFoundError:
-                have = 0
+            have = os.stat(f"{task.dest}.part").st_size if listing.has(task.dest, ".part") else 0
             needed += max(0, size - have)
         root = tasks[0].dest.parent if tasks else Path(".")
         root.mkdir(parents=True, exist_ok=True)
@@ -203,10 +207,11 @@ class Downloader:
     ) -> list[FileResult]:
         """Every task's outcome, in task order; a failed file never stops the others."""
         known = known or {}
+        listing = _Listing()
         with self._loop() as loop:
             probes: dict[str, Probe | str] = {}
             if check_space:
-                plan = self._plan(loop, tasks, known, verify)
+                plan = self._plan(loop, listing, tasks, known, verify)
                 if plan.bytes_needed > plan.bytes_free:
                     missing = plan.bytes_needed - plan.bytes_free
                     raise InsufficientSpace(
@@ -214,16 +219,17 @@ class Downloader:
                         f"GiB is free under {tasks[0].dest.parent}: {missing / 2**30:.2f} GiB missing"
                     )
                 probes = plan.probes
-            return self._fetch(loop, tasks, known, verify, probes)
+            return self._fetch(loop, listing, tasks, known, verify, probes)
 
     def fetch(self, task: FileTask, known: Known | None = None, *, verify: bool = False) -> FileResult:
         """One file, without the plan's HEAD and disk check."""
         with self._loop() as loop:
-            return self._fetch(loop, [task], {task.dest: known} if known else {}, verify, {})[0]
+            return self._fetch(loop, _Listing(), [task], {task.dest: known} if known else {}, verify, {})[0]
 
     def _fetch(
         self,
         loop: CurlLoop,
+        listing: _Listing,
         tasks: list[FileTask],
         known: dict[Path, Known],
         verify: bool,
@@ -239,7 +245,7 @@ class Downloader:
                 result.status, result.bytes, result.sha256 = "skipped", record.bytes, record.sha256
                 result.mtime_ns = record.mtime_ns
             else:
-                (on_disk if task.dest.exists() else todo).append((task, result))
+                (on_disk if listing.has(task.dest) else todo).append((task, result))
         if on_disk:  # re-hashed in threads, off the loop: hashlib and file reads let go of the GIL
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
                 kept = list(pool.map(lambda pair: self._keep_existing(*pair), on_disk))
@@ -248,7 +254,10 @@ class Downloader:
             folder.mkdir(parents=True, exist_ok=True)
         committer = _Committer()
         try:
-            jobs = (self._job(task, result, probes.get(task.url), committer) for task, result in todo)
+            jobs = (
+                self._job(task, result, probes.get(task.url), listing.has(task.dest, ".part"), committer)
+                for task, result in todo
+            )
             loop.run(jobs, self.concurrency)
         finally:
             committer.close()
@@ -272,12 +281,14 @@ class Downloader:
         result.seconds = time.monotonic() - started
         return True
 
-    def _job(self, task: FileTask, result: FileResult, probe: Probe | str | None, committer: _Committer) -> Job:
+    def _job(
+        self, task: FileTask, result: FileResult, probe: Probe | str | None, part_listed: bool, committer: _Committer
+    ) -> Job:
         """One file's download on the loop, until it is verified and handed to the committer, or failed for good."""
         started = time.monotonic()
         part = None
         try:
-            part = yield from self._download(task, result, probe if isinstance(probe, Probe) else None)
+            part = yield from self._download(task, result, probe if isinstance(probe, Probe) else None, part_listed)
         except PermanentError as exc:
             result.error = str(exc)
         except TransientError as exc:
@@ -288,8 +299,10 @@ class Downloader:
         if part is not None:
             committer.add(result, part, task.dest)
 
-    def _download(self, task: FileTask, result: FileResult, probe: Probe | None) -> Generator[Any, Any, _Part]:
-        part = _Part(task.dest)
+    def _download(
+        self, task: FileTask, result: FileResult, probe: Probe | None, part_listed: bool
+    ) -> Generator[Any, Any, _Part]:
+        part = _Part(task.dest, part_listed)
         fresh_retry_done = False
         delay = self.backoff_s
         while True:
@@ -389,16 +402,23 @@ class Downloader:
 class _Part:
     """A file's `.part`, its ETag sidecar (the validator a resume sends as If-Range) and other companions."""
 
-    def __init__(self, dest: Path) -> None:
+    def __init__(self, dest: Path, listed: bool) -> None:
         self.path = dest.with_name(dest.name + ".part")
-        self.etag_path = dest.with_name(dest.name + ".part.etag")
         self.etag: str | None = None  # the validator of the bytes in the .part
         self.companions: set[Path] = set()  # files to delete with the .part (the sidecar once written)
         self.content: list[bytes] | None = None  # a verified body the committer writes (None: it is on disk)
+        self._listed = listed  # the .part was in its folder's listing: worth a stat
         self._read = False
+
+    @property
+    def etag_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".etag")
 
     def resumable(self, size: int | None) -> int:
         """Bytes of the .part to resume from; one that cannot be trusted is deleted (0)."""
+        if not self._listed:  # not there when the run started; an attempt of this run may leave one
+            self._listed = True
+            return 0
         try:
             have = self.path.stat().st_size
         except FileNotFoundError:
@@ -508,78 +528,98 @@ class _Body:
 
 
 class _Committer:
-    """Verified `.part` files made durable and renamed into place in batches, by a thread of its own.
+    """Verified files written, made durable and renamed into place in batches, by threads of their own.
 
     Why: an fsync per file plus one per folder cost more than a small file's whole transfer. One syncfs per batch,
     then the renames, then one fsync per folder keep the order that matters (the bytes on disk before the name
-    points at them, the names on disk before a file is reported `downloaded`), and the thread keeps that work off
-    the transfer loop: each batch holds what was verified while the one before was being committed.
+    points at them, the names on disk before a file is reported `downloaded`). Writers create the `.part` files of
+    bodies held in memory (creating a file is the dearest step on a busy disk, so two of them), while one syncer
+    commits what they finished, each batch holding what was written while the one before was being committed.
     """
 
+    WRITERS = 2
+
     def __init__(self) -> None:
-        self._pending: list[tuple[FileResult, _Part, Path]] = []
-        self._backlog = 0  # bytes of the pending files' content held in memory
+        self._to_write: queue.SimpleQueue[tuple[FileResult, _Part, Path] | None] = queue.SimpleQueue()
+        self._to_sync: list[tuple[FileResult, _Part, Path]] = []
+        self._backlog = 0  # bytes of bodies held in memory, not yet written
         self._changed = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._work, name="mvdata-commit", daemon=True)
-        self._thread.start()
+        self._written = False  # every writer has stopped
+        self._writers = [threading.Thread(target=self._write, daemon=True) for _ in range(self.WRITERS)]
+        self._syncer = threading.Thread(target=self._sync, daemon=True)
+        for thread in [*self._writers, self._syncer]:
+            thread.start()
 
     def add(self, result: FileResult, part: _Part, dest: Path) -> None:
-        """Queues a verified file; waits while the bodies held in memory for the committer exceed BACKLOG_BYTES."""
-        with self._changed:
-            while self._backlog > BACKLOG_BYTES and self._thread.is_alive():
-                self._changed.wait(1.0)
-            self._pending.append((result, part, dest))
-            self._backlog += result.bytes if part.content is not None else 0
-            self._changed.notify_all()
+        """Queues a verified file; waits while the bodies held in memory exceed BACKLOG_BYTES."""
+        if part.content is not None:
+            with self._changed:
+                while self._backlog > BACKLOG_BYTES and any(w.is_alive() for w in self._writers):
+                    self._changed.wait(1.0)
+                self._backlog += result.bytes
+        self._to_write.put((result, part, dest))
 
     def close(self) -> None:
         """Returns once every file added has been committed (or failed with the reason)."""
+        for _ in self._writers:
+            self._to_write.put(None)
+        for writer in self._writers:
+            writer.join()
         with self._changed:
-            self._closed = True
-            self._changed.notify()
-        self._thread.join()
+            self._written = True
+            self._changed.notify_all()
+        self._syncer.join()
 
-    def _work(self) -> None:
+    def _write(self) -> None:
+        while (item := self._to_write.get()) is not None:
+            result, part, dest = item
+            held = result.bytes if part.content is not None else 0
+            try:
+                if part.content is not None:
+                    result.mtime_ns = _write(part.path, part.content)
+                    part.content = None
+                else:  # already on disk; a rename keeps the mtime
+                    result.mtime_ns = os.stat(part.path).st_mtime_ns
+            except OSError as exc:
+                result.error = f"writing {part.path.name}: {type(exc).__name__}: {exc}"
+                result.mtime_ns = None
+            with self._changed:
+                self._backlog -= held
+                if result.error is None:
+                    self._to_sync.append(item)
+                self._changed.notify_all()
+
+    def _sync(self) -> None:
         while True:
             with self._changed:
-                while not self._pending and not self._closed:
+                while not self._to_sync and not self._written:
                     self._changed.wait()
-                batch, self._pending = self._pending, []
+                deadline = time.monotonic() + BATCH_WAIT_S
+                while len(self._to_sync) < BATCH_FILES and not self._written and time.monotonic() < deadline:
+                    self._changed.wait(deadline - time.monotonic())
+                batch, self._to_sync = self._to_sync, []
             if not batch:
                 return
             _commit(batch)
-            with self._changed:
-                self._backlog -= sum(result.bytes for result, part, _ in batch if part.content is not None)
-                self._changed.notify_all()
 
 
 def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
-    written = []
-    for result, part, dest in batch:
-        try:
-            if part.content is not None:
-                _write(part.path, part.content)
-        except OSError as exc:
-            result.error = f"writing {part.path.name}: {type(exc).__name__}: {exc}"
-            continue
-        written.append((result, part, dest))
-    batch = written
-    folders = {dest.parent for _, _, dest in batch}
+    """One syncfs per filesystem for the batch, the renames, one fsync per folder, then the report."""
     try:
-        for folder in {os.stat(folder).st_dev: folder for folder in folders}.values():
+        for folder in {os.stat(folder).st_dev: folder for folder in {dest.parent for _, _, dest in batch}}.values():
             _syncfs(folder)
     except OSError as exc:
         for result, _, _ in batch:
             result.error = f"making the download durable: {type(exc).__name__}: {exc}"
+            result.mtime_ns = None
         return
     renamed: dict[Path, list[FileResult]] = {}
     for result, part, dest in batch:
         try:
             os.replace(part.path, dest)
-            result.mtime_ns = dest.stat().st_mtime_ns
         except OSError as exc:
             result.error = f"renaming {part.path.name} into place: {type(exc).__name__}: {exc}"
+            result.mtime_ns = None
             continue
         for path in part.companions:
             path.unlink(missing_ok=True)
@@ -593,6 +633,25 @@ def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
             continue
         for result in results:
             result.status = "downloaded"
+
+
+class _Listing:
+    """The names in the destination folders, listed once per run: on a busy disk a stat per file costs more."""
+
+    def __init__(self) -> None:
+        self._names: dict[Path, set[str]] = {}
+
+    def has(self, path: Path, suffix: str = "") -> bool:
+        """Whether `path` (with `suffix` added to its name) was there when its folder was first looked at."""
+        folder = path.parent
+        names = self._names.get(folder)
+        if names is None:
+            try:
+                names = set(os.listdir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                names = set()
+            self._names[folder] = names
+        return path.name + suffix in names
 
 
 def _mismatch(task: FileTask, size: int, digests: Digests) -> str | None:
@@ -637,11 +696,13 @@ def _syncfs(folder: Path) -> None:
         os.close(fd)
 
 
-def _write(path: Path, blocks: list[bytes]) -> None:
+def _write(path: Path, blocks: list[bytes]) -> int:
+    """Creates `path` holding `blocks`; returns its mtime (ns)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         if os.writev(fd, blocks) != sum(len(block) for block in blocks):
             raise OSError(f"short write to {path} (disk full?)")
+        return os.fstat(fd).st_mtime_ns
     finally:
         os.close(fd)
 

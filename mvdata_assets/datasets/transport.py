@@ -64,10 +64,12 @@ class Request:
     error: str | None = None  # why libcurl ended the transfer early (reset, timeout, ...); None if it completed
     error_code: int = 0
     failure: BaseException | None = None  # what the sink raised; the transfer was aborted there
-    last_seen: float = 0.0  # time.monotonic() of the last byte received (or of the start)
+    last_seen: float = 0.0  # time.monotonic() of the last body block received (or of the start)
     _begun: bool = False
     _writer: Writer | None = None
-    _lines: list[bytes] = field(default_factory=list)  # header lines of the final answer, parsed when asked for
+    # the header lines received, appended by libcurl itself (list.append: no Python call per line); once the body
+    # begins, those of the final answer only, parsed when asked for
+    _lines: list[bytes] = field(default_factory=list)
 
     @property
     def taken(self) -> bool:
@@ -84,26 +86,21 @@ class Request:
                 headers[name.strip().lower()] = value.strip()
         return headers
 
-    def _on_header(self, line: bytes) -> int | None:
-        self.last_seen = time.monotonic()
-        if line.startswith(b"HTTP/"):  # a new answer (after a redirect): its headers replace the last ones
-            try:
-                self.status = int(line.split(None, 2)[1])
-            except (IndexError, ValueError) as exc:  # pycurl would only print it: kept to be raised in the job
-                self.failure = exc
-                return 0  # aborts the transfer
-            self._lines = []
-        else:
-            self._lines.append(line)
-        return None
-
-    def _begin(self) -> None:
+    def _begin(self, take: bool = True) -> None:
+        """The final answer's headers are in: its status, and (when `take`) whether the sink takes its body."""
         self._begun = True
-        if self.sink is not None:
-            try:
+        try:
+            lines = self._lines
+            at = len(lines) - 1
+            while at >= 0 and not lines[at].startswith(b"HTTP/"):  # after redirects, the last answer counts
+                at -= 1
+            if at >= 0:
+                self.status = int(lines[at].split(None, 2)[1])
+                self._lines = lines[at + 1 :]
+            if take and self.sink is not None and self.status:
                 self._writer = self.sink.begin(self)
-            except BaseException as exc:
-                self.failure = exc
+        except BaseException as exc:  # pycurl would only print it: kept to be raised in the job
+            self.failure = exc
 
     def _on_body(self, data: bytes) -> int | None:
         self.last_seen = time.monotonic()
@@ -186,7 +183,7 @@ class CurlLoop:
             handle.setopt(pycurl.NOBODY, 1)
         else:
             handle.setopt(pycurl.HTTPGET, 1)
-        handle.setopt(pycurl.HEADERFUNCTION, request._on_header)
+        handle.setopt(pycurl.HEADERFUNCTION, request._lines.append)
         handle.setopt(pycurl.WRITEFUNCTION, request._on_body)
         request.last_seen = time.monotonic()
         self._multi.add_handle(handle)
@@ -200,8 +197,8 @@ class CurlLoop:
         if code and request.failure is None:
             request.error_code = code
             request.error = f"timed out ({message})" if code == pycurl.E_OPERATION_TIMEDOUT else message
-        if not request._begun and request.status and not code:
-            request._begin()  # an empty body: the sink still learns about the answer
+        if not request._begun:  # no body: the sink still learns about an answer that came whole
+            request._begin(take=not code)
         return job, request
 
     def _expire(self) -> list[tuple[Job, Request]]:
