@@ -1,9 +1,9 @@
 """HTTP for the downloader: one thread drives every transfer through libcurl's multi interface (pycurl).
 
 Why not a thread per transfer (urllib3, as before): at ~575 us of Python per request, serialised by the GIL, 16
-threads fetched ~540 small files/s where `curl -Z` fetches ~6,000. Here libcurl parses HTTP, pools connections,
+threads fetched ~540 small files/s where `curl -Z` fetches ~6,000. Here libcurl parses HTTP, pools connections and
 follows redirects (dropping a custom Authorization header when a redirect leaves the host); what is left in Python
-per transfer is a header callback per line and a body callback per block.
+per transfer is a few calls to start and finish it and one per body block of up to 16 KiB.
 
 The downloader keeps its per-file logic (resume, retry, verify) as plain sequential code: each file is a generator
 that yields what it waits for - a `Request`, or a pause in seconds - and `CurlLoop.run` resumes it with the finished
