@@ -180,7 +180,10 @@ class Downloader:
     ) -> Plan:
         """Sizes, ETags and Range support of what must be fetched, and whether it fits on the disk."""
         # what must travel: with `verify`, files on disk are re-hashed locally, not asked for
-        to_fetch = [t for t in tasks if not (listing.has(t.dest) if verify else _present(t, known.get(t.dest)))]
+        if verify:
+            to_fetch = [t for t in tasks if not listing.has(t.dest)]
+        else:
+            to_fetch = [t for t in tasks if not (known and _present(t, known.get(t.dest)))]
         # a HEAD only where it tells something: an unknown size, or a file big enough to go in segments
         to_probe = [t for t in to_fetch if t.size is None or t.size >= self.segment_min_bytes]
         probes: dict[str, Probe | str] = {}
@@ -239,7 +242,7 @@ class Downloader:
         todo: list[tuple[FileTask, FileResult]] = []
         on_disk: list[tuple[FileTask, FileResult]] = []
         for task, result in zip(tasks, results, strict=True):
-            record = known.get(task.dest)
+            record = known.get(task.dest) if known else None
             if not verify and _present(task, record):
                 assert record is not None
                 result.status, result.bytes, result.sha256 = "skipped", record.bytes, record.sha256
@@ -250,8 +253,8 @@ class Downloader:
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
                 kept = list(pool.map(lambda pair: self._keep_existing(*pair), on_disk))
             todo += [pair for pair, keep in zip(on_disk, kept, strict=True) if not keep]
-        for folder in {task.dest.parent for task, _ in todo}:
-            folder.mkdir(parents=True, exist_ok=True)
+        for folder in {os.path.dirname(task.dest) for task, _ in todo}:  # strings: a Path's hash is dear
+            os.makedirs(folder, exist_ok=True)
         committer = _Committer()
         try:
             jobs = (
@@ -606,14 +609,14 @@ class _Committer:
 def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
     """One syncfs per filesystem for the batch, the renames, one fsync per folder, then the report."""
     try:
-        for folder in {os.stat(folder).st_dev: folder for folder in {dest.parent for _, _, dest in batch}}.values():
+        for folder in {os.stat(folder).st_dev: folder for folder in {os.path.dirname(d) for _, _, d in batch}}.values():
             _syncfs(folder)
     except OSError as exc:
         for result, _, _ in batch:
             result.error = f"making the download durable: {type(exc).__name__}: {exc}"
             result.mtime_ns = None
         return
-    renamed: dict[Path, list[FileResult]] = {}
+    renamed: dict[str, list[FileResult]] = {}
     for result, part, dest in batch:
         try:
             os.replace(part.path, dest)
@@ -623,7 +626,7 @@ def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
             continue
         for path in part.companions:
             path.unlink(missing_ok=True)
-        renamed.setdefault(dest.parent, []).append(result)
+        renamed.setdefault(os.path.dirname(dest), []).append(result)
     for folder, results in renamed.items():
         try:
             _fsync_dir(folder)
@@ -639,11 +642,11 @@ class _Listing:
     """The names in the destination folders, listed once per run: on a busy disk a stat per file costs more."""
 
     def __init__(self) -> None:
-        self._names: dict[Path, set[str]] = {}
+        self._names: dict[str, set[str]] = {}  # by folder, as a string (hashing a Path costs ~10 times more)
 
     def has(self, path: Path, suffix: str = "") -> bool:
         """Whether `path` (with `suffix` added to its name) was there when its folder was first looked at."""
-        folder = path.parent
+        folder, name = os.path.split(path)
         names = self._names.get(folder)
         if names is None:
             try:
@@ -651,7 +654,7 @@ class _Listing:
             except (FileNotFoundError, NotADirectoryError):
                 names = set()
             self._names[folder] = names
-        return path.name + suffix in names
+        return name + suffix in names
 
 
 def _mismatch(task: FileTask, size: int, digests: Digests) -> str | None:
@@ -682,7 +685,7 @@ def _present(task: FileTask, known: Known | None) -> bool:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _syncfs(folder: Path) -> None:
+def _syncfs(folder: str) -> None:
     """Flushes the whole filesystem holding `folder` in one call (Linux syncfs(2); Python's os module lacks it)."""
     if not hasattr(_libc, "syncfs"):
         os.sync()
@@ -691,7 +694,7 @@ def _syncfs(folder: Path) -> None:
     try:
         if _libc.syncfs(fd) != 0:
             errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno), str(folder))
+            raise OSError(errno, os.strerror(errno), folder)
     finally:
         os.close(fd)
 
@@ -707,7 +710,7 @@ def _write(path: Path, blocks: list[bytes]) -> int:
         os.close(fd)
 
 
-def _fsync_dir(directory: Path) -> None:
+def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
