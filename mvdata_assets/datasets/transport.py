@@ -129,13 +129,21 @@ def retry_after(value: str | None) -> float | None:
             return None
 
 
-def refusal(request: Request, url: str) -> PermanentError | TransientError:
-    """What a finished request that delivered no body means for its file."""
-    status = request.status
+def status_error(status: int, url: str, retry_after_header: str | None) -> PermanentError | TransientError | None:
+    """What an error status means for its file (None: not one of those)."""
     if status in PERMANENT_STATUSES:
         return PermanentError(f"HTTP {status} for {url}")
     if status == 429 or status >= 500:
-        return TransientError(f"HTTP {status}", retry_after(request.response_headers.get("retry-after")))
+        return TransientError(f"HTTP {status}", retry_after(retry_after_header))
+    return None
+
+
+def refusal(request: Request, url: str) -> PermanentError | TransientError:
+    """What a finished request that delivered no body means for its file."""
+    status = request.status
+    error = status_error(status, url, request.response_headers.get("retry-after"))
+    if error is not None:
+        return error
     if request.error_code in PERMANENT_CURL_ERRORS:
         return PermanentError(f"{request.error} for {url}")
     if request.error:
@@ -271,14 +279,3 @@ class CurlLoop:
             self._running.clear()
             for job in active:
                 job.close()  # their `finally` blocks close files and save segment state
-
-
-def perform(request: Request, timeout_s: float) -> Request:
-    """One request in the calling thread, on a loop of its own (the segments of a big file each run in a thread)."""
-
-    def job() -> Job:
-        yield request
-
-    with CurlLoop(timeout_s=timeout_s) as loop:
-        loop.run([job()], 1)
-    return request
