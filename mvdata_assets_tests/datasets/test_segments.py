@@ -109,3 +109,18 @@ def test_small_files_go_on_while_a_big_file_arrives_in_segments(file_server: Fil
     assert len(small_gets) == 30
     # with one slot for the small files, they went one after the other, all while the segments were dripping
     assert max(r.time + (r.duration or 0) for r in small_gets) < big_end
+
+
+def test_segments_follow_a_redirect_and_keep_the_token_to_the_first_host(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    file_server.add("cdn/blob-9", DATA)
+    file_server.redirect("datasets/x/resolve/main/big.bin", f"http://localhost:{file_server.port}/cdn/blob-9")
+    task = FileTask("https://huggingface.co/datasets/x/resolve/main/big.bin", tmp_path / "big.bin", SIZE, SHA256)
+    [result] = segmented(hf_token="hf_secret", hf_endpoint=file_server.url).fetch_all([task])
+    assert (result.status, result.sha256) == ("downloaded", SHA256)
+    resolve = [r for r in file_server.requests_for("datasets/x/resolve/main/big.bin") if r.method == "GET"]
+    cdn = [r for r in file_server.requests_for("cdn/blob-9") if r.method == "GET"]
+    assert len(resolve) == len(cdn) == 4 and all(r.status == 206 and r.range for r in cdn)
+    assert all(r.headers.get("authorization") == "Bearer hf_secret" for r in resolve)
+    assert all("authorization" not in r.headers and r.headers.get("host", "").startswith("localhost") for r in cdn)
