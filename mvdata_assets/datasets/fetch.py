@@ -547,6 +547,7 @@ class _Committer:
         self._to_sync: list[tuple[FileResult, _Part, Path]] = []
         self._backlog = 0  # bytes of bodies held in memory, not yet written
         self._changed = threading.Condition()
+        self._held_up = False  # the loop waits for the backlog to shrink
         self._written = False  # every writer has stopped
         self._writers = [threading.Thread(target=self._write, daemon=True) for _ in range(self.WRITERS)]
         self._syncer = threading.Thread(target=self._sync, daemon=True)
@@ -558,7 +559,9 @@ class _Committer:
         if part.content is not None:
             with self._changed:
                 while self._backlog > BACKLOG_BYTES and any(w.is_alive() for w in self._writers):
+                    self._held_up = True
                     self._changed.wait(1.0)
+                self._held_up = False
                 self._backlog += result.bytes
         self._to_write.put((result, part, dest))
 
@@ -590,7 +593,9 @@ class _Committer:
                 self._backlog -= held
                 if result.error is None:
                     self._to_sync.append(item)
-                self._changed.notify_all()
+                # a wake-up per file kept the loop thread waiting for the GIL: only when a waiter would act on it
+                if len(self._to_sync) in (1, BATCH_FILES) or self._held_up:
+                    self._changed.notify_all()
 
     def _sync(self) -> None:
         while True:
