@@ -124,3 +124,13 @@ def test_segments_follow_a_redirect_and_keep_the_token_to_the_first_host(
     assert len(resolve) == len(cdn) == 4 and all(r.status == 206 and r.range for r in cdn)
     assert all(r.headers.get("authorization") == "Bearer hf_secret" for r in resolve)
     assert all("authorization" not in r.headers and r.headers.get("host", "").startswith("localhost") for r in cdn)
+
+
+def test_a_stalled_segment_times_out_and_resumes(file_server: FileServer, tmp_path: Path) -> None:
+    task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    file_server.fault("big.bin", "stall", seconds=5.0, after=200_000)
+    started = time.monotonic()
+    [result] = segmented(timeout_s=0.5).fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 2, SHA256)
+    assert time.monotonic() - started < 4.0  # noticed after ~0.5 s of silence, not when the server went on
+    assert SIZE <= file_server.bytes_sent("big.bin") < SIZE + 200_000
