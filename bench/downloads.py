@@ -13,6 +13,7 @@ targets are judged on, and the median beside it. A "conditions" line gives the C
 what creating one file under bench/.data cost before and after (on some VMs it swings from ~40 us to ~1 ms, which
 dominates the small-file figures of every tool).
 The engine runs in this process (no interpreter start-up or imports in its time); curl and aria2c include theirs.
+The engine's time includes making its files durable (syncfs, renames from .part, a folder fsync); curl's does not.
 
 Needs nginx, curl and aria2c: `apt-get install -y nginx curl aria2` (Debian). This script installs nothing.
 Usage: .venv/bin/python bench/downloads.py [--big-mib 1024] [--small 2000] [--small-kib 64] [--repeat 5]

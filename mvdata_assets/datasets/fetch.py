@@ -1,50 +1,58 @@
 """Downloads dataset files completely and verifiably: plan first, resume, retry, checksum while the bytes arrive.
 
-A file is `downloaded` only once its size and checksum matched and it was fsynced and renamed from its `.part`
-into place. A killed download resumes from the bytes of its `.part` (Range + If-Range; a 200 answer to a
-Range request restarts the file, never appends). Transient errors (timeouts, resets, 5xx, 429 with
-Retry-After) retry with backoff; permanent ones (404, 410, 403, a checksum mismatch after a fresh retry) fail
-the file with the reason and leave the other files going. Plain Python: nothing here imports Dagster.
+A file is `downloaded` only once its size and checksum matched and it was made durable and renamed from its `.part`
+into place. A killed download resumes from the bytes of its `.part` (Range + If-Range; a 200 answer to a Range
+request restarts the file, never appends). Transient errors (timeouts, resets, 5xx, 429 with Retry-After) retry
+with backoff; permanent ones (404, 410, 403, a checksum mismatch after a fresh retry) fail the file with the reason
+and leave the other files going. The transfers run on one `CurlLoop` (see transport.py for why); each file is a
+generator job on it. Plain Python: nothing here imports Dagster.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import queue
 import random
 import shutil
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from pathlib import Path
-
-import urllib3
+from typing import Any
 
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer
+from mvdata_assets.datasets.transport import (
+    WRITE_BLOCKS,
+    WRITE_BYTES,
+    CurlLoop,
+    Job,
+    PermanentError,
+    Request,
+    TransientError,
+    Writer,
+    refusal,
+)
 
-CHUNK_BYTES = 1024 * 1024
-PERMANENT_STATUSES = {400, 401, 403, 404, 405, 410, 451}
 HF_HOST = "https://huggingface.co"
+# Bodies from this size on record their ETag as they start, so that a killed process can resume them safely; smaller
+# ones only when an attempt breaks (a file created per download would cost as much as a small file's transfer),
+# and a smaller .part left without its ETag is fetched again from byte 0.
+SIDECAR_BYTES = 1024 * 1024
+BACKLOG_BYTES = 64 * 1024 * 1024  # verified bodies held in memory for the committer before the loop waits for it
+# a batch is committed once it holds this many files or its first file has waited this long (or at the end): each
+# syncfs also commits the filesystem's journal, which slows the file creations going on meanwhile
+BATCH_FILES = 500
+BATCH_WAIT_S = 0.25
 
 Progress = Callable[[str, int, int | None], None]  # (url, bytes so far, total or None)
 
 
 class InsufficientSpace(RuntimeError):
     """The plan needs more free disk than there is; raised before anything is downloaded."""
-
-
-class PermanentError(Exception):
-    """Retrying will not help (404, 403, 410, a checksum that keeps mismatching)."""
-
-
-class TransientError(Exception):
-    """Worth another attempt (timeouts, resets, 5xx, 429); `retry_after` is the server's wish in seconds."""
-
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -103,18 +111,6 @@ def _hex(digest: str | None) -> str | None:
     return digest.lower() if digest else None
 
 
-def _retry_after(value: str | None) -> float | None:
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
-
-
 class Downloader:
     """Fetches many files concurrently over pooled keep-alive connections."""
 
@@ -136,22 +132,17 @@ class Downloader:
         self.retries = retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        self.timeout_s = timeout_s
         self.hf_token = hf_token
         self.hf_endpoint = hf_endpoint.rstrip("/") if hf_endpoint else None
         self.progress = progress
         self.segments = segments
         self.segment_min_bytes = segment_min_bytes
         self._single_stream: set[str] = set()  # urls whose server refused segment ranges
-        # urllib3 does the connection pooling and redirects (dropping Authorization when a redirect leaves the
-        # host, so HF_TOKEN never reaches a CDN); retries are ours, because a retry must resume from the bytes on
-        # disk and be counted per file.
-        self._http = urllib3.PoolManager(
-            num_pools=64,
-            maxsize=concurrency + segments,  # a big file takes `segments` connections at once
-            block=False,
-            timeout=urllib3.Timeout(connect=min(10.0, timeout_s), read=timeout_s),
-            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, redirect=10, other=0),
-        )
+
+    def _loop(self) -> CurlLoop:
+        # retries are ours, not libcurl's: a retry must resume from the bytes on disk and be counted per file
+        return CurlLoop(timeout_s=self.timeout_s)
 
     # ---- addresses and headers ----
 
@@ -161,56 +152,51 @@ class Downloader:
             return self.hf_endpoint + url[len(HF_HOST) :]
         return url
 
-    def _headers(self, url: str) -> dict[str, str]:
-        headers = {"User-Agent": "mvdata-assets/0.1", "Accept-Encoding": "identity"}
+    def _headers(self, url: str) -> list[str]:
+        """libcurl sends a custom Authorization only to the first host: a redirect to a CDN drops it."""
+        headers = ["Accept-Encoding: identity"]
         if self.hf_token and any(url.startswith(base + "/") for base in (HF_HOST, self.hf_endpoint) if base):
-            headers["Authorization"] = f"Bearer {self.hf_token}"
+            headers.append(f"Authorization: Bearer {self.hf_token}")
         return headers
 
     # ---- plan ----
 
-    def probe(self, url: str) -> Probe:
+    def _probe(self, url: str, probes: dict[str, Probe | str]) -> Job:
         resolved = self.resolve(url)
-        try:
-            response = self._http.request("HEAD", resolved, headers=self._headers(resolved), preload_content=True)
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"HEAD {url}: {type(exc).__name__}: {exc}") from exc
-        if response.status >= 400:
-            raise (PermanentError if response.status in PERMANENT_STATUSES else TransientError)(
-                f"HEAD {url}: HTTP {response.status}"
+        request = yield Request(resolved, self._headers(resolved))  # no sink: HEAD
+        if request.status and request.status < 400 and not request.error:
+            headers = request.response_headers
+            length = headers.get("content-length")
+            probes[url] = Probe(
+                size=int(length) if length and length.isdigit() else None,
+                etag=headers.get("etag"),
+                ranges=headers.get("accept-ranges", "").lower() == "bytes",
             )
-        length = response.headers.get("Content-Length")
-        return Probe(
-            size=int(length) if length and length.isdigit() else None,
-            etag=response.headers.get("ETag"),
-            ranges=response.headers.get("Accept-Ranges", "").lower() == "bytes",
-        )
+        else:
+            probes[url] = f"HEAD: {refusal(request, url)}"
 
-    def plan(self, tasks: list[FileTask], known: dict[Path, Known] | None = None, verify: bool = False) -> Plan:
+    def _plan(
+        self, loop: CurlLoop, listing: _Listing, tasks: list[FileTask], known: dict[Path, Known], verify: bool
+    ) -> Plan:
         """Sizes, ETags and Range support of what must be fetched, and whether it fits on the disk."""
         # what must travel: with `verify`, files on disk are re-hashed locally, not asked for
-        to_fetch = [t for t in tasks if not (t.dest.exists() if verify else _present(t, (known or {}).get(t.dest)))]
+        if verify:
+            to_fetch = [t for t in tasks if not listing.has(t.dest)]
+        else:
+            to_fetch = [t for t in tasks if not (known and _present(t, known.get(t.dest)))]
         # a HEAD only where it tells something: an unknown size, or a file big enough to go in segments
         to_probe = [t for t in to_fetch if t.size is None or t.size >= self.segment_min_bytes]
         probes: dict[str, Probe | str] = {}
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            for task, outcome in zip(to_probe, pool.map(self._probe_or_error, to_probe), strict=True):
-                probes[task.url] = outcome
+        loop.run((self._probe(t.url, probes) for t in to_probe), self.concurrency)
         needed = 0
         for task in to_fetch:
             probe = probes.get(task.url)
             size = task.size or (probe.size if isinstance(probe, Probe) else None) or 0
-            part = task.dest.with_name(task.dest.name + ".part")
-            needed += max(0, size - (part.stat().st_size if part.exists() else 0))
+            have = os.stat(f"{task.dest}.part").st_size if listing.has(task.dest, ".part") else 0
+            needed += max(0, size - have)
         root = tasks[0].dest.parent if tasks else Path(".")
         root.mkdir(parents=True, exist_ok=True)
         return Plan(to_fetch, probes, needed, shutil.disk_usage(root).free)
-
-    def _probe_or_error(self, task: FileTask) -> Probe | str:
-        try:
-            return self.probe(task.url)
-        except (PermanentError, TransientError) as exc:
-            return str(exc)
 
     # ---- fetch ----
 
@@ -224,55 +210,88 @@ class Downloader:
     ) -> list[FileResult]:
         """Every task's outcome, in task order; a failed file never stops the others."""
         known = known or {}
-        if check_space:
-            plan = self.plan(tasks, known, verify)
-            if plan.bytes_needed > plan.bytes_free:
-                missing = plan.bytes_needed - plan.bytes_free
-                raise InsufficientSpace(
-                    f"the downloads need {plan.bytes_needed / 2**30:.2f} GiB but {plan.bytes_free / 2**30:.2f} GiB "
-                    f"is free under {tasks[0].dest.parent}: {missing / 2**30:.2f} GiB missing"
-                )
-        probes: dict[str, Probe | str] = plan.probes if check_space else {}
-        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-            results = list(
-                pool.map(
-                    lambda t: self.fetch(t, known.get(t.dest), verify=verify, probe=probes.get(t.url), sync_dir=False),
-                    tasks,
-                )
+        listing = _Listing()
+        with self._loop() as loop:
+            probes: dict[str, Probe | str] = {}
+            if check_space:
+                plan = self._plan(loop, listing, tasks, known, verify)
+                if plan.bytes_needed > plan.bytes_free:
+                    missing = plan.bytes_needed - plan.bytes_free
+                    raise InsufficientSpace(
+                        f"the downloads need {plan.bytes_needed / 2**30:.2f} GiB but {plan.bytes_free / 2**30:.2f} "
+                        f"GiB is free under {tasks[0].dest.parent}: {missing / 2**30:.2f} GiB missing"
+                    )
+                probes = plan.probes
+            return self._fetch(loop, listing, tasks, known, verify, probes)
+
+    def fetch(self, task: FileTask, known: Known | None = None, *, verify: bool = False) -> FileResult:
+        """One file, without the plan's HEAD and disk check."""
+        with self._loop() as loop:
+            return self._fetch(loop, _Listing(), [task], {task.dest: known} if known else {}, verify, {})[0]
+
+    def _fetch(
+        self,
+        loop: CurlLoop,
+        listing: _Listing,
+        tasks: list[FileTask],
+        known: dict[Path, Known],
+        verify: bool,
+        probes: dict[str, Probe | str],
+    ) -> list[FileResult]:
+        results = [FileResult(t.url, str(t.dest), "failed", expected_bytes=t.size) for t in tasks]
+        todo: list[tuple[FileTask, FileResult]] = []
+        on_disk: list[tuple[FileTask, FileResult]] = []
+        for task, result in zip(tasks, results, strict=True):
+            record = known.get(task.dest) if known else None
+            if not verify and _present(task, record):
+                assert record is not None
+                result.status, result.bytes, result.sha256 = "skipped", record.bytes, record.sha256
+                result.mtime_ns = record.mtime_ns
+            else:
+                (on_disk if listing.has(task.dest) else todo).append((task, result))
+        if on_disk:  # re-hashed in threads, off the loop: hashlib and file reads let go of the GIL
+            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+                kept = list(pool.map(lambda pair: self._keep_existing(*pair), on_disk))
+            todo += [pair for pair, keep in zip(on_disk, kept, strict=True) if not keep]
+        for folder in {os.path.dirname(task.dest) for task, _ in todo}:  # strings: a Path's hash is dear
+            os.makedirs(folder, exist_ok=True)
+        committer = _Committer()
+        try:
+            jobs = (
+                self._job(task, result, probes.get(task.url), listing.has(task.dest, ".part"), committer)
+                for task, result in todo
             )
-        # the renames made durable once per folder (0.4 ms a fsync) before anyone records them as downloaded
-        for folder in {Path(r.path).parent for r in results if r.status == "downloaded"}:
-            try:
-                _fsync_dir(folder)
-            except OSError as exc:
-                for result in results:
-                    if result.status == "downloaded" and Path(result.path).parent == folder:
-                        result.status, result.error = "failed", f"fsync of {folder}: {exc}"
+            loop.run(jobs, self.concurrency)
+        finally:
+            committer.close()
         return results
 
-    def fetch(
-        self,
-        task: FileTask,
-        known: Known | None = None,
-        *,
-        verify: bool = False,
-        probe: Probe | str | None = None,
-        sync_dir: bool = True,
-    ) -> FileResult:
+    def _keep_existing(self, task: FileTask, result: FileResult) -> bool:
+        """A file already in place (from an earlier run, or put there by hand) is kept if it matches.
+
+        True when it needs no download: it matched (skipped), or reading it failed (the result says why).
+        """
         started = time.monotonic()
-        result = FileResult(task.url, str(task.dest), "failed", expected_bytes=task.size)
         try:
-            if not verify and _present(task, known):
-                assert known is not None
-                result.status, result.bytes, result.sha256 = "skipped", known.bytes, known.sha256
-                result.mtime_ns = known.mtime_ns
-            elif task.dest.exists() and self._verify_existing(task, result):
-                result.status = "skipped"
-            else:
-                self._download(task, result, probe if isinstance(probe, Probe) else None)
-                if sync_dir:
-                    _fsync_dir(task.dest.parent)
-                result.status = "downloaded"
+            digests = Digests(md5=bool(task.md5))
+            size = digests.update_from(task.dest)
+            if _mismatch(task, size, digests):
+                return False
+            result.status, result.bytes, result.sha256 = "skipped", size, digests.sha256
+            result.mtime_ns = task.dest.stat().st_mtime_ns
+        except OSError as exc:
+            result.error = f"{type(exc).__name__}: {exc}"
+        result.seconds = time.monotonic() - started
+        return True
+
+    def _job(
+        self, task: FileTask, result: FileResult, probe: Probe | str | None, part_listed: bool, committer: _Committer
+    ) -> Job:
+        """One file's download on the loop, until it is verified and handed to the committer, or failed for good."""
+        started = time.monotonic()
+        part = None
+        try:
+            part = yield from self._download(task, result, probe if isinstance(probe, Probe) else None, part_listed)
         except PermanentError as exc:
             result.error = str(exc)
         except TransientError as exc:
@@ -280,46 +299,38 @@ class Downloader:
         except OSError as exc:
             result.error = f"{type(exc).__name__}: {exc}"
         result.seconds = time.monotonic() - started
-        return result
+        if part is not None:
+            committer.add(result, part, task.dest)
 
-    def _verify_existing(self, task: FileTask, result: FileResult) -> bool:
-        """A file already in place (from an earlier run, or put there by hand) counts if it matches."""
-        digests = Digests(md5=bool(task.md5))
-        size = digests.update_from(task.dest)
-        if _mismatch(task, size, digests):
-            return False
-        result.bytes, result.sha256, result.mtime_ns = size, digests.sha256, task.dest.stat().st_mtime_ns
-        return True
-
-    def _download(self, task: FileTask, result: FileResult, probe: Probe | None = None) -> None:
-        part = task.dest.with_name(task.dest.name + ".part")
-        part.parent.mkdir(parents=True, exist_ok=True)
+    def _download(
+        self, task: FileTask, result: FileResult, probe: Probe | None, part_listed: bool
+    ) -> Generator[Any, Any, _Part]:
+        part = _Part(task.dest, part_listed)
         fresh_retry_done = False
         delay = self.backoff_s
         while True:
             result.attempts += 1
             try:
-                if self._segmentable(task, part, probe):
+                if self._segmentable(task, part.path, probe):
                     assert probe is not None and probe.size is not None
-                    size, digests = self._transfer_segmented(task, part, result, probe)
+                    size, digests = yield from self._transfer_segmented(task, part, result, probe)
                 else:
-                    size, digests = self._transfer(task, part, result)
+                    size, digests = yield from self._transfer(task, part, result)
             except TransientError as exc:
                 if result.attempts > self.retries:
                     raise
                 wait = exc.retry_after if exc.retry_after is not None else delay * (0.5 + random.random())
-                time.sleep(min(wait, self.max_backoff_s))
+                yield min(wait, self.max_backoff_s)
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
             problem = _mismatch(task, size, digests)
             if problem is None:
-                break
-            part.unlink(missing_ok=True)  # never keep bytes that failed their check
+                result.bytes, result.sha256 = size, digests.sha256
+                return part
+            part.discard()  # never keep bytes that failed their check
             if fresh_retry_done:
                 raise PermanentError(f"{problem} (also after a fresh download)")
             fresh_retry_done = True
-        os.replace(part, task.dest)
-        result.bytes, result.sha256, result.mtime_ns = size, digests.sha256, task.dest.stat().st_mtime_ns
 
     def _segmentable(self, task: FileTask, part: Path, probe: Probe | None) -> bool:
         """Big files go as parallel Range requests where the server allows (a single-stream .part stays single)."""
@@ -331,101 +342,324 @@ class Downloader:
             return False
         return not part.exists() or part.with_name(part.name + ".segments.json").exists()
 
-    def _transfer_segmented(self, task: FileTask, part: Path, result: FileResult, probe: Probe) -> tuple[int, Digests]:
+    def _transfer_segmented(
+        self, task: FileTask, part: _Part, result: FileResult, probe: Probe
+    ) -> Generator[Any, Any, tuple[int, Digests]]:
         url = self.resolve(task.url)
         size = probe.size or 0
-        transfer = SegmentedTransfer(self._http, url, self._headers(url), part, size, probe.etag, self.segments)
+        transfer = SegmentedTransfer(
+            url, self._headers(url), part.path, size, probe.etag, self.segments, self.timeout_s
+        )
+        part.companions.add(transfer.state_path)
         report = (lambda done: self.progress(task.url, done, size)) if self.progress else None
         try:
-            digests = transfer.run(Digests(md5=bool(task.md5)), report)
+            digests = yield from transfer.run(Digests(md5=bool(task.md5)), report)
         except RangesRefused:  # the server would not serve the ranges after all: one stream from the start
             self._single_stream.add(task.url)
-            part.unlink(missing_ok=True)
-            transfer.state_path.unlink(missing_ok=True)
+            part.discard()
             raise TransientError("segments refused; fetching as one stream") from None
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
+        except OSError as exc:
             raise TransientError(f"a segment broke: {type(exc).__name__}: {exc}") from exc
         finally:
             result.bytes_transferred += transfer.transferred
         return size, digests
 
-    def _transfer(self, task: FileTask, part: Path, result: FileResult) -> tuple[int, Digests]:
-        """One attempt: resume the .part if the server honours Range, hash everything, fsync."""
+    def _transfer(self, task: FileTask, part: _Part, result: FileResult) -> Generator[Any, Any, tuple[int, Digests]]:
+        """One attempt: resume the .part if the server honours Range, hash everything as it arrives."""
         url = self.resolve(task.url)
-        have = part.stat().st_size if part.exists() else 0
-        if task.size is not None and have > task.size:
-            part.unlink()
-            have = 0
+        have = part.resumable(task.size)
         headers = self._headers(url)
-        etag_file = part.with_name(part.name + ".etag")
         if have:
-            headers["Range"] = f"bytes={have}-"
-            if etag_file.exists():
-                headers["If-Range"] = etag_file.read_text()
+            headers.append(f"Range: bytes={have}-")
+            if part.etag:
+                headers.append(f"If-Range: {part.etag}")
+        body = _Body(task, part, have, result, self.progress)
         try:
-            response = self._http.request("GET", url, headers=headers, preload_content=False)
-        except urllib3.exceptions.HTTPError as exc:
-            raise TransientError(f"{type(exc).__name__}: {exc}") from exc
-        try:
-            status = response.status
+            request = yield Request(url, headers, body)
+        except BaseException:  # the loop stopped: the bytes received are kept for a resume
+            body.close(complete=False)
+            raise
+        body.close(complete=not (request.failure or request.error) and body.total in (None, body.written))
+        if request.failure is not None:
+            raise request.failure
+        status = request.status
+        if not request.taken:
             if status == 416 and have and task.size == have:  # the .part was already whole
-                response.drain_conn()
-                etag_file.unlink(missing_ok=True)
                 digests = Digests(md5=bool(task.md5))
-                return digests.update_from(part), digests
-            if status not in (200, 206):
-                response.drain_conn()  # read the error body: the pooled connection stays usable for others
-            if status in PERMANENT_STATUSES:
-                raise PermanentError(f"HTTP {status} for {task.url}")
+                return digests.update_from(part.path), digests
             if status == 416:
-                part.unlink(missing_ok=True)
+                part.discard()
                 raise TransientError("HTTP 416 for a partial file: restarting it")
-            if status == 429 or status >= 500:
-                raise TransientError(f"HTTP {status}", _retry_after(response.headers.get("Retry-After")))
-            if status not in (200, 206):
-                raise TransientError(f"unexpected HTTP {status}")
-            if status == 206 and not response.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-                raise TransientError(f"Content-Range {response.headers.get('Content-Range')!r} for bytes={have}-")
-            resume = status == 206
-            etag = response.headers.get("ETag")
-            if etag:
-                etag_file.write_text(etag)  # a later attempt resumes the .part only if the file is unchanged
-            digests = Digests(md5=bool(task.md5))
-            if resume:
-                digests.update_from(part)  # the kept bytes must be part of the file's checksum
+            if status == 206:
+                raise TransientError(f"Content-Range {request.response_headers.get('content-range')!r} for {have}-")
+            raise refusal(request, task.url)
+        if request.error:
+            part.keep_etag()  # the next attempt resumes these bytes only if the file is unchanged
+            raise TransientError(f"connection broke after {body.written} of {body.total or '?'} bytes: {request.error}")
+        if body.total is not None and body.written != body.total:
+            part.keep_etag()
+            raise TransientError(f"body ended after {body.written} of {body.total} bytes")
+        return body.written, body.digests
+
+
+class _Part:
+    """A file's `.part`, its ETag sidecar (the validator a resume sends as If-Range) and other companions."""
+
+    def __init__(self, dest: Path, listed: bool) -> None:
+        self.path = dest.with_name(dest.name + ".part")
+        self.etag: str | None = None  # the validator of the bytes in the .part
+        self.companions: set[Path] = set()  # files to delete with the .part (the sidecar once written)
+        self.content: list[bytes] | None = None  # a verified body the committer writes (None: it is on disk)
+        self._listed = listed  # the .part was in its folder's listing: worth a stat
+        self._read = False
+
+    @property
+    def etag_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".etag")
+
+    def resumable(self, size: int | None) -> int:
+        """Bytes of the .part to resume from; one that cannot be trusted is deleted (0)."""
+        if not self._listed:  # not there when the run started; an attempt of this run may leave one
+            self._listed = True
+            return 0
+        try:
+            have = self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+        if not self._read:  # a .part from an earlier run: its sidecar, if any
+            self._read = True
+            try:
+                self.etag = self.etag_path.read_text()
+                self.companions.add(self.etag_path)
+            except FileNotFoundError:
+                pass
+        if (size is not None and have > size) or (self.etag is None and have < SIDECAR_BYTES):
+            self.discard()
+            return 0
+        return have
+
+    def restart(self, etag: str | None, total: int | None) -> None:
+        """A 200 answer: the .part starts over, and big files record their validator at once."""
+        self.etag = etag
+        if total is None or total >= SIDECAR_BYTES:
+            self.keep_etag()
+
+    def keep_etag(self) -> None:
+        if self.etag:
+            self.etag_path.write_text(self.etag)
+            self.companions.add(self.etag_path)
+        elif self.etag_path in self.companions:  # an older validator would claim these bytes
+            self.etag_path.unlink(missing_ok=True)
+            self.companions.discard(self.etag_path)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        for path in self.companions:
+            path.unlink(missing_ok=True)
+        self.companions.clear()
+        self.etag = None
+        self.content = None
+
+
+class _Body:
+    """Takes one answer's body into the .part: appended after a matching 206, from byte 0 after a 200.
+
+    A body that arrives whole within WRITE_BYTES never touches the disk here: it goes to the committer in memory,
+    whose thread writes it (creating a file costs more than receiving 64 KiB, and this loop is the bottleneck).
+    """
+
+    def __init__(self, task: FileTask, part: _Part, have: int, result: FileResult, progress: Progress | None) -> None:
+        self.task, self.part, self.have, self.result, self.progress = task, part, have, result, progress
+        self.digests = Digests(md5=bool(task.md5))
+        self.written = 0
+        self.total: int | None = None
+        self.fd: int | None = None
+        self.blocks: list[bytes] = []  # received, hashed, not yet written
+        self.buffered = 0
+        self.taken = False
+        self.resumed = False
+
+    def begin(self, request: Request) -> Writer | None:
+        headers = request.response_headers
+        if request.status == 206 and self.have and headers.get("content-range", "").startswith(f"bytes {self.have}-"):
+            self.resumed = True
+            self.digests.update_from(self.part.path)  # the kept bytes are part of the file's checksum
+        elif request.status == 200:
+            self.have = 0
+        else:
+            return None
+        self.taken = True
+        self.written = self.have
+        length = headers.get("content-length")
+        self.total = self.have + int(length) if length and length.isdigit() else self.task.size
+        if request.status == 200:
+            self.part.restart(headers.get("etag"), self.total)
+        return self.write
+
+    def write(self, block: bytes) -> None:
+        self.digests.update(block)
+        self.blocks.append(block)
+        self.buffered += len(block)
+        if self.buffered >= WRITE_BYTES or len(self.blocks) >= WRITE_BLOCKS:
+            self._flush()
+        self.written += len(block)
+        self.result.bytes_transferred += len(block)
+        if self.progress:
+            self.progress(self.task.url, self.written, self.total)
+
+    def _flush(self) -> None:
+        if self.fd is None:
+            flags = os.O_APPEND if self.resumed else os.O_CREAT | os.O_TRUNC
+            self.fd = os.open(self.part.path, os.O_WRONLY | flags, 0o644)
+        if self.blocks and os.writev(self.fd, self.blocks) != self.buffered:
+            raise OSError(f"short write to {self.part.path} (disk full?)")
+        self.blocks, self.buffered = [], 0
+
+    def close(self, complete: bool) -> None:
+        """Writes what is left (also the bytes received before a break), or hands a whole small body on in memory."""
+        if not self.taken:
+            return
+        try:
+            if complete and self.fd is None and not self.resumed:
+                self.part.content = self.blocks
             else:
-                have = 0
-            total = _expected_total(response, have, task.size)
-            with open(part, "ab" if resume else "wb") as out:
-                written = have
-                try:
-                    # read1: whatever has arrived, up to a chunk; a full-chunk read would drop a partial
-                    # chunk's bytes when the connection breaks, and a resume would fetch them again
-                    while block := response.read1(CHUNK_BYTES, decode_content=False):
-                        digests.update(block)
-                        out.write(block)
-                        written += len(block)
-                        result.bytes_transferred += len(block)
-                        if self.progress:
-                            self.progress(task.url, written, total)
-                except (urllib3.exceptions.HTTPError, OSError) as exc:
-                    out.flush()
-                    raise TransientError(f"connection broke after {written} of {total or '?'} bytes: {exc}") from exc
-                out.flush()
-                os.fsync(out.fileno())
-            if total is not None and written != total:
-                raise TransientError(f"body ended after {written} of {total} bytes")
-            etag_file.unlink(missing_ok=True)
-            return written, digests
+                self._flush()
         finally:
-            response.release_conn()
+            if self.fd is not None:
+                os.close(self.fd)
+                self.fd = None
 
 
-def _expected_total(response: urllib3.BaseHTTPResponse, have: int, catalog_size: int | None) -> int | None:
-    length = response.headers.get("Content-Length")
-    if length and length.isdigit():
-        return have + int(length)
-    return catalog_size
+class _Committer:
+    """Verified files written, made durable and renamed into place in batches, by threads of their own.
+
+    Why: an fsync per file plus one per folder cost more than a small file's whole transfer. One syncfs per batch,
+    then the renames, then one fsync per folder keep the order that matters (the bytes on disk before the name
+    points at them, the names on disk before a file is reported `downloaded`). Writers create the `.part` files of
+    bodies held in memory (creating a file is the dearest step on a busy disk, so two of them), while one syncer
+    commits what they finished, each batch holding what was written while the one before was being committed.
+    """
+
+    WRITERS = 2
+
+    def __init__(self) -> None:
+        self._to_write: queue.SimpleQueue[tuple[FileResult, _Part, Path] | None] = queue.SimpleQueue()
+        self._to_sync: list[tuple[FileResult, _Part, Path]] = []
+        self._backlog = 0  # bytes of bodies held in memory, not yet written
+        self._changed = threading.Condition()
+        self._held_up = False  # the loop waits for the backlog to shrink
+        self._written = False  # every writer has stopped
+        self._writers = [threading.Thread(target=self._write, daemon=True) for _ in range(self.WRITERS)]
+        self._syncer = threading.Thread(target=self._sync, daemon=True)
+        for thread in [*self._writers, self._syncer]:
+            thread.start()
+
+    def add(self, result: FileResult, part: _Part, dest: Path) -> None:
+        """Queues a verified file; waits while the bodies held in memory exceed BACKLOG_BYTES."""
+        if part.content is not None:
+            with self._changed:
+                while self._backlog > BACKLOG_BYTES and any(w.is_alive() for w in self._writers):
+                    self._held_up = True
+                    self._changed.wait(1.0)
+                self._held_up = False
+                self._backlog += result.bytes
+        self._to_write.put((result, part, dest))
+
+    def close(self) -> None:
+        """Returns once every file added has been committed (or failed with the reason)."""
+        for _ in self._writers:
+            self._to_write.put(None)
+        for writer in self._writers:
+            writer.join()
+        with self._changed:
+            self._written = True
+            self._changed.notify_all()
+        self._syncer.join()
+
+    def _write(self) -> None:
+        while (item := self._to_write.get()) is not None:
+            result, part, dest = item
+            held = result.bytes if part.content is not None else 0
+            try:
+                if part.content is not None:
+                    result.mtime_ns = _write(part.path, part.content)
+                    part.content = None
+                else:  # already on disk; a rename keeps the mtime
+                    result.mtime_ns = os.stat(part.path).st_mtime_ns
+            except OSError as exc:
+                result.error = f"writing {part.path.name}: {type(exc).__name__}: {exc}"
+                result.mtime_ns = None
+            with self._changed:
+                self._backlog -= held
+                if result.error is None:
+                    self._to_sync.append(item)
+                # a wake-up per file kept the loop thread waiting for the GIL: only when a waiter would act on it
+                if len(self._to_sync) in (1, BATCH_FILES) or self._held_up:
+                    self._changed.notify_all()
+
+    def _sync(self) -> None:
+        while True:
+            with self._changed:
+                while not self._to_sync and not self._written:
+                    self._changed.wait()
+                deadline = time.monotonic() + BATCH_WAIT_S
+                while len(self._to_sync) < BATCH_FILES and not self._written and time.monotonic() < deadline:
+                    self._changed.wait(deadline - time.monotonic())
+                batch, self._to_sync = self._to_sync, []
+            if not batch:
+                return
+            _commit(batch)
+
+
+def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
+    """One syncfs per filesystem for the batch, the renames, one fsync per folder, then the report."""
+    try:
+        for folder in {os.stat(folder).st_dev: folder for folder in {os.path.dirname(d) for _, _, d in batch}}.values():
+            _syncfs(folder)
+    except OSError as exc:
+        for result, _, _ in batch:
+            result.error = f"making the download durable: {type(exc).__name__}: {exc}"
+            result.mtime_ns = None
+        return
+    renamed: dict[str, list[FileResult]] = {}
+    for result, part, dest in batch:
+        try:
+            os.replace(part.path, dest)
+        except OSError as exc:
+            result.error = f"renaming {part.path.name} into place: {type(exc).__name__}: {exc}"
+            result.mtime_ns = None
+            continue
+        for path in part.companions:
+            path.unlink(missing_ok=True)
+        renamed.setdefault(os.path.dirname(dest), []).append(result)
+    for folder, results in renamed.items():
+        try:
+            _fsync_dir(folder)
+        except OSError as exc:
+            for result in results:
+                result.error = f"fsync of {folder}: {exc}"
+            continue
+        for result in results:
+            result.status = "downloaded"
+
+
+class _Listing:
+    """The names in the destination folders, listed once per run: on a busy disk a stat per file costs more."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, set[str]] = {}  # by folder, as a string (hashing a Path costs ~10 times more)
+
+    def has(self, path: Path, suffix: str = "") -> bool:
+        """Whether `path` (with `suffix` added to its name) was there when its folder was first looked at."""
+        folder, name = os.path.split(path)
+        names = self._names.get(folder)
+        if names is None:
+            try:
+                names = set(os.listdir(folder))
+            except (FileNotFoundError, NotADirectoryError):
+                names = set()
+            self._names[folder] = names
+        return name + suffix in names
 
 
 def _mismatch(task: FileTask, size: int, digests: Digests) -> str | None:
@@ -453,7 +687,35 @@ def _present(task: FileTask, known: Known | None) -> bool:
     return not (task.sha256 and known.sha256 != _hex(task.sha256))
 
 
-def _fsync_dir(directory: Path) -> None:
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(folder: str) -> None:
+    """Flushes the whole filesystem holding `folder` in one call (Linux syncfs(2); Python's os module lacks it)."""
+    if not hasattr(_libc, "syncfs"):
+        os.sync()
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            errno = ctypes.get_errno()
+            raise OSError(errno, os.strerror(errno), folder)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, blocks: list[bytes]) -> int:
+    """Creates `path` holding `blocks`; returns its mtime (ns)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if os.writev(fd, blocks) != sum(len(block) for block in blocks):
+            raise OSError(f"short write to {path} (disk full?)")
+        return os.fstat(fd).st_mtime_ns
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

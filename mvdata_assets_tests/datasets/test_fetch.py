@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from mvdata_assets.datasets import fetch as fetch_module
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, InsufficientSpace, Known
 from mvdata_assets_tests.datasets.fileserver import FileServer, Request, file_server  # noqa: F401 - fixture
 
@@ -102,6 +103,12 @@ def test_file_with_size_and_sha256_downloads(server: FileServer, serve: Callable
     (get,) = gets(server, "coco/ann.zip")
     assert get.range is None and get.status == 200
     assert server.bytes_sent("coco/ann.zip") == len(data)
+
+
+def test_empty_file_downloads(serve: Callable[..., FileTask]) -> None:
+    task = serve("empty.txt", b"")
+    (result,) = downloader().fetch_all([task])
+    assert_downloaded(result, task, b"")
 
 
 def test_md5_is_checked_too(serve: Callable[..., FileTask]) -> None:
@@ -720,3 +727,205 @@ def test_known_small_sizes_need_no_head_request(server: FileServer, serve: Calla
     assert [r.status for r in results] == ["downloaded"] * 6
     assert [r.method for r in server.requests if r.method == "HEAD"] == ["HEAD"]
     assert [r.name for r in server.requests if r.method == "HEAD"] == ["nosize.bin"]
+
+
+# -- durability in batches -----------------------------------------------------------------------------------------
+
+
+def test_files_are_synced_before_their_rename_and_reported_after_it(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Per batch: one syncfs while every file is a whole .part, then the renames, one folder fsync, then the report."""
+    datas = {f"{i:03d}.bin": blob(20_000, 300 + i) for i in range(40)}
+    tasks = [FileTask(server.add(n, d), tmp_path / n, len(d), sha256(d)) for n, d in datas.items()]
+    batches: list[list[str]] = []
+    problems: list[str] = []  # seen in the committer's thread, asserted here
+    real_commit, real_syncfs, real_fsync_dir = fetch_module._commit, fetch_module._syncfs, fetch_module._fsync_dir
+
+    def commit(batch: list) -> None:
+        batches.append([dest.name for _, _, dest in batch])
+        real_commit(batch)
+
+    def syncfs(folder: Path) -> None:
+        for result, part, dest in _batch_of(batches[-1]):
+            if dest.exists() or part.read_bytes() != datas[dest.name] or result.status == "downloaded":
+                problems.append(f"{dest.name}: in place or reported before the sync, or its .part is not whole")
+        real_syncfs(folder)
+
+    def fsync_dir(folder: Path) -> None:
+        for result, part, dest in _batch_of(batches[-1]):
+            if part.exists() or not dest.exists() or result.status == "downloaded":
+                problems.append(f"{dest.name}: not renamed before the folder's fsync, or reported before it")
+        real_fsync_dir(folder)
+
+    def _batch_of(names: list[str]) -> list[tuple[FileResult, Path, Path]]:
+        return [(by_name[n], tmp_path / f"{n}.part", tmp_path / n) for n in names]
+
+    monkeypatch.setattr(fetch_module, "_commit", commit)
+    monkeypatch.setattr(fetch_module, "_syncfs", syncfs)
+    monkeypatch.setattr(fetch_module, "_fsync_dir", fsync_dir)
+    by_name: dict[str, FileResult] = {}
+    real_result = fetch_module.FileResult
+
+    def result(*args: object, **kwargs: object) -> FileResult:
+        made = real_result(*args, **kwargs)  # type: ignore[arg-type]
+        by_name[Path(made.path).name] = made
+        return made
+
+    monkeypatch.setattr(fetch_module, "FileResult", result)
+    results = downloader(concurrency=8).fetch_all(tasks)
+    for task, outcome in zip(tasks, results, strict=True):
+        assert_downloaded(outcome, task, datas[task.dest.name])
+    assert problems == []
+    assert sorted(n for batch in batches for n in batch) == sorted(datas)  # each file in exactly one batch
+
+
+def test_a_file_whose_rename_fails_is_not_downloaded(server: FileServer, tmp_path: Path) -> None:
+    datas = [blob(10_000, 400 + i) for i in range(5)]
+    tasks = [
+        FileTask(server.add(f"r/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
+        for i, data in enumerate(datas)
+    ]
+
+    def progress(url: str, done: int, total: int | None) -> None:  # a folder takes the place while 2.bin arrives
+        if url == tasks[2].url and not (tmp_path / "2.bin").exists():
+            (tmp_path / "2.bin").mkdir()
+            (tmp_path / "2.bin" / "in-the-way").write_text("a folder where the file should go")
+
+    results = downloader(progress=progress).fetch_all(tasks, check_space=False)
+    assert [r.status for r in results] == ["downloaded", "downloaded", "failed", "downloaded", "downloaded"]
+    assert "renaming 2.bin.part into place" in (results[2].error or "")
+    assert results[2].mtime_ns is None
+    assert (tmp_path / "2.bin").is_dir()
+    for i in (0, 1, 3, 4):
+        assert_downloaded(results[i], tasks[i], datas[i])
+
+
+@pytest.mark.parametrize("step", ["_syncfs", "_fsync_dir"])
+def test_a_failed_sync_fails_its_files_with_the_reason(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    datas = [blob(10_000, 500 + i) for i in range(3)]
+    tasks = [
+        FileTask(server.add(f"s/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
+        for i, data in enumerate(datas)
+    ]
+
+    def broken(folder: Path) -> None:
+        raise OSError(5, "Input/output error", str(folder))
+
+    monkeypatch.setattr(fetch_module, step, broken)
+    results = downloader().fetch_all(tasks)
+    assert [r.status for r in results] == ["failed"] * 3
+    for result in results:
+        assert "Input/output error" in (result.error or "")
+        assert ("durable" if step == "_syncfs" else "fsync of") in (result.error or "")
+    if step == "_syncfs":  # nothing was renamed over bytes that may not be on disk
+        assert not any(t.dest.exists() for t in tasks)
+        assert all(t.dest.with_name(t.dest.name + ".part").read_bytes() == d for t, d in zip(tasks, datas, strict=True))
+
+
+# -- resuming what an earlier run left ---------------------------------------------------------------------------
+
+
+def test_a_small_part_without_its_etag_starts_over(server: FileServer, serve: Callable[..., FileTask]) -> None:
+    """A small .part has no ETag sidecar when its process was killed: it cannot be trusted, and is cheap to refetch."""
+    data = blob(200_000, 22)
+    task = serve("small-part.bin", data)
+    task.dest.parent.mkdir(parents=True)
+    task.dest.with_name("small-part.bin.part").write_bytes(b"stale bytes of another version")
+    (result,) = downloader().fetch_all([task])
+    assert_downloaded(result, task, data)
+    (get,) = gets(server, "small-part.bin")
+    assert get.range is None and get.status == 200
+
+
+def test_a_big_part_without_its_etag_resumes_without_if_range(
+    server: FileServer, serve: Callable[..., FileTask]
+) -> None:
+    """A server that sends no ETag: big .part files are resumed on the byte count alone, as before."""
+    size, kept = 3_000_000, 2_000_000
+    data = blob(size, 23)
+    task = serve("no-etag.bin", data)
+    server.add("no-etag.bin", data, etag="", headers={})
+    task.dest.parent.mkdir(parents=True)
+    task.dest.with_name("no-etag.bin.part").write_bytes(data[:kept])
+    (result,) = downloader().fetch_all([task])
+    assert_downloaded(result, task, data)
+    assert result.bytes_transferred == size - kept
+    (get,) = gets(server, "no-etag.bin")
+    assert (get.range, get.status) == (f"bytes={kept}-", 206)
+    assert "if-range" not in get.headers
+
+
+def test_whole_part_left_by_a_kill_before_the_rename_is_finished_without_a_body(
+    server: FileServer, serve: Callable[..., FileTask]
+) -> None:
+    """Killed after the last byte but before the batch renamed it: the next run only checks and renames."""
+    data = blob(1_500_000, 24)
+    task = serve("verified.bin", data)
+    task.dest.parent.mkdir(parents=True)
+    task.dest.with_name("verified.bin.part").write_bytes(data)
+    task.dest.with_name("verified.bin.part.etag").write_text(server.etag("verified.bin"))
+    (result,) = downloader().fetch_all([task])
+    assert_downloaded(result, task, data)
+    assert result.bytes_transferred == 0
+    (get,) = gets(server, "verified.bin")
+    assert (get.range, get.status, get.bytes_sent) == (f"bytes={len(data)}-", 416, 0)
+
+
+# -- redirects -----------------------------------------------------------------------------------------------------
+
+
+def test_redirect_to_another_protocol_is_refused(server: FileServer, tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("local file")
+    server.redirect("escape.bin", f"file://{secret}")
+    task = FileTask(server.url_for("escape.bin"), tmp_path / "out" / "escape.bin", None)
+    (result,) = downloader(retries=3).fetch_all([task], check_space=False)
+    assert result.status == "failed"
+    assert result.attempts == 1  # permanent: no retry can make it allowed
+    assert "protocol" in (result.error or "").lower()
+    assert not task.dest.exists()
+
+
+# -- many small files with faults among them ------------------------------------------------------------------------
+
+
+def test_many_small_files_with_slow_and_refused_ones_among_them(server: FileServer, tmp_path: Path) -> None:
+    """Stalls, 429s and resets at once, on one loop: each faulted file gets what it needs, the healthy ones go on."""
+    faults = {3: "stall", 11: "429", 17: "reset", 29: "410", 31: "delay"}
+    tasks, datas = [], []
+    for i in range(1000):
+        name = f"many/{i:04d}.bin"
+        data = blob(4096 + i, 2000 + i)
+        kind = faults.get(i % 40)
+        server.add(name, data)
+        if kind == "stall":
+            server.fault(name, "stall", after=1000, seconds=5)
+        elif kind == "429":
+            server.fault(name, "status", status=429, retry_after=1)
+        elif kind == "reset":
+            server.fault(name, "reset", after=2000)
+        elif kind == "410":
+            server.fault(name, "status", status=410, times=10)
+        elif kind == "delay":
+            server.fault(name, "delay", seconds=5)
+        tasks.append(FileTask(server.url_for(name), tmp_path / "many" / f"{i:04d}.bin", len(data), sha256(data)))
+        datas.append((kind, data))
+
+    started = time.monotonic()
+    results = downloader(concurrency=16, timeout_s=0.5, max_backoff_s=5).fetch_all(tasks)
+    elapsed = time.monotonic() - started
+
+    for task, result, (kind, data) in zip(tasks, results, datas, strict=True):
+        if kind == "410":
+            assert (result.status, result.attempts) == ("failed", 1), result
+            assert "410" in (result.error or "")
+            assert leftovers(task.dest) == []
+        else:
+            assert_downloaded(result, task, data)
+            assert result.attempts == (1 if kind is None else 2), (kind, result)
+    assert sum(r.status == "downloaded" for r in results) == 1000 - 25
+    # the 125 faulted files' waits (0.5 s stalls, 1 s Retry-After) overlapped instead of adding up
+    assert elapsed < 25

@@ -90,3 +90,47 @@ def test_killed_segmented_download_resumes_every_segment(file_server: FileServer
         f"bytes={start + done}-{end - 1}" for start, end, done in saved if start + done < end
     )
     assert sum(r.bytes_sent for r in resumed) == SIZE - kept  # only the missing bytes travelled
+
+
+def test_small_files_go_on_while_a_big_file_arrives_in_segments(file_server: FileServer, tmp_path: Path) -> None:
+    """The big file's job hashes between the small files' transfers: it never holds the loop while it waits."""
+    big = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    file_server.fault("big.bin", "drip", rate=1_000_000, times=4)  # each segment ~1.5 s
+    smalls = []
+    for i in range(30):
+        data = random.Random(i).randbytes(10_000)
+        url = file_server.add(f"s/{i}.bin", data)
+        smalls.append(FileTask(url, tmp_path / "s" / f"{i}.bin", len(data), hashlib.sha256(data).hexdigest()))
+    results = segmented(concurrency=2).fetch_all([big, *smalls])
+    assert [r.status for r in results] == ["downloaded"] * 31
+    big_gets = [r for r in file_server.requests_for("big.bin") if r.method == "GET"]
+    big_end = max(r.time + (r.duration or 0) for r in big_gets)
+    small_gets = [r for i in range(30) for r in file_server.requests_for(f"s/{i}.bin")]
+    assert len(small_gets) == 30
+    # with one slot for the small files, they went one after the other, all while the segments were dripping
+    assert max(r.time + (r.duration or 0) for r in small_gets) < big_end
+
+
+def test_segments_follow_a_redirect_and_keep_the_token_to_the_first_host(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    file_server.add("cdn/blob-9", DATA)
+    file_server.redirect("datasets/x/resolve/main/big.bin", f"http://localhost:{file_server.port}/cdn/blob-9")
+    task = FileTask("https://huggingface.co/datasets/x/resolve/main/big.bin", tmp_path / "big.bin", SIZE, SHA256)
+    [result] = segmented(hf_token="hf_secret", hf_endpoint=file_server.url).fetch_all([task])
+    assert (result.status, result.sha256) == ("downloaded", SHA256)
+    resolve = [r for r in file_server.requests_for("datasets/x/resolve/main/big.bin") if r.method == "GET"]
+    cdn = [r for r in file_server.requests_for("cdn/blob-9") if r.method == "GET"]
+    assert len(resolve) == len(cdn) == 4 and all(r.status == 206 and r.range for r in cdn)
+    assert all(r.headers.get("authorization") == "Bearer hf_secret" for r in resolve)
+    assert all("authorization" not in r.headers and r.headers.get("host", "").startswith("localhost") for r in cdn)
+
+
+def test_a_stalled_segment_times_out_and_resumes(file_server: FileServer, tmp_path: Path) -> None:
+    task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    file_server.fault("big.bin", "stall", seconds=5.0, after=200_000)
+    started = time.monotonic()
+    [result] = segmented(timeout_s=0.5).fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 2, SHA256)
+    assert time.monotonic() - started < 4.0  # noticed after ~0.5 s of silence, not when the server went on
+    assert SIZE <= file_server.bytes_sent("big.bin") < SIZE + 200_000
