@@ -19,11 +19,21 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-__all__ = ["ARCHIVE_SUFFIXES", "BUNDLED_CATALOG", "CatalogError", "CatalogFile", "Dataset", "load_catalog"]
+__all__ = [
+    "ARCHIVE_SUFFIXES",
+    "BUNDLED_CATALOG",
+    "CatalogError",
+    "CatalogFile",
+    "Dataset",
+    "UrlList",
+    "load_catalog",
+]
 
 BUNDLED_CATALOG: Path = Path(__file__).with_name("catalog.yaml")
 
 Access = Literal["public", "hf", "manual"]
+ListFormat = Literal["tsv", "parquet"]
+Column = int | str  # a 0-based index (headerless TSV) or a column name (parquet, TSV with a header)
 
 # Only these are unpacked: anything else marked `extract` is a catalog mistake, not a format to guess at.
 ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -56,6 +66,22 @@ class CatalogFile:
 
 
 @dataclass(frozen=True)
+class UrlList:
+    """How to read a dataset's image URL lists (CC3M, CC12M, LAION-style parquet) and shard what they point to.
+
+    The columns are explicit because the lists disagree: CC3M is caption<TAB>url, CC12M url<TAB>caption, both
+    without a header; guessing is how CC3M once lost every image.
+    """
+
+    lists: tuple[str, ...]  # the list files, relative to the dataset folder (default: every file of the dataset)
+    format: ListFormat
+    url_column: Column
+    caption_column: Column | None = None
+    header: bool = False  # TSV only: the first line names the columns
+    shard_size: int = 10_000  # images per WebDataset tar shard
+
+
+@dataclass(frozen=True)
 class Dataset:
     """One catalog entry; becomes one Dagster asset named after ``name``."""
 
@@ -66,6 +92,7 @@ class Dataset:
     homepage: str | None = None
     license: str | None = None
     instructions: str | None = None
+    url_list: UrlList | None = None
 
     @property
     def est_size_bytes(self) -> int | None:
@@ -172,6 +199,64 @@ class _FileModel(BaseModel):
         return value
 
 
+def _check_column(value: Any) -> Column | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise _fail("must be a 0-based column index or a column name")
+    if isinstance(value, int) and value < 0:
+        raise _fail("must be a 0-based column index (0 or more)")
+    if isinstance(value, str) and not value.strip():
+        raise _fail("must not be empty")
+    return value
+
+
+class _UrlListModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lists: list[str] | None = None
+    format: ListFormat
+    url_column: Any
+    caption_column: Any = None
+    header: bool = False
+    shard_size: int = 10_000
+
+    @field_validator("lists")
+    @classmethod
+    def _lists(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and not value:
+            raise _fail("must name at least one list file (or be left out for every file of the dataset)")
+        return value
+
+    @field_validator("url_column", "caption_column", mode="before")
+    @classmethod
+    def _column(cls, value: Any) -> Column | None:
+        return _check_column(value)
+
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, value: int) -> int:
+        if value <= 0:
+            raise _fail("must be a positive number of images")
+        return value
+
+
+def _url_list_problems(model: _UrlListModel) -> list[tuple[str, str]]:
+    """Rules across fields: how the columns can be named depends on the format and the header."""
+    problems = [] if model.url_column is not None else [("url_column", "required")]
+    for field in ("url_column", "caption_column"):
+        column = getattr(model, field)
+        if model.format == "parquet" and isinstance(column, int):
+            problems.append((field, "parquet columns are named: give the column name, not an index"))
+        elif model.format == "tsv" and not model.header and isinstance(column, str):
+            problems.append((field, "a TSV without header has no column names: give a 0-based index"))
+    if model.url_column is not None and model.url_column == model.caption_column:
+        problems.append(("caption_column", f"is the same column as url_column ({model.url_column!r})"))
+    if model.header and model.format != "tsv":
+        problems.append(("header", "only applies to format: tsv"))
+    return problems
+
+
 class _DatasetModel(BaseModel):
     """Dataset-level fields; files are validated one by one so each error can name its index."""
 
@@ -183,6 +268,7 @@ class _DatasetModel(BaseModel):
     access: Access
     instructions: str | None = None
     files: list[Any] = Field(default_factory=list)
+    url_list: Any = None  # validated on its own, after the files it refers to
 
     @field_validator("description")
     @classmethod
@@ -251,7 +337,8 @@ def _messages(exc: ValidationError, prefix: str = "") -> list[tuple[str, str]]:
         elif err["type"] == "missing":
             message = "required"
         elif err["type"] == "literal_error":
-            message = f"must be one of public, hf, manual, not {err['input']!r}"
+            expected = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+            message = f"must be one of {expected}, not {err['input']!r}"
         else:
             message = _TYPE_MESSAGES.get(err["type"], err["msg"])
         out.append((field, message))
@@ -312,6 +399,9 @@ def _validate_dataset(name: str, raw: Any) -> tuple[Dataset | None, list[tuple[s
                     (f"files[{i}].url", "access: hf needs https://huggingface.co/datasets/<repo>/resolve/<rev>/<file>")
                 )
 
+    url_list, url_list_errors = _validate_url_list(raw.get("url_list"), files)
+    errors.extend(url_list_errors)
+
     if errors or model is None:
         return None, errors
     dataset = Dataset(
@@ -322,8 +412,46 @@ def _validate_dataset(name: str, raw: Any) -> tuple[Dataset | None, list[tuple[s
         homepage=model.homepage,
         license=model.license,
         instructions=model.instructions.strip() if model.instructions else None,
+        url_list=url_list,
     )
     return dataset, []
+
+
+def _validate_url_list(raw: Any, files: list[CatalogFile | None]) -> tuple[UrlList | None, list[tuple[str, str]]]:
+    """The `url_list` section: its own fields, then that each list is a file of the dataset (or inside an archive)."""
+    if raw is None:
+        return None, []
+    if not isinstance(raw, dict):
+        return None, [("url_list", "must be a mapping (format, url_column, ...)")]
+    try:
+        model = _UrlListModel.model_validate(raw)
+    except ValidationError as exc:
+        return None, _messages(exc, prefix="url_list")
+    errors = [(f"url_list.{field}", message) for field, message in _url_list_problems(model)]
+    known = [f for f in files if f is not None]
+    paths = [f.path for f in known]
+    extracted = any(f.extract for f in known)
+    lists = []
+    for i, given in enumerate(model.lists if model.lists is not None else paths):
+        try:
+            path = _check_relative_path(given)
+        except PydanticCustomError as exc:
+            errors.append((f"url_list.lists[{i}]", exc.message()))
+            continue
+        if path not in paths and not extracted:  # inside an archive it can't be checked before extraction
+            errors.append((f"url_list.lists[{i}]", f"{path!r} is not a file of this dataset"))
+        lists.append(path)
+    if errors:
+        return None, errors
+    url_list = UrlList(
+        lists=tuple(lists),
+        format=model.format,
+        url_column=model.url_column,
+        caption_column=model.caption_column,
+        header=model.header,
+        shard_size=model.shard_size,
+    )
+    return url_list, []
 
 
 def _yaml_detail(exc: yaml.YAMLError) -> str:

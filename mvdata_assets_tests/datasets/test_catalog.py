@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mvdata_assets.datasets.catalog import BUNDLED_CATALOG, CatalogError, CatalogFile, Dataset, load_catalog
+from mvdata_assets.datasets.catalog import BUNDLED_CATALOG, CatalogError, CatalogFile, Dataset, UrlList, load_catalog
 
 EXPECTED_DATASETS = {
     "coco",
@@ -382,3 +382,50 @@ def test_yaml_tags_cannot_build_objects(tmp_path: Path) -> None:
     path.write_text("datasets: !!python/object/apply:os.system ['echo pwned']\n", encoding="utf-8")
     (error,) = catalog_errors(path)
     assert "invalid YAML" in error
+
+
+def test_url_list_layouts_of_the_bundled_lists(bundled: dict[str, Dataset]) -> None:
+    """CC3M is caption<TAB>url and CC12M url<TAB>caption, both headerless: the columns must say so."""
+    cc3m, cc12m = bundled["cc3m"].url_list, bundled["cc12m"].url_list
+    assert cc3m == UrlList(
+        lists=("GCC-training.tsv", "GCC-1.1.0-Validation.tsv"),
+        format="tsv",
+        url_column=1,
+        caption_column=0,
+        header=False,
+        shard_size=10_000,
+    )
+    assert cc12m is not None and (cc12m.url_column, cc12m.caption_column, cc12m.header) == (0, 1, False)
+    assert all(d.url_list is None for name, d in bundled.items() if name not in ("cc3m", "cc12m"))
+
+
+URL_LIST_DATASET = {"description": "d", "access": "public", "files": [{"url": "https://x.org/list.tsv"}]}
+BAD_URL_LISTS = [
+    pytest.param({"url_column": 1}, "url_list.format: required", id="no-format"),
+    pytest.param({"format": "csv", "url_column": 1}, "url_list.format: must be one of tsv, parquet", id="format"),
+    pytest.param({"format": "tsv"}, "url_list.url_column: required", id="no-url-column"),
+    pytest.param({"format": "tsv", "url_column": "url"}, "url_list.url_column: a TSV without header", id="tsv-name"),
+    pytest.param({"format": "parquet", "url_column": 0}, "url_list.url_column: parquet columns are named", id="pq"),
+    pytest.param({"format": "tsv", "url_column": -1}, "url_list.url_column: must be a 0-based", id="negative"),
+    pytest.param({"format": "tsv", "url_column": True}, "url_list.url_column: must be a 0-based", id="bool"),
+    pytest.param({"format": "tsv", "url_column": 1, "caption_column": 1}, "caption_column: is the same", id="same"),
+    pytest.param({"format": "parquet", "url_column": "u", "header": True}, "url_list.header: only applies", id="hdr"),
+    pytest.param({"format": "tsv", "url_column": 0, "shard_size": 0}, "url_list.shard_size: must be a pos", id="n"),
+    pytest.param({"format": "tsv", "url_column": 0, "lists": ["other.tsv"]}, "lists[0]: 'other.tsv' is not", id="f"),
+    pytest.param({"format": "tsv", "url_column": 0, "lists": ["../a.tsv"]}, "lists[0]: must not contain", id="up"),
+    pytest.param({"format": "tsv", "url_column": 0, "columns": 2}, "url_list.columns: unknown key", id="key"),
+    pytest.param("tsv", "url_list: must be a mapping", id="not-mapping"),
+]
+
+
+@pytest.mark.parametrize(("url_list", "expected"), BAD_URL_LISTS)
+def test_bad_url_list_is_rejected(tmp_path: Path, url_list: object, expected: str) -> None:
+    path = write_catalog(tmp_path, {"cc": {**URL_LIST_DATASET, "url_list": url_list}})
+    errors = catalog_errors(path)
+    assert any(e.startswith(f"{path}: dataset 'cc', ") and expected in e for e in errors), errors
+
+
+def test_url_list_columns_by_name_with_a_header(tmp_path: Path) -> None:
+    spec = {"format": "tsv", "header": True, "url_column": "url", "caption_column": "caption", "shard_size": 5}
+    url_list = load_catalog(write_catalog(tmp_path, {"cc": {**URL_LIST_DATASET, "url_list": spec}}))["cc"].url_list
+    assert url_list == UrlList(("list.tsv",), "tsv", "url", "caption", header=True, shard_size=5)
