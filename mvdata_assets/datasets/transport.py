@@ -154,9 +154,11 @@ def refusal(request: Request, url: str) -> PermanentError | TransientError:
 class CurlLoop:
     """Runs download jobs over one libcurl multi handle: pooled keep-alive connections, one thread."""
 
-    def __init__(self, *, timeout_s: float) -> None:
+    def __init__(self, *, timeout_s: float, max_host_connections: int | None = None) -> None:
         self.timeout_s = timeout_s
         self._multi = pycurl.CurlMulti()  # no connection limit of its own: the jobs running at once bound them
+        if max_host_connections:  # many hosts at once (image lists): spare each one; over the limit, transfers queue
+            self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, max_host_connections)
         self._idle: list[pycurl.Curl] = []  # easy handles are reused: their set-up is not repeated per file
         self._running: dict[pycurl.Curl, tuple[Request, Job]] = {}
 

@@ -1,0 +1,428 @@
+"""Image URL lists (CC3M, CC12M, LAION-style parquet) into WebDataset tar shards, every URL's outcome recorded.
+
+The list is read as a stream and cut into shards of `shard_size` rows. Every image of every shard is fetched on one
+`CurlLoop` (libcurl's multi interface: pooled keep-alive connections, a per-host connection limit, libcurl's DNS
+cache, a stall timeout), and the next shard's transfers start while the last ones of the previous shard are still
+running, so a slow host holds up one transfer, not a shard. An answer counts as an image only if it is a 200 with an
+image (or unlabelled) content type whose bytes start with JPEG/PNG/GIF/WebP magic and end as that format ends;
+otherwise its URL fails with an error kind (`http_404`, `timeout`, `not_an_image`, `truncated`, ...), so link rot is
+reported as link rot and a parsing mistake can't pass for it.
+
+Per shard `i`: `{i:05d}.tar` (`{key}.jpg|png|gif|webp`, `{key}.txt` caption, `{key}.json` url and status) and
+`{i:05d}.parquet` with one row per URL, both written as `.part` and renamed, the parquet last: a shard with both is
+finished and skipped by the next run; `retry_failed` fetches its failed URLs again and rewrites it. Plain Python:
+nothing here imports Dagster.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import os
+import tarfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pycurl
+
+from mvdata_assets.datasets.catalog import Column, UrlList
+from mvdata_assets.datasets.transport import CurlLoop, Job, Request, Writer
+
+__all__ = ["OUTCOME_SCHEMA", "ShardResult", "UrlListError", "UrlListRun", "fetch_url_list", "read_list"]
+
+CHECK_ROWS = 100  # rows whose URL column is checked before anything is fetched
+MAX_IMAGE_BYTES = 32 * 1024 * 1024
+# labels that don't say what the bytes are: the magic bytes decide
+UNLABELLED_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
+NO_RETRY_KINDS = {"invalid_url"}  # fetching again can't help
+
+OUTCOME_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),  # downloaded | failed
+        ("error_kind", pa.string()),
+        ("error", pa.string()),
+        ("http_status", pa.int32()),
+        ("content_type", pa.string()),
+        ("bytes", pa.int64()),
+    ]
+)
+
+Row = tuple[str, str | None]  # (url, caption)
+
+
+class UrlListError(ValueError):
+    """A list that can't be read as its catalog entry says (a missing column, a URL column holding no URLs)."""
+
+
+@dataclass
+class ShardResult:
+    """One shard's counts for this run: `skipped` are the images already in place from an earlier run."""
+
+    index: int
+    state: str  # fetched | retried | skipped
+    total: int = 0
+    downloaded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes: int = 0
+    error_kinds: Counter[str] = field(default_factory=Counter)
+    seconds: float = 0.0
+
+
+@dataclass
+class UrlListRun:
+    """What one run did with one list."""
+
+    shards: list[ShardResult]
+    seconds: float
+
+    def _sum(self, name: str) -> int:
+        return sum(getattr(s, name) for s in self.shards)
+
+    @property
+    def downloaded(self) -> int:
+        return self._sum("downloaded")
+
+    @property
+    def failed(self) -> int:
+        return self._sum("failed")
+
+    @property
+    def skipped(self) -> int:
+        return self._sum("skipped")
+
+    @property
+    def total(self) -> int:
+        return self._sum("total")
+
+    @property
+    def bytes(self) -> int:
+        return self._sum("bytes")
+
+    @property
+    def error_kinds(self) -> Counter[str]:
+        return sum((s.error_kinds for s in self.shards), Counter())
+
+    @property
+    def images_per_second(self) -> float:
+        return self.downloaded / self.seconds if self.seconds else 0.0
+
+
+# --- reading the list ------------------------------------------------------------------------------------------------
+
+
+def _is_url(value: str | None) -> bool:
+    return bool(value) and value.startswith(("http://", "https://")) and " " not in value.strip()
+
+
+def _describe(column: Column) -> str:
+    return f"column {column}" if isinstance(column, int) else f"column {column!r}"
+
+
+def _tsv_rows(path: Path, spec: UrlList) -> Iterator[Row]:
+    csv.field_size_limit(1 << 24)
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        url_at, caption_at = spec.url_column, spec.caption_column
+        if spec.header:
+            names = next(reader, [])
+            for column in (url_at, caption_at):
+                if isinstance(column, str) and column not in names:
+                    raise UrlListError(f"{path}: no column {column!r} in the header ({', '.join(names)})")
+            url_at = names.index(url_at) if isinstance(url_at, str) else url_at
+            caption_at = names.index(caption_at) if isinstance(caption_at, str) else caption_at
+        for fields in reader:
+            url = fields[url_at].strip() if url_at < len(fields) else ""
+            caption = fields[caption_at] if caption_at is not None and caption_at < len(fields) else None
+            yield url, caption
+
+
+def _parquet_rows(path: Path, spec: UrlList) -> Iterator[Row]:
+    parquet = pq.ParquetFile(path)
+    columns = [c for c in (spec.url_column, spec.caption_column) if c is not None]
+    for column in columns:
+        if column not in parquet.schema_arrow.names:
+            raise UrlListError(f"{path}: no column {column!r} (it has {', '.join(parquet.schema_arrow.names)})")
+    for batch in parquet.iter_batches(columns=columns):
+        urls = batch.column(str(spec.url_column)).to_pylist()
+        captions = batch.column(str(spec.caption_column)).to_pylist() if spec.caption_column is not None else None
+        for i, url in enumerate(urls):
+            yield (url or "").strip(), captions[i] if captions is not None else None
+
+
+def read_list(path: Path, spec: UrlList) -> Iterator[Row]:
+    """(url, caption) per row, after checking that the URL column of the first rows holds http(s) URLs.
+
+    The check is what stops a swapped-column mistake (CC3M read as url<TAB>caption) before millions of "URLs" are
+    requested and their failures reported as link rot.
+    """
+    rows = _tsv_rows(path, spec) if spec.format == "tsv" else _parquet_rows(path, spec)
+    head = list(itertools.islice(rows, CHECK_ROWS))
+    if head and sum(_is_url(url) for url, _ in head) * 2 < len(head):
+        bad = next(url for url, _ in head if not _is_url(url))
+        hint = ""
+        if sum(_is_url(caption) for _, caption in head) * 2 >= len(head):
+            hint = f"; {_describe(spec.caption_column)} (caption_column) holds the URLs: are the two swapped?"
+        raise UrlListError(
+            f"{path}: url_column ({_describe(spec.url_column)}) does not hold http(s) URLs"
+            f" (row 1 of those checked: {bad[:80]!r}){hint}"
+        )
+    return itertools.chain(head, rows)
+
+
+# --- checking an answer ----------------------------------------------------------------------------------------------
+
+
+def sniff(body: bytes) -> str | None:
+    """The image format the bytes start as (its file extension), or None."""
+    if body.startswith(b"\xff\xd8\xff"):
+        return "jpg"
+    if body.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if body.startswith((b"GIF87a", b"GIF89a")):
+        return "gif"
+    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def complete(ext: str, body: bytes) -> bool:
+    """Whether the bytes end as their format ends: a cut-off body is caught without decoding it."""
+    if ext == "jpg":
+        return body.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
+    if ext == "png":
+        return body.endswith(b"IEND\xaeB`\x82")
+    if ext == "gif":
+        return body.rstrip(b"\x00").endswith(b";")
+    return len(body) >= 8 + int.from_bytes(body[4:8], "little")  # webp: the RIFF size
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _Body:
+    """Collects a 200 answer's body in memory (images are small), up to a limit."""
+
+    def __init__(self, limit: int) -> None:
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.limit = limit
+
+    def begin(self, request: Request) -> Writer | None:
+        return self.write if request.status == 200 else None
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.limit:
+            raise _TooLarge(f"larger than {self.limit} bytes")
+        self.parts.append(data)
+
+
+def classify(request: Request, body: bytes) -> tuple[str | None, str | None, str | None]:
+    """(error kind, error, extension) of a finished transfer; the kind is None for an image."""
+    if isinstance(request.failure, _TooLarge):
+        return "too_large", str(request.failure), None
+    if request.failure is not None:
+        raise request.failure
+    if request.error_code == pycurl.E_OPERATION_TIMEDOUT:
+        return "timeout", request.error, None
+    if request.error_code == pycurl.E_PARTIAL_FILE:
+        return "truncated", request.error, None
+    if request.error_code == pycurl.E_COULDNT_RESOLVE_HOST:
+        return "dns", request.error, None
+    if request.error_code:
+        return "connection", request.error, None
+    if request.status != 200:
+        return f"http_{request.status}", f"HTTP {request.status}", None
+    content_type = request.response_headers.get("content-type", "").split(";")[0].strip().lower()
+    if not content_type.startswith("image/") and content_type not in UNLABELLED_TYPES:
+        return "not_an_image", f"content type {content_type}", None
+    ext = sniff(body)
+    if ext is None:
+        return "not_an_image", f"not JPEG/PNG/GIF/WebP (starts {body[:8]!r})", None
+    if not complete(ext, body):
+        return "truncated", f"{ext} cut off after {len(body)} bytes", None
+    return None, None, ext
+
+
+# --- shards ----------------------------------------------------------------------------------------------------------
+
+
+def _replace(part: Path, final: Path) -> None:
+    with part.open("rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(part, final)
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime = len(data), mtime
+    tar.addfile(info, io.BytesIO(data))
+
+
+class _Shard:
+    """One shard being written: its tar grows as images arrive; the parquet is written when the last URL is done."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        index: int,
+        rows: list[Row],
+        width: int,
+        previous: pa.Table | None,
+        on_finished: Callable[[ShardResult], None],
+    ) -> None:
+        self.on_finished = on_finished
+        self.tar_path = out_dir / f"{index:05d}.tar"
+        self.parquet_path = out_dir / f"{index:05d}.parquet"
+        self.started = time.monotonic()
+        self.mtime = int(time.time())
+        self.result = ShardResult(index, "retried" if previous is not None else "fetched", total=len(rows))
+        if previous is None:
+            keys = [f"{index:05d}{i:0{width}d}" for i in range(len(rows))]
+            self.outcomes: list[dict] = [
+                {"key": k, "url": u, "caption": c, "status": "failed", "error_kind": None, "error": None,
+                 "http_status": None, "content_type": None, "bytes": 0}
+                for k, (u, c) in zip(keys, rows, strict=True)
+            ]  # fmt: skip
+            self.todo = list(range(len(rows)))
+        else:
+            self.outcomes = previous.to_pylist()
+            self.todo = [
+                i
+                for i, o in enumerate(self.outcomes)
+                if o["status"] == "failed" and o["error_kind"] not in NO_RETRY_KINDS
+            ]
+        self.tar_part = self.tar_path.with_name(self.tar_path.name + ".part")
+        self.tar = tarfile.open(self.tar_part, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by finish()
+        if previous is not None:  # keep the images already there, except those about to be fetched again
+            again = {self.outcomes[i]["key"] for i in self.todo}
+            with tarfile.open(self.tar_path) as old:
+                for member in old:
+                    if member.name.split(".", 1)[0] not in again:
+                        self.tar.addfile(member, old.extractfile(member))
+        self.pending = 0
+        self.sealed = False  # every job is handed out: the last one to finish finishes the shard
+
+    def jobs(self, limit: int) -> Iterator[Job]:
+        for i in self.todo:
+            outcome = self.outcomes[i]
+            if _is_url(outcome["url"]):
+                self.pending += 1
+                yield self._fetch(i, limit)
+            else:
+                outcome.update(error_kind="invalid_url", error=f"not an http(s) URL: {outcome['url'][:80]!r}")
+        self.sealed = True
+        if not self.pending:
+            self.on_finished(self.finish())
+
+    def _fetch(self, i: int, limit: int) -> Job:
+        body = _Body(limit)
+        request = yield Request(self.outcomes[i]["url"], [], body)
+        self._record(i, request, b"".join(body.parts))
+
+    def _record(self, i: int, request: Request, body: bytes) -> None:
+        outcome = self.outcomes[i]
+        kind, error, ext = classify(request, body)
+        content_type = request.response_headers.get("content-type")
+        outcome.update(error_kind=kind, error=error, http_status=request.status or None, content_type=content_type)
+        if kind is None:
+            key = outcome["key"]
+            outcome.update(status="downloaded", bytes=len(body))
+            meta = {"key": key, "url": outcome["url"], "caption": outcome["caption"], "status": request.status,
+                    "bytes": len(body), "content_type": content_type}  # fmt: skip
+            _add(self.tar, f"{key}.{ext}", body, self.mtime)
+            if outcome["caption"] is not None:
+                _add(self.tar, f"{key}.txt", outcome["caption"].encode("utf-8"), self.mtime)
+            _add(self.tar, f"{key}.json", json.dumps(meta, ensure_ascii=False).encode("utf-8"), self.mtime)
+        self.pending -= 1
+        if self.sealed and not self.pending:
+            self.on_finished(self.finish())
+
+    def finish(self) -> ShardResult:
+        """Tar first, parquet last: the parquet's presence is what marks the shard finished."""
+        self.tar.close()
+        _replace(self.tar_part, self.tar_path)
+        parquet_part = self.parquet_path.with_name(self.parquet_path.name + ".part")
+        pq.write_table(pa.Table.from_pylist(self.outcomes, schema=OUTCOME_SCHEMA), parquet_part)
+        _replace(parquet_part, self.parquet_path)
+        again = set(self.todo)
+        result = self.result
+        for i, o in enumerate(self.outcomes):
+            if o["status"] == "failed":
+                result.failed += 1
+                result.error_kinds[o["error_kind"]] += 1
+            elif i in again:
+                result.downloaded += 1
+                result.bytes += o["bytes"]
+            else:
+                result.skipped += 1
+        result.seconds = time.monotonic() - self.started
+        return result
+
+
+def _finished(index: int, table: pa.Table) -> ShardResult:
+    """Counts of a shard an earlier run finished: its images are skipped, its failures still count as failed."""
+    result = ShardResult(index, "skipped", total=table.num_rows)
+    for status, kind in zip(table.column("status").to_pylist(), table.column("error_kind").to_pylist(), strict=True):
+        if status == "failed":
+            result.failed += 1
+            result.error_kinds[kind] += 1
+        else:
+            result.skipped += 1
+    return result
+
+
+def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
+    while batch := list(itertools.islice(rows, size)):
+        yield batch
+
+
+def fetch_url_list(
+    list_path: Path,
+    out_dir: Path,
+    spec: UrlList,
+    *,
+    concurrency: int = 64,
+    max_host_connections: int = 16,
+    timeout_s: float = 10.0,
+    max_bytes: int = MAX_IMAGE_BYTES,
+    retry_failed: bool = False,
+) -> UrlListRun:
+    """Fetch the images of one URL list into `out_dir` as WebDataset shards; finished shards are skipped.
+
+    `timeout_s` ends a transfer that received nothing for that long (a transfer queued behind the per-host limit
+    counts as waiting too). `retry_failed` fetches the failed URLs of finished shards again and rewrites them.
+    """
+    started = time.monotonic()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    width = len(str(spec.shard_size - 1))
+    results: list[ShardResult] = []
+
+    def jobs() -> Iterator[Job]:
+        for index, rows in enumerate(_batches(read_list(list_path, spec), spec.shard_size)):
+            tar_path, parquet_path = out_dir / f"{index:05d}.tar", out_dir / f"{index:05d}.parquet"
+            previous = None
+            if tar_path.exists() and parquet_path.exists():
+                table = pq.read_table(parquet_path)
+                if not (retry_failed and "failed" in table.column("status").to_pylist()):
+                    results.append(_finished(index, table))
+                    continue
+                previous = table
+            yield from _Shard(out_dir, index, rows, width, previous, results.append).jobs(max_bytes)
+
+    with CurlLoop(timeout_s=timeout_s, max_host_connections=max_host_connections) as loop:
+        loop.run(jobs(), at_once=concurrency)
+    results.sort(key=lambda r: r.index)
+    return UrlListRun(results, time.monotonic() - started)

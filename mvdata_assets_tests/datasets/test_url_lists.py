@@ -1,0 +1,203 @@
+"""URL lists into WebDataset shards, against the loopback file server: every URL's outcome, resume and retry."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mvdata_assets.datasets.catalog import UrlList
+from mvdata_assets.datasets.url_lists import UrlListError, fetch_url_list, read_list
+from mvdata_assets_tests.datasets.fileserver import FileServer
+
+CC3M = UrlList(("list.tsv",), "tsv", url_column=1, caption_column=0, header=False, shard_size=4)
+
+
+def image(fmt: str, shade: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, 0, 0)).save(out, fmt)
+    return out.getvalue()
+
+
+def write_tsv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    """Rows as CC3M has them: caption<TAB>url, no header."""
+    path.write_text("".join(f"{caption}\t{url}\n" for caption, url in rows), encoding="utf-8")
+    return path
+
+
+def outcomes(out_dir: Path) -> dict[str, dict]:
+    rows = [r for p in sorted(out_dir.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    return {r["caption"]: r for r in rows}
+
+
+def members(tar_path: Path) -> dict[str, bytes]:
+    with tarfile.open(tar_path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar}
+
+
+def test_cc3m_layout_reads_caption_and_url(tmp_path: Path) -> None:
+    sample = write_tsv(
+        tmp_path / "GCC-training.tsv",
+        [
+            ("a very typical bus station", "http://lh6.ggpht.com/-IvRtNLNcG8o/TpFyrudaT6I/AAAAAAAAM6o/_11MuAAKalQ/IMG_3422.JPG"),
+            ("sierra looked stunning in this top", "http://78.media.tumblr.com/3b133294bdc7c7784b7e55f0a4c0d3c0/tumblr.jpg"),
+        ],
+    )  # fmt: skip
+    rows = list(read_list(sample, CC3M))
+    assert rows[0] == ("http://lh6.ggpht.com/-IvRtNLNcG8o/TpFyrudaT6I/AAAAAAAAM6o/_11MuAAKalQ/IMG_3422.JPG",
+                       "a very typical bus station")  # fmt: skip
+    assert all(url.startswith("http") and not caption.startswith("http") for url, caption in rows)
+
+    swapped = UrlList(("list.tsv",), "tsv", url_column=0, caption_column=1)
+    with pytest.raises(UrlListError, match=r"url_column \(column 0\) does not hold http\(s\) URLs.*swapped"):
+        list(read_list(sample, swapped))
+
+
+def test_parquet_list_by_column_name(tmp_path: Path) -> None:
+    path = tmp_path / "laion.parquet"
+    pq.write_table(pa.table({"URL": ["https://x.org/a.jpg", None], "TEXT": ["a cat", "a dog"]}), path)
+    spec = UrlList(("laion.parquet",), "parquet", url_column="URL", caption_column="TEXT")
+    assert list(read_list(path, spec)) == [("https://x.org/a.jpg", "a cat"), ("", "a dog")]
+    with pytest.raises(UrlListError, match="no column 'url'"):
+        list(read_list(path, UrlList(("laion.parquet",), "parquet", url_column="url")))
+
+
+@pytest.fixture
+def server() -> FileServer:
+    with FileServer() as s:
+        yield s
+
+
+def test_every_outcome_recorded_and_link_rot_by_kind(tmp_path: Path, server: FileServer) -> None:
+    png, jpg = image("PNG", 10), image("JPEG", 20)
+    gif = image("GIF", 30)
+    html = b"<html><body>gone</body></html>"
+    urls = {
+        "png": server.add("png", png, content_type="image/png"),
+        "jpg": server.add("jpg", jpg, content_type="image/jpeg; charset=binary"),
+        "unlabelled": server.add("unlabelled", gif, content_type="application/octet-stream"),
+        "missing": server.url_for("missing.jpg"),
+        "forbidden": server.add("forbidden.jpg", jpg, content_type="image/jpeg"),
+        "html": server.add("html.jpg", html, content_type="text/html"),
+        "html_as_jpeg": server.add("html_as_jpeg.jpg", html, content_type="image/jpeg"),
+        "cut_png": server.add("cut.png", png[:-20], content_type="image/png"),
+        "cut_transfer": server.add("cut_transfer.jpg", jpg, content_type="image/jpeg"),
+        "slow": server.add("slow.jpg", jpg, content_type="image/jpeg"),
+        "not_a_url": "ftp://x.org/a.jpg",
+    }
+    server.fault("forbidden.jpg", "status", status=403)
+    server.fault("cut_transfer.jpg", "truncate", after=len(jpg) // 2)
+    server.fault("slow.jpg", "stall", seconds=3, after=0)
+    list_path = write_tsv(tmp_path / "list.tsv", [(caption, url) for caption, url in urls.items()])
+
+    run = fetch_url_list(list_path, tmp_path / "shards", CC3M, concurrency=16, timeout_s=0.5)
+
+    got = outcomes(tmp_path / "shards")
+    expected = {
+        "png": (None, "downloaded", len(png)),
+        "jpg": (None, "downloaded", len(jpg)),
+        "unlabelled": (None, "downloaded", len(gif)),
+        "missing": ("http_404", "failed", 0),
+        "forbidden": ("http_403", "failed", 0),
+        "html": ("not_an_image", "failed", 0),
+        "html_as_jpeg": ("not_an_image", "failed", 0),
+        "cut_png": ("truncated", "failed", 0),
+        "cut_transfer": ("truncated", "failed", 0),
+        "slow": ("timeout", "failed", 0),
+        "not_a_url": ("invalid_url", "failed", 0),
+    }
+    assert {c: (o["error_kind"], o["status"], o["bytes"]) for c, o in got.items()} == expected
+    # shard number (5 digits) then the row within the shard (as many digits as shard_size - 1 has)
+    assert [o["key"] for o in got.values()] == [f"0000{s}{i}" for s, n in ((0, 4), (1, 4), (2, 3)) for i in range(n)]
+    assert got["missing"]["http_status"] == 404 and got["html"]["error"] == "content type text/html"
+    assert (run.downloaded, run.failed, run.skipped, run.total) == (3, 8, 0, 11)
+    assert run.bytes == len(png) + len(jpg) + len(gif)
+    assert run.error_kinds == {"http_404": 1, "http_403": 1, "not_an_image": 2, "truncated": 2, "timeout": 1,
+                               "invalid_url": 1}  # fmt: skip
+    assert [(s.index, s.state, s.total) for s in run.shards] == [
+        (0, "fetched", 4),
+        (1, "fetched", 4),
+        (2, "fetched", 3),
+    ]
+
+    shard0 = members(tmp_path / "shards" / "00000.tar")
+    assert sorted(shard0) == sorted(
+        f"00000{i}.{ext}" for i, e in enumerate(["png", "jpg", "gif"]) for ext in (e, "txt", "json")
+    )
+    assert shard0["000000.png"] == png and shard0["000001.txt"] == b"jpg"
+    assert json.loads(shard0["000002.json"]) == {"key": "000002", "url": urls["unlabelled"], "caption": "unlabelled",
+                                                "status": 200, "bytes": len(gif),
+                                                "content_type": "application/octet-stream"}  # fmt: skip
+    assert members(tmp_path / "shards" / "00001.tar") == {}
+    assert not list((tmp_path / "shards").glob("*.part"))
+
+
+def test_finished_shards_are_skipped_and_retry_fetches_only_failures(tmp_path: Path, server: FileServer) -> None:
+    png = image("PNG", 1)
+    rows = [(f"img{i}", server.add(f"img{i}.png", png, content_type="image/png")) for i in range(6)]
+    rows.append(("gone", server.url_for("gone.png")))
+    list_path = write_tsv(tmp_path / "list.tsv", rows)
+    out = tmp_path / "shards"
+    server.fault("img5.png", "status", status=503)
+    first = fetch_url_list(list_path, out, CC3M)
+    assert (first.downloaded, first.failed) == (5, 2)
+
+    server.clear_requests()
+    again = fetch_url_list(list_path, out, CC3M)
+    assert server.requests == []
+    assert [s.state for s in again.shards] == ["skipped", "skipped"]
+    assert (again.downloaded, again.skipped, again.failed) == (0, 5, 2)
+
+    retried = fetch_url_list(list_path, out, CC3M, retry_failed=True)
+    assert sorted(r.name for r in server.requests) == ["gone.png", "img5.png"]
+    assert [s.state for s in retried.shards] == ["skipped", "retried"]
+    assert (retried.downloaded, retried.skipped, retried.failed) == (1, 5, 1)
+    assert retried.error_kinds == {"http_404": 1}
+    assert sorted(members(out / "00001.tar")) == [f"00001{k}.{e}" for k in (0, 1) for e in ("json", "png", "txt")]
+    assert outcomes(out)["img5"]["status"] == "downloaded"
+
+
+KILLED_RUN = """
+import sys
+from pathlib import Path
+from mvdata_assets.datasets.catalog import UrlList
+from mvdata_assets.datasets.url_lists import fetch_url_list
+fetch_url_list(Path(sys.argv[1]), Path(sys.argv[2]), UrlList(("l",), "tsv", 1, 0, shard_size=4), timeout_s=60)
+"""
+
+
+def test_a_killed_run_resumes_at_the_shard_it_was_writing(tmp_path: Path, server: FileServer) -> None:
+    png = image("PNG", 2)
+    rows = [(f"img{i}", server.add(f"img{i}.png", png, content_type="image/png")) for i in range(8)]
+    list_path = write_tsv(tmp_path / "list.tsv", rows)
+    out = tmp_path / "shards"
+    server.fault("img7.png", "delay", seconds=60)  # the second shard never finishes before the kill
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(list_path), str(out)])
+    try:
+        deadline = time.monotonic() + 30
+        while not (len(server.requests_for("img7.png", wait=0)) and (out / "00001.tar.part").exists()):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "00001.parquet").exists()
+    server.clear_faults()
+    server.clear_requests()
+
+    run = fetch_url_list(list_path, out, CC3M)
+    assert sorted(r.name for r in server.requests) == [f"img{i}.png" for i in range(4, 8)]
+    assert [s.state for s in run.shards] == ["skipped", "fetched"] and (run.skipped, run.downloaded) == (4, 4)
+    assert len(members(out / "00001.tar")) == 12 and not list(out.glob("*.part"))
+    assert os.path.getsize(out / "00000.parquet") > 0
