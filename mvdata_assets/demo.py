@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -59,6 +60,7 @@ def write_run(name: str, out_dir: Path) -> None:
         },
         settings=wandb.Settings(x_stats_sampling_interval=0.5, console="off"),
     )
+    (out_dir / f".sidecars-{name}").write_text(" ".join(map(str, sidecar_pids())))
     for step in range(steps):
         warmup = min(1.0, (step + 1) / 100)
         lr_now = lr * warmup * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -82,6 +84,35 @@ def write_run(name: str, out_dir: Path) -> None:
     run.finish()
 
 
+def proc_table() -> dict[int, tuple[int, int, str]]:
+    """{pid: (ppid, session id, state)} of every process, from /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(")") + 2 :].split()
+        table[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[0])
+    return table
+
+
+def sidecar_pids() -> list[int]:
+    """This process's children: after wandb.init, its wandb-core sidecar, which writes the run file."""
+    return [pid for pid, (ppid, _, _) in proc_table().items() if ppid == os.getpid()]
+
+
+def wait_for_exit(pids: list[int], timeout_s: float = 60.0) -> None:
+    """A sidecar may outlive its writer (killed or not) and still append to the run file: wait until it is gone."""
+    deadline = time.monotonic() + timeout_s
+    while any(proc_table().get(pid, (0, 0, "X"))[2] not in ("Z", "X") for pid in pids):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"wandb-core sidecars {pids} still running after {timeout_s} s")
+        time.sleep(0.05)
+
+
 def write_demo_runs(out_dir: Path) -> list[str]:
     """Writes the demo runs into out_dir/wandb unless they are there already; returns names written."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +128,9 @@ def write_demo_runs(out_dir: Path) -> list[str]:
         killed = DEMO_RUNS[name][3] is not None
         if code != 0 and not (killed and code == -signal.SIGKILL):
             raise RuntimeError(f"writing demo run {name} failed with exit code {code}")
+        pids = out_dir / f".sidecars-{name}"
+        wait_for_exit([int(pid) for pid in pids.read_text().split()])  # the run file is final only then
+        pids.unlink()
     return list(children)
 
 

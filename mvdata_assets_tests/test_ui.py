@@ -31,9 +31,8 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
-from mvdata_assets.demo import serve_directory, write_demo_catalog, write_demo_files
-from mvdata_assets_tests.runs.conftest import WRITER, wait_for_sidecars, writer_env
-from mvdata_assets_tests.runs.sdk_writer import proc_table
+from mvdata_assets.demo import proc_table, serve_directory, wait_for_exit, write_demo_catalog, write_demo_files
+from mvdata_assets_tests.runs.conftest import WRITER, writer_env
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -240,7 +239,7 @@ def test_sensor_daemon_ingests_a_new_offline_run(dagster_dev: DagsterDev) -> Non
     )
     assert writer.returncode == 0, writer.stderr.decode(errors="replace")[-3000:]
     truth = json.loads((dagster_dev.runs_dir / "truth-long.json").read_text(encoding="utf-8"))
-    wait_for_sidecars(truth["sidecar_pids"])
+    wait_for_exit(truth["sidecar_pids"])
     expected_rows = sum(len(metrics) for _, metrics in truth["steps"])
 
     def ingested() -> list[tuple] | None:

@@ -9,13 +9,13 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from mvdata_assets.demo import wait_for_exit
 from mvdata_assets_tests.runs.wandb_server import WandbServer
 
 WRITER = Path(__file__).with_name("sdk_writer.py")
@@ -58,23 +58,6 @@ def writer_env() -> dict[str, str]:
     return env
 
 
-def _gone(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return text[text.rfind(")") + 2 :].split()[0] in ("Z", "X")
-
-
-def wait_for_sidecars(pids: list[int], timeout_s: float = 60.0) -> None:
-    """The wandb-core sidecar may outlive the writer briefly; its file must be final before tests read it."""
-    deadline = time.monotonic() + timeout_s
-    while not all(_gone(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"wandb-core sidecars {pids} still running after {timeout_s} s")
-        time.sleep(0.05)
-
-
 def _finish(name: str, out: Path, proc: subprocess.Popen, scenario: str) -> SdkRun:
     try:
         stdout, stderr = proc.communicate(timeout=WRITE_TIMEOUT_S)
@@ -89,7 +72,7 @@ def _finish(name: str, out: Path, proc: subprocess.Popen, scenario: str) -> SdkR
             f"{stdout.decode(errors='replace')[-2000:]}\n{stderr.decode(errors='replace')[-4000:]}"
         )
     truth = json.loads((out / f"truth-{scenario}.json").read_text(encoding="utf-8"))
-    wait_for_sidecars(truth.get("sidecar_pids", []))
+    wait_for_exit(truth.get("sidecar_pids", []))
     files = sorted((out / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, f"{name}: expected one run file, found {files}"
     wandb_file = files[0]

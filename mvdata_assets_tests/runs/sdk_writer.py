@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mvdata_assets.demo import sidecar_pids
+
 SQL_KEY = "x'); DROP TABLE wandb.history; --"
 QUOTE_KEY = 'it\'s "q"'
 UNICODE_KEY = "größe/λ"
@@ -38,28 +40,8 @@ def _set_env(out: Path) -> None:
     os.environ.pop("WANDB_API_KEY", None)
 
 
-def proc_table() -> dict[int, tuple[int, int, str]]:
-    """{pid: (ppid, session id, state)} of every process, from /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        table[int(entry.name)] = (int(fields[1]), int(fields[3]), fields[0])
-    return table
-
-
-def _children() -> list[int]:
-    """Pids of this process's children (the wandb-core sidecar), so the caller can wait for them."""
-    return [pid for pid, (ppid, _, _) in proc_table().items() if ppid == os.getpid()]
-
-
 def _write_truth(out: Path, scenario: str, truth: dict) -> None:
-    truth["sidecar_pids"] = _children()
+    truth["sidecar_pids"] = sidecar_pids()
     text = json.dumps(truth, allow_nan=True, ensure_ascii=False, indent=None)
     target = out / f"truth-{scenario}.json"
     fd, tmp = tempfile.mkstemp(dir=out, prefix=".truth-")

@@ -21,6 +21,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
+from mvdata_assets.demo import wait_for_exit
 from mvdata_assets.runs.offline import SyncReport, discover_run_files, sync_offline
 from mvdata_assets_tests.runs import reference, truth
 from mvdata_assets_tests.runs.conftest import (
@@ -29,7 +30,6 @@ from mvdata_assets_tests.runs.conftest import (
     SdkRun,
     copy_tree_writable,
     place_run_file,
-    wait_for_sidecars,
     writer_env,
 )
 from mvdata_assets_tests.runs.sdk_writer import QUOTE_KEY, SQL_KEY, UNICODE_KEY
@@ -668,7 +668,7 @@ def test_live_run_synced_while_written_then_after_more_steps(tmp_path: Path) -> 
         if writer.poll() is None:
             writer.kill()
     run_truth = json.loads((out / "truth-live.json").read_text())
-    wait_for_sidecars(run_truth["sidecar_pids"])
+    wait_for_exit(run_truth["sidecar_pids"])
     second = sync(db, [out], running_window_s=300)
     assert [f.action for f in first.files] in (["new"], ["grown"])
     assert [f.action for f in second.files] == ["grown"]
