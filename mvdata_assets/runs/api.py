@@ -87,15 +87,6 @@ HISTORY_SCHEMA = pa.schema(
      ("value", pa.float64()), ("value_json", pa.string())]
 )  # fmt: skip
 
-DDL = [
-    # per API run: what the last sync saw (to find changed runs) and which export files it read
-    f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._api_runs (
-        entity VARCHAR NOT NULL, project VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
-        fingerprint VARCHAR, last_step BIGINT, history_rows BIGINT, export_files VARCHAR[],
-        deleted_at TIMESTAMPTZ, synced_at TIMESTAMPTZ, PRIMARY KEY (entity, project, run_id)
-    )""",
-]
-
 
 class ApiSourceError(RuntimeError):
     """A whole source can't be read (a bad API key, an unknown project): one clear message, no secret in it."""
@@ -417,12 +408,6 @@ def _time(text: str | None) -> datetime | None:
 # ---- the sync ---------------------------------------------------------------------------------------------
 
 
-def ensure_schema(conn: duckdb.DuckDBPyConnection) -> None:
-    store.ensure_schema(conn)
-    for statement in DDL:
-        conn.execute(statement)
-
-
 def sync_api(
     conn: duckdb.DuckDBPyConnection,
     projects: Sequence[str],
@@ -434,7 +419,7 @@ def sync_api(
     log: Callable[[str], None] = lambda message: None,
 ) -> ApiSyncReport:
     started = time.monotonic()
-    ensure_schema(conn)
+    store.ensure_schema(conn)
     report = ApiSyncReport()
     if not projects:
         return report
@@ -445,7 +430,8 @@ def sync_api(
             if not entity or not project:
                 raise ApiSourceError(f"MVDATA_WANDB_PROJECTS: {path!r} is not entity/project")
             try:
-                _sync_project(conn, client, pool, Path(work), entity, project, filters, force_refresh, report, log)
+                _sync_project(conn, client, pool, concurrency, Path(work), entity, project, filters, force_refresh,
+                              report, log)  # fmt: skip
             except ApiSourceError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one project failing leaves the others and the stored data
@@ -457,8 +443,9 @@ def sync_api(
 
 
 def _sync_project(
-    conn: duckdb.DuckDBPyConnection, client: Client, pool: ThreadPoolExecutor, work: Path, entity: str, project: str,
-    filters: ApiFilters, force_refresh: bool, report: ApiSyncReport, log: Callable[[str], None],
+    conn: duckdb.DuckDBPyConnection, client: Client, pool: ThreadPoolExecutor, concurrency: int, work: Path,
+    entity: str, project: str, filters: ApiFilters, force_refresh: bool, report: ApiSyncReport,
+    log: Callable[[str], None],
 ) -> None:  # fmt: skip
     known = {
         run_id: (print_, step, files or [], deleted)
@@ -475,12 +462,11 @@ def _sync_project(
     stored_sweeps = {sweep_id for (sweep_id,) in sweep_rows.fetchall()}
     sweeps: set[str] = set()
     seen: set[str] = set()
-    pending: list[tuple[Future, bool]] = []
+    pending: list[tuple[RunKey, Future, bool, bool]] = []  # run, its fetch, new?, replacing what is stored?
 
     def drain(limit: int) -> None:
         while len(pending) > limit:
-            future, is_new = pending.pop(0)
-            _store_fetched(conn, entity, project, client, future, is_new, report)
+            _store_fetched(conn, client, *pending.pop(0), report)
 
     for node in listed:
         run_id = node["name"]
@@ -494,13 +480,10 @@ def _sync_project(
             continue
         is_new = old is None or force_refresh
         stored = -1 if is_new else (old[1] if old[1] is not None else -1)
-        if force_refresh and old:
-            store.delete_run(conn, entity, project, run_id)
         future = pool.submit(fetch_run, client, entity, project, node, stored, [] if is_new else old[2], work,
                              want_metadata=is_new)  # fmt: skip
-        future.run_key = (entity, project, run_id)  # type: ignore[attr-defined]
-        pending.append((future, is_new))
-        drain(pool._max_workers * 2)  # noqa: SLF001 - bounded read-ahead: memory stays flat as projects grow
+        pending.append(((entity, project, run_id), future, is_new, bool(force_refresh and old)))
+        drain(2 * concurrency)  # bounded read-ahead: memory stays flat as projects grow
     drain(0)
     _sync_sweeps(conn, client, entity, project, sweeps, report)
     if not filters.active:  # a filtered listing can't tell a deleted run from one the filter leaves out
@@ -512,10 +495,9 @@ def _sync_project(
 
 
 def _store_fetched(
-    conn: duckdb.DuckDBPyConnection, entity: str, project: str, client: Client, future: Future, is_new: bool,
+    conn: duckdb.DuckDBPyConnection, client: Client, key: RunKey, future: Future, is_new: bool, replace: bool,
     report: ApiSyncReport,
 ) -> None:  # fmt: skip
-    key: RunKey = future.run_key  # type: ignore[attr-defined]
     try:
         fetched: Fetched = future.result()
     except Exception as exc:  # noqa: BLE001 - one run failing never aborts the others; what is stored stays
@@ -526,6 +508,8 @@ def _store_fetched(
     node = fetched.node
     conn.execute("BEGIN")
     try:
+        if replace:  # force_refresh: the old rows go in the same transaction as the new ones arrive
+            store.delete_run(conn, *key)
         rows = 0
         for table in fetched.history:
             if table.num_rows:

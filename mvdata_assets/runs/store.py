@@ -62,6 +62,12 @@ DDL = [
         problem VARCHAR, config_state VARCHAR, summary_state VARCHAR, metadata_state VARCHAR,
         synced_at TIMESTAMPTZ DEFAULT now()
     )""",
+    # per API run: what the last sync saw (to find changed runs) and which export files it read
+    f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._api_runs (
+        entity VARCHAR NOT NULL, project VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
+        fingerprint VARCHAR, last_step BIGINT, history_rows BIGINT, export_files VARCHAR[],
+        deleted_at TIMESTAMPTZ, synced_at TIMESTAMPTZ, PRIMARY KEY (entity, project, run_id)
+    )""",
     # bumped by every sync that changed something; exports compare it to skip rewriting
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._generation (
         id INTEGER PRIMARY KEY, generation BIGINT NOT NULL, changed_at TIMESTAMPTZ

@@ -225,6 +225,11 @@ def test_faults_are_retried_or_reported_per_run(sdk: WandbServer, tmp_path: Path
     report = sync_api(conn, [f"{E}/faults"])  # the failed run was not recorded as synced: it comes next time
     assert {r.key[2] for r in report.runs if r.status == "new"} == {"run2"}
     assert not mismatches(expected_rows(logged["run2"]), stored_rows(conn, "run2"))
+    sdk.fault(op="RunParquetHistory", run="run0", malformed=True, times=None)
+    report = sync_api(conn, [f"{E}/faults"], force_refresh=True)
+    assert {r.key[2] for r in report.runs if r.status == "failed"} == {"run0"}
+    assert not mismatches(expected_rows(logged["run0"]), stored_rows(conn, "run0"))  # a failed refresh loses nothing
+    sdk.clear_faults()
 
 
 def test_filters_and_a_bad_key(sdk: WandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
