@@ -72,9 +72,10 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         yield server, tmp_path / "home"
 
 
-def _run(home: Path, instance: DagsterInstance, run_config: dict | None = None):
+def _run(home: Path, instance: DagsterInstance, run_config: dict | None = None, selection: list[str] | None = None):
     result = materialize(
         dataset_assets(),
+        selection=selection,
         resources={
             "warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
             "tracking": DownloadTrackingResource(enabled=False),
@@ -150,17 +151,7 @@ def test_second_run_skips_verified_files_without_network(setup) -> None:
     target = home / "datasets" / "mini_vqa" / "questions.json"
     target.write_bytes(b"X" * len(QUESTIONS))
     config = {"ops": {name: {"config": {"verify": True}} for name in ("datasets__mini_vqa",)}}
-    result = materialize(
-        dataset_assets(),
-        selection=["datasets/mini_vqa"],
-        resources={
-            "warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
-            "tracking": DownloadTrackingResource(enabled=False),
-        },
-        instance=instance,
-        run_config=config,
-    )
-    assert result.success
+    _run(home, instance, config, selection=["datasets/mini_vqa"])
     assert target.read_bytes() == QUESTIONS
 
 
