@@ -118,7 +118,10 @@ def write_demo_runs(out_dir: Path) -> list[str]:
     out_dir.mkdir(parents=True, exist_ok=True)
     if any((out_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         return []
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true"}
+    # each writer starts its own wandb-core (not a service this process may have, named by WANDB_SERVICE): so a
+    # killed writer's sidecar ends with it and its file is final once that sidecar is gone
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DISABLE_GIT="true")
     children = {
         name: subprocess.Popen([sys.executable, "-m", "mvdata_assets.demo", name, str(out_dir)], env=env)
         for name in DEMO_RUNS

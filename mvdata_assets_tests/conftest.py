@@ -1,6 +1,9 @@
 """Tests run with the project's defaults, whatever the developer's shell exports."""
 
 import os
+from collections.abc import Iterator
+
+import pytest
 
 
 def pytest_configure() -> None:
@@ -10,3 +13,11 @@ def pytest_configure() -> None:
             del os.environ[name]
     # download runs are logged to W&B only where a test turns it on (offline, or at a loopback server)
     os.environ["MVDATA_WANDB_TRACKING"] = "off"
+
+
+@pytest.fixture(autouse=True)
+def _own_wandb_service() -> Iterator[None]:
+    """A test that uses the SDK in this process leaves WANDB_SERVICE set (the SDK's way of pointing child
+    processes at its service); later tests' child processes must start their own, as real jobs do."""
+    yield
+    os.environ.pop("WANDB_SERVICE", None)

@@ -51,8 +51,6 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         monkeypatch.setenv("WANDB_SILENT", "true")
         monkeypatch.setenv("WANDB_DISABLE_GIT", "true")
         yield tmp_path / "home"
-    # the SDK points child processes at this process's W&B service; later tests' SDK children must not share it
-    os.environ.pop("WANDB_SERVICE", None)
 
 
 def _materialize(home: Path, tracking: DownloadTrackingResource, instance: DagsterInstance | None = None):
