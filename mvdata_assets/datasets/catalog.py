@@ -32,7 +32,7 @@ __all__ = [
 BUNDLED_CATALOG: Path = Path(__file__).with_name("catalog.yaml")
 
 Access = Literal["public", "hf", "manual"]
-ListFormat = Literal["tsv", "parquet"]
+ListFormat = Literal["tsv", "parquet", "lines"]
 Column = int | str  # a 0-based index (headerless TSV) or a column name (parquet, TSV with a header)
 
 # Only these are unpacked: anything else marked `extract` is a catalog mistake, not a format to guess at.
@@ -70,15 +70,17 @@ class UrlList:
     """How to read a dataset's image URL lists (CC3M, CC12M, LAION-style parquet) and shard what they point to.
 
     The columns are explicit because the lists disagree: CC3M is caption<TAB>url, CC12M url<TAB>caption, both
-    without a header; guessing is how CC3M once lost every image.
+    without a header; guessing is how CC3M once lost every image. SBU is `lines`: one URL per line, and the captions
+    line by line in a parallel file.
     """
 
     lists: tuple[str, ...]  # the list files, relative to the dataset folder (default: every file of the dataset)
     format: ListFormat
-    url_column: Column
+    url_column: Column | None = None  # tsv and parquet only
     caption_column: Column | None = None
     header: bool = False  # TSV only: the first line names the columns
     shard_size: int = 10_000  # images per WebDataset tar shard
+    captions: tuple[str, ...] = ()  # lines only: per list, the file holding its captions line by line
 
 
 @dataclass(frozen=True)
@@ -216,12 +218,13 @@ class _UrlListModel(BaseModel):
 
     lists: list[str] | None = None
     format: ListFormat
-    url_column: Any
+    url_column: Any = None
     caption_column: Any = None
     header: bool = False
     shard_size: int = 10_000
+    captions: list[str] | None = None
 
-    @field_validator("lists")
+    @field_validator("lists", "captions")
     @classmethod
     def _lists(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and not value:
@@ -243,7 +246,18 @@ class _UrlListModel(BaseModel):
 
 def _url_list_problems(model: _UrlListModel) -> list[tuple[str, str]]:
     """Rules across fields: how the columns can be named depends on the format and the header."""
+    if model.format == "lines":  # no columns: a URL per line, captions in a parallel file
+        problems = [
+            (field, "does not apply to format: lines (one URL per line; captions come from `captions` files)")
+            for field, given in (("url_column", model.url_column), ("caption_column", model.caption_column))
+            if given is not None
+        ]
+        if model.header:
+            problems.append(("header", "only applies to format: tsv"))
+        return problems
     problems = [] if model.url_column is not None else [("url_column", "required")]
+    if model.captions is not None:
+        problems.append(("captions", "only applies to format: lines (tsv and parquet name a caption_column)"))
     for field in ("url_column", "caption_column"):
         column = getattr(model, field)
         if model.format == "parquet" and isinstance(column, int):
@@ -431,25 +445,33 @@ def _validate_url_list(raw: Any, files: list[CatalogFile | None]) -> tuple[UrlLi
     known = [f for f in files if f is not None]
     paths = [f.path for f in known]
     extracted = any(f.extract for f in known)
-    lists = []
-    for i, given in enumerate(model.lists if model.lists is not None else paths):
-        try:
-            path = _check_relative_path(given)
-        except PydanticCustomError as exc:
-            errors.append((f"url_list.lists[{i}]", exc.message()))
-            continue
-        if path not in paths and not extracted:  # inside an archive it can't be checked before extraction
-            errors.append((f"url_list.lists[{i}]", f"{path!r} is not a file of this dataset"))
-        lists.append(path)
+    named: dict[str, list[str]] = {"lists": [], "captions": []}
+    for field, given_paths in (
+        ("lists", model.lists if model.lists is not None else paths),
+        ("captions", model.captions or []),
+    ):
+        for i, given in enumerate(given_paths):
+            try:
+                path = _check_relative_path(given)
+            except PydanticCustomError as exc:
+                errors.append((f"url_list.{field}[{i}]", exc.message()))
+                continue
+            if path not in paths and not extracted:  # inside an archive it can't be checked before extraction
+                errors.append((f"url_list.{field}[{i}]", f"{path!r} is not a file of this dataset"))
+            named[field].append(path)
+    if model.captions is not None and not errors and len(named["captions"]) != len(named["lists"]):
+        wanted, given = len(named["lists"]), len(named["captions"])
+        errors.append(("url_list.captions", f"needs one file per list ({wanted}), not {given}"))
     if errors:
         return None, errors
     url_list = UrlList(
-        lists=tuple(lists),
+        lists=tuple(named["lists"]),
         format=model.format,
         url_column=model.url_column,
         caption_column=model.caption_column,
         header=model.header,
         shard_size=model.shard_size,
+        captions=tuple(named["captions"]),
     )
     return url_list, []
 

@@ -223,7 +223,7 @@ class CurlLoop:
         return [self._finish(handle, pycurl.E_OPERATION_TIMEDOUT, message) for handle in stalled]
 
     def run(self, jobs: Iterable[Job], at_once: int) -> None:
-        """Runs the jobs, at most `at_once` of them started and not finished, until every one has finished."""
+        """Runs the jobs, at most `at_once` of them transferring, until every one has finished."""
         queue = iter(jobs)
         queued = True  # jobs may be left in `queue`
         active: set[Job] = set()
@@ -245,7 +245,7 @@ class CurlLoop:
 
         try:
             while True:
-                while queued and len(active) < at_once:
+                while queued and len(active) - len(timers) < at_once:  # a paused job holds no slot
                     job = next(queue, None)
                     if job is None:
                         queued = False
@@ -272,7 +272,7 @@ class CurlLoop:
                 pause = min(1.0 if pause < 0 else pause, next_scan - now)
                 if timers:
                     pause = min(pause, timers[0][0] - now)
-                if pause > 0 and not (queued and len(active) < at_once):
+                if pause > 0 and not (queued and len(active) - len(timers) < at_once):
                     self._multi.select(pause)
         finally:
             for handle in list(self._running):

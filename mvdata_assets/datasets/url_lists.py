@@ -1,4 +1,4 @@
-"""Image URL lists (CC3M, CC12M, LAION-style parquet) into WebDataset tar shards, every URL's outcome recorded.
+"""Image URL lists (CC3M, CC12M, SBU, LAION-style parquet) into WebDataset tar shards, every URL's outcome recorded.
 
 The list is read as a stream and cut into shards of `shard_size` rows. Every image of every shard is fetched on one
 `CurlLoop` (libcurl's multi interface: pooled keep-alive connections, a per-host connection limit, libcurl's DNS
@@ -6,11 +6,16 @@ cache, a stall timeout), and the next shard's transfers start while the last one
 running, so a slow host holds up one transfer, not a shard. An answer counts as an image only if it is a 200 with an
 image (or unlabelled) content type whose bytes start with JPEG/PNG/GIF/WebP magic and end as that format ends;
 otherwise its URL fails with an error kind (`http_404`, `timeout`, `not_an_image`, `truncated`, ...), so link rot is
-reported as link rot and a parsing mistake can't pass for it.
+reported as link rot and a parsing mistake can't pass for it. A 5xx, a 429 or a refused connection is tried again
+(`retries` times, after a growing pause or the server's Retry-After) before it counts as failed; a timeout is not,
+since at list scale most timeouts are dead hosts.
 
 Per shard `i`: `{i:05d}.tar` (`{key}.jpg|png|gif|webp`, `{key}.txt` caption, `{key}.json` url and status) and
 `{i:05d}.parquet` with one row per URL, both written as `.part` and renamed, the parquet last: a shard with both is
-finished and skipped by the next run; `retry_failed` fetches its failed URLs again and rewrites it. Plain Python:
+finished and skipped by the next run; `retry_failed` fetches its failed URLs again and rewrites it. A shard's key
+numbering follows the list's rows, so `_list.json` records which list (its sha256) and which reading of it (format,
+columns, shard size) the shards come from: when either changes, the old shards are stale and are removed first.
+Each tar's sha256 is computed as it is written, so the warehouse can record and later verify it. Plain Python:
 nothing here imports Dagster.
 """
 
@@ -33,7 +38,8 @@ import pyarrow.parquet as pq
 import pycurl
 
 from mvdata_assets.datasets.catalog import Column, UrlList
-from mvdata_assets.datasets.transport import CurlLoop, Job, Request, Writer
+from mvdata_assets.datasets.digests import Digests
+from mvdata_assets.datasets.transport import CurlLoop, Job, Request, Writer, retry_after
 
 __all__ = ["OUTCOME_SCHEMA", "ShardResult", "UrlListError", "UrlListRun", "fetch_url_list", "read_list"]
 
@@ -42,6 +48,7 @@ MAX_IMAGE_BYTES = 32 * 1024 * 1024
 # labels that don't say what the bytes are: the magic bytes decide
 UNLABELLED_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
 NO_RETRY_KINDS = {"invalid_url"}  # fetching again can't help
+MAX_RETRY_PAUSE_S = 30.0  # a longer Retry-After is not waited for: the URL fails as http_429 / http_503
 
 OUTCOME_SCHEMA = pa.schema(
     [
@@ -54,6 +61,7 @@ OUTCOME_SCHEMA = pa.schema(
         ("http_status", pa.int32()),
         ("content_type", pa.string()),
         ("bytes", pa.int64()),
+        ("attempts", pa.int32()),
     ]
 )
 
@@ -70,13 +78,21 @@ class ShardResult:
 
     index: int
     state: str  # fetched | retried | skipped
+    tar_path: Path
     total: int = 0
     downloaded: int = 0
     failed: int = 0
     skipped: int = 0
-    bytes: int = 0
+    bytes: int = 0  # of the images fetched by this run
     error_kinds: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    sha256: str | None = None  # of the tar, when this run wrote it
+    tar_bytes: int = 0
+    image_bytes: int = 0  # of every image in the shard, fetched now or before
+
+    @property
+    def in_place(self) -> int:
+        return self.downloaded + self.skipped
 
 
 @dataclass
@@ -85,6 +101,7 @@ class UrlListRun:
 
     shards: list[ShardResult]
     seconds: float
+    stale_removed: int = 0  # shards of an earlier list (or reading of it) removed before this run
 
     def _sum(self, name: str) -> int:
         return sum(getattr(s, name) for s in self.shards)
@@ -160,23 +177,54 @@ def _parquet_rows(path: Path, spec: UrlList) -> Iterator[Row]:
             yield (url or "").strip(), captions[i] if captions is not None else None
 
 
-def read_list(path: Path, spec: UrlList) -> Iterator[Row]:
+def _count_lines(path: Path) -> int:
+    count, last = 0, b"\n"
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            count += block.count(b"\n")
+            last = block[-1:]
+    return count + (last != b"\n")  # a last line without its newline
+
+
+def _line_rows(path: Path, captions: Path | None) -> Iterator[Row]:
+    """SBU's layout: a URL per line, and line i of the captions file is the caption of URL i."""
+    if captions is not None and (urls := _count_lines(path)) != (texts := _count_lines(captions)):
+        raise UrlListError(
+            f"{path} has {urls} lines but its captions file {captions} has {texts}: they can't be paired"
+        )
+    with path.open(encoding="utf-8") as url_lines:
+        if captions is None:
+            for line in url_lines:
+                yield line.strip(), None
+            return
+        with captions.open(encoding="utf-8") as caption_lines:
+            for line, caption in zip(url_lines, caption_lines, strict=True):
+                yield line.strip(), caption.rstrip("\r\n")
+
+
+def read_list(path: Path, spec: UrlList, captions: Path | None = None) -> Iterator[Row]:
     """(url, caption) per row, after checking that the URL column of the first rows holds http(s) URLs.
 
     The check is what stops a swapped-column mistake (CC3M read as url<TAB>caption) before millions of "URLs" are
-    requested and their failures reported as link rot.
+    requested and their failures reported as link rot. `captions` is the paired captions file of a `lines` list.
     """
-    rows = _tsv_rows(path, spec) if spec.format == "tsv" else _parquet_rows(path, spec)
+    if spec.format == "lines":
+        rows = _line_rows(path, captions)
+    else:
+        rows = _tsv_rows(path, spec) if spec.format == "tsv" else _parquet_rows(path, spec)
     head = list(itertools.islice(rows, CHECK_ROWS))
     if head and sum(_is_url(url) for url, _ in head) * 2 < len(head):
-        bad = next(url for url, _ in head if not _is_url(url))
-        hint = ""
-        if sum(_is_url(caption) for _, caption in head) * 2 >= len(head):
-            hint = f"; {_describe(spec.caption_column)} (caption_column) holds the URLs: are the two swapped?"
-        raise UrlListError(
-            f"{path}: url_column ({_describe(spec.url_column)}) does not hold http(s) URLs"
-            f" (row 1 of those checked: {bad[:80]!r}){hint}"
-        )
+        row, bad = next((i, url) for i, (url, _) in enumerate(head, 1) if not _is_url(url))
+        holds_urls = sum(_is_url(caption) for _, caption in head) * 2 >= len(head)
+        if spec.format == "lines":
+            where = "the lines"
+            hint = f"; the captions file {captions} holds the URLs: are the two swapped?" if holds_urls else ""
+        else:
+            where = f"url_column ({_describe(spec.url_column)})"
+            hint = ""
+            if holds_urls:
+                hint = f"; {_describe(spec.caption_column)} (caption_column) holds the URLs: are the two swapped?"
+        raise UrlListError(f"{path}: {where} does not hold http(s) URLs (row {row}: {bad[:80]!r}){hint}")
     return itertools.chain(head, rows)
 
 
@@ -265,10 +313,46 @@ def _replace(part: Path, final: Path) -> None:
     os.replace(part, final)
 
 
+class _HashedFile:
+    """The file object tarfile writes a shard through: the shard's sha256 is known when it is closed, unread."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("wb")
+        self.digests = Digests()
+
+    def write(self, data: bytes) -> int:
+        self.digests.update(data)
+        return self.file.write(data)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+
+
 def _add(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
     info = tarfile.TarInfo(name)
     info.size, info.mtime = len(data), mtime
     tar.addfile(info, io.BytesIO(data))
+
+
+@dataclass(frozen=True)
+class _Fetching:
+    """How each image is fetched: the body limit, and the retries of transient failures."""
+
+    max_bytes: int
+    retries: int
+    backoff_s: float
+
+
+def _transient(request: Request, kind: str | None) -> bool:
+    """A failure worth another attempt: the server was busy or refused the connection, not gone or wrong."""
+    if kind == "connection":
+        return request.error_code in (pycurl.E_COULDNT_CONNECT, pycurl.E_RECV_ERROR, pycurl.E_GOT_NOTHING)
+    return request.status == 429 or request.status >= 500
 
 
 class _Shard:
@@ -288,12 +372,13 @@ class _Shard:
         self.parquet_path = out_dir / f"{index:05d}.parquet"
         self.started = time.monotonic()
         self.mtime = int(time.time())
-        self.result = ShardResult(index, "retried" if previous is not None else "fetched", total=len(rows))
+        state = "retried" if previous is not None else "fetched"
+        self.result = ShardResult(index, state, self.tar_path, total=len(rows))
         if previous is None:
             keys = [f"{index:05d}{i:0{width}d}" for i in range(len(rows))]
             self.outcomes: list[dict] = [
                 {"key": k, "url": u, "caption": c, "status": "failed", "error_kind": None, "error": None,
-                 "http_status": None, "content_type": None, "bytes": 0}
+                 "http_status": None, "content_type": None, "bytes": 0, "attempts": 0}
                 for k, (u, c) in zip(keys, rows, strict=True)
             ]  # fmt: skip
             self.todo = list(range(len(rows)))
@@ -305,7 +390,8 @@ class _Shard:
                 if o["status"] == "failed" and o["error_kind"] not in NO_RETRY_KINDS
             ]
         self.tar_part = self.tar_path.with_name(self.tar_path.name + ".part")
-        self.tar = tarfile.open(self.tar_part, "w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - closed by finish()
+        self.tar_file = _HashedFile(self.tar_part)
+        self.tar = tarfile.open(fileobj=self.tar_file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - finish()
         if previous is not None:  # keep the images already there, except those about to be fetched again
             again = {self.outcomes[i]["key"] for i in self.todo}
             with tarfile.open(self.tar_path) as old:
@@ -315,28 +401,38 @@ class _Shard:
         self.pending = 0
         self.sealed = False  # every job is handed out: the last one to finish finishes the shard
 
-    def jobs(self, limit: int) -> Iterator[Job]:
+    def jobs(self, fetching: _Fetching) -> Iterator[Job]:
         for i in self.todo:
             outcome = self.outcomes[i]
             if _is_url(outcome["url"]):
                 self.pending += 1
-                yield self._fetch(i, limit)
+                yield self._fetch(i, fetching)
             else:
                 outcome.update(error_kind="invalid_url", error=f"not an http(s) URL: {outcome['url'][:80]!r}")
         self.sealed = True
         if not self.pending:
             self.on_finished(self.finish())
 
-    def _fetch(self, i: int, limit: int) -> Job:
-        body = _Body(limit)
-        request = yield Request(self.outcomes[i]["url"], [], body)
-        self._record(i, request, b"".join(body.parts))
+    def _fetch(self, i: int, fetching: _Fetching) -> Job:
+        for attempt in range(1, fetching.retries + 2):
+            body = _Body(fetching.max_bytes)
+            request = yield Request(self.outcomes[i]["url"], [], body)
+            data = b"".join(body.parts)
+            kind, error, ext = classify(request, data)
+            if kind is None or attempt > fetching.retries or not _transient(request, kind):
+                break
+            asked = retry_after(request.response_headers.get("retry-after"))
+            if asked is not None and asked > MAX_RETRY_PAUSE_S:
+                break
+            yield asked if asked is not None else fetching.backoff_s * 2 ** (attempt - 1)
+        self._record(i, request, data, (kind, error, ext), attempt)
 
-    def _record(self, i: int, request: Request, body: bytes) -> None:
+    def _record(self, i: int, request: Request, body: bytes, verdict: tuple, attempts: int) -> None:
         outcome = self.outcomes[i]
-        kind, error, ext = classify(request, body)
+        kind, error, ext = verdict
         content_type = request.response_headers.get("content-type")
-        outcome.update(error_kind=kind, error=error, http_status=request.status or None, content_type=content_type)
+        outcome.update(error_kind=kind, error=error, http_status=request.status or None, content_type=content_type,
+                       attempts=attempts)  # fmt: skip
         if kind is None:
             key = outcome["key"]
             outcome.update(status="downloaded", bytes=len(body))
@@ -353,13 +449,16 @@ class _Shard:
     def finish(self) -> ShardResult:
         """Tar first, parquet last: the parquet's presence is what marks the shard finished."""
         self.tar.close()
-        _replace(self.tar_part, self.tar_path)
+        self.tar_file.close()
+        os.replace(self.tar_part, self.tar_path)
         parquet_part = self.parquet_path.with_name(self.parquet_path.name + ".part")
         pq.write_table(pa.Table.from_pylist(self.outcomes, schema=OUTCOME_SCHEMA), parquet_part)
         _replace(parquet_part, self.parquet_path)
         again = set(self.todo)
         result = self.result
+        result.sha256, result.tar_bytes = self.tar_file.digests.sha256, self.tar_path.stat().st_size
         for i, o in enumerate(self.outcomes):
+            result.image_bytes += o["bytes"] or 0
             if o["status"] == "failed":
                 result.failed += 1
                 result.error_kinds[o["error_kind"]] += 1
@@ -372,10 +471,12 @@ class _Shard:
         return result
 
 
-def _finished(index: int, table: pa.Table) -> ShardResult:
+def _finished(index: int, tar_path: Path, table: pa.Table) -> ShardResult:
     """Counts of a shard an earlier run finished: its images are skipped, its failures still count as failed."""
-    result = ShardResult(index, "skipped", total=table.num_rows)
-    for status, kind in zip(table.column("status").to_pylist(), table.column("error_kind").to_pylist(), strict=True):
+    result = ShardResult(index, "skipped", tar_path, total=table.num_rows, tar_bytes=tar_path.stat().st_size)
+    columns = (table.column(name).to_pylist() for name in ("status", "error_kind", "bytes"))
+    for status, kind, size in zip(*columns, strict=True):
+        result.image_bytes += size or 0
         if status == "failed":
             result.failed += 1
             result.error_kinds[kind] += 1
@@ -389,40 +490,86 @@ def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
         yield batch
 
 
+def _fingerprint(list_path: Path, captions: Path | None, spec: UrlList, list_sha256: str | None) -> dict:
+    """What the shards' keys depend on: the list's bytes and how it is read."""
+
+    def sha256(path: Path) -> str:
+        digests = Digests()
+        digests.update_from(path)
+        return digests.sha256
+
+    return {
+        "list_sha256": list_sha256 or sha256(list_path),
+        "captions_sha256": sha256(captions) if captions is not None else None,
+        "format": spec.format,
+        "url_column": spec.url_column,
+        "caption_column": spec.caption_column,
+        "header": spec.header,
+        "shard_size": spec.shard_size,
+    }
+
+
+def _remove_stale(out_dir: Path, fingerprint: dict) -> int:
+    """Removes shards written from another list or another reading of it; returns how many."""
+    record = out_dir / "_list.json"
+    if record.exists() and json.loads(record.read_text()) == fingerprint:
+        return 0
+    stale = [p for pattern in ("*.tar", "*.parquet", "*.part") for p in out_dir.glob(pattern)]
+    for path in stale:
+        path.unlink()
+    part = record.with_name(record.name + ".part")
+    part.write_text(json.dumps(fingerprint, sort_keys=True))
+    _replace(part, record)
+    return sum(p.suffix == ".parquet" for p in stale)
+
+
 def fetch_url_list(
     list_path: Path,
     out_dir: Path,
     spec: UrlList,
     *,
+    captions: Path | None = None,
+    list_sha256: str | None = None,
     concurrency: int = 64,
     max_host_connections: int = 16,
     timeout_s: float = 10.0,
     max_bytes: int = MAX_IMAGE_BYTES,
+    retries: int = 2,
+    retry_backoff_s: float = 1.0,
     retry_failed: bool = False,
+    on_shard: Callable[[ShardResult], None] | None = None,
 ) -> UrlListRun:
     """Fetch the images of one URL list into `out_dir` as WebDataset shards; finished shards are skipped.
 
-    `timeout_s` ends a transfer that received nothing for that long (a transfer queued behind the per-host limit
-    counts as waiting too). `retry_failed` fetches the failed URLs of finished shards again and rewrites them.
+    `captions` is the paired captions file of a `lines` list; `list_sha256` saves hashing a list whose sha256 is
+    known. `timeout_s` ends a transfer that received nothing for that long. `retry_failed` fetches the failed URLs
+    of finished shards again and rewrites them. `on_shard` hears of each shard as it is finished or found finished.
     """
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
+    stale = _remove_stale(out_dir, _fingerprint(list_path, captions, spec, list_sha256))
     width = len(str(spec.shard_size - 1))
+    fetching = _Fetching(max_bytes, retries, retry_backoff_s)
     results: list[ShardResult] = []
 
+    def finished(result: ShardResult) -> None:
+        results.append(result)
+        if on_shard is not None:
+            on_shard(result)
+
     def jobs() -> Iterator[Job]:
-        for index, rows in enumerate(_batches(read_list(list_path, spec), spec.shard_size)):
+        for index, rows in enumerate(_batches(read_list(list_path, spec, captions), spec.shard_size)):
             tar_path, parquet_path = out_dir / f"{index:05d}.tar", out_dir / f"{index:05d}.parquet"
             previous = None
             if tar_path.exists() and parquet_path.exists():
                 table = pq.read_table(parquet_path)
                 if not (retry_failed and "failed" in table.column("status").to_pylist()):
-                    results.append(_finished(index, table))
+                    finished(_finished(index, tar_path, table))
                     continue
                 previous = table
-            yield from _Shard(out_dir, index, rows, width, previous, results.append).jobs(max_bytes)
+            yield from _Shard(out_dir, index, rows, width, previous, finished).jobs(fetching)
 
     with CurlLoop(timeout_s=timeout_s, max_host_connections=max_host_connections) as loop:
         loop.run(jobs(), at_once=concurrency)
     results.sort(key=lambda r: r.index)
-    return UrlListRun(results, time.monotonic() - started)
+    return UrlListRun(results, time.monotonic() - started, stale)

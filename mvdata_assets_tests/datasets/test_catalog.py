@@ -396,7 +396,13 @@ def test_url_list_layouts_of_the_bundled_lists(bundled: dict[str, Dataset]) -> N
         shard_size=10_000,
     )
     assert cc12m is not None and (cc12m.url_column, cc12m.caption_column, cc12m.header) == (0, 1, False)
-    assert all(d.url_list is None for name, d in bundled.items() if name not in ("cc3m", "cc12m"))
+    sbu = bundled["sbu"].url_list  # two parallel line files inside the extracted archive
+    assert sbu is not None and (sbu.format, sbu.lists, sbu.captions) == (
+        "lines",
+        ("dataset/SBU_captioned_photo_dataset_urls.txt",),
+        ("dataset/SBU_captioned_photo_dataset_captions.txt",),
+    )
+    assert all(d.url_list is None for name, d in bundled.items() if name not in ("cc3m", "cc12m", "sbu"))
 
 
 URL_LIST_DATASET = {"description": "d", "access": "public", "files": [{"url": "https://x.org/list.tsv"}]}
@@ -415,6 +421,20 @@ BAD_URL_LISTS = [
     pytest.param({"format": "tsv", "url_column": 0, "lists": ["../a.tsv"]}, "lists[0]: must not contain", id="up"),
     pytest.param({"format": "tsv", "url_column": 0, "columns": 2}, "url_list.columns: unknown key", id="key"),
     pytest.param("tsv", "url_list: must be a mapping", id="not-mapping"),
+    pytest.param(
+        {"format": "lines", "url_column": 0}, "url_list.url_column: does not apply to format: lines", id="lines-column"
+    ),
+    pytest.param(
+        {"format": "lines", "captions": ["list.tsv", "list.tsv"]},
+        "url_list.captions: needs one file per list (1), not 2",
+        id="lines-captions",
+    ),
+    pytest.param({"format": "lines", "captions": ["c.txt"]}, "url_list.captions[0]: 'c.txt' is not a file", id="cf"),
+    pytest.param(
+        {"format": "tsv", "url_column": 0, "captions": ["list.tsv"]},
+        "url_list.captions: only applies",
+        id="tsv-captions",
+    ),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from PIL import Image
 
 from mvdata_assets.datasets.catalog import UrlList
 from mvdata_assets.datasets.url_lists import UrlListError, fetch_url_list, read_list
+from mvdata_assets_tests.datasets.conftest import closed_port
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 CC3M = UrlList(("list.tsv",), "tsv", url_column=1, caption_column=0, header=False, shard_size=4)
@@ -149,9 +151,10 @@ def test_finished_shards_are_skipped_and_retry_fetches_only_failures(tmp_path: P
     rows.append(("gone", server.url_for("gone.png")))
     list_path = write_tsv(tmp_path / "list.tsv", rows)
     out = tmp_path / "shards"
-    server.fault("img5.png", "status", status=503)
-    first = fetch_url_list(list_path, out, CC3M)
+    server.fault("img5.png", "status", status=503, times=3)  # the first attempt and both retries
+    first = fetch_url_list(list_path, out, CC3M, retry_backoff_s=0.01)
     assert (first.downloaded, first.failed) == (5, 2)
+    assert (outcomes(out)["img5"]["attempts"], outcomes(out)["gone"]["attempts"]) == (3, 1)  # a 404 is not retried
 
     server.clear_requests()
     again = fetch_url_list(list_path, out, CC3M)
@@ -201,3 +204,73 @@ def test_a_killed_run_resumes_at_the_shard_it_was_writing(tmp_path: Path, server
     assert [s.state for s in run.shards] == ["skipped", "fetched"] and (run.skipped, run.downloaded) == (4, 4)
     assert len(members(out / "00001.tar")) == 12 and not list(out.glob("*.part"))
     assert os.path.getsize(out / "00000.parquet") > 0
+
+
+def test_busy_servers_and_refused_connections_are_tried_again(tmp_path: Path, server: FileServer) -> None:
+    png = image("PNG", 3)
+    urls = {name: server.add(f"{name}.png", png, content_type="image/png") for name in ("busy", "wait", "later")}
+    urls |= {f"plain{i}": server.add(f"plain{i}.png", png, content_type="image/png") for i in range(6)}
+    urls["refused"] = f"http://127.0.0.1:{closed_port()}/x.png"
+    server.fault("busy.png", "status", status=503)
+    server.fault("wait.png", "status", status=429, retry_after="0.5")
+    server.fault("later.png", "status", status=429, retry_after="3600")  # longer than anyone waits: fails now
+    list_path = write_tsv(tmp_path / "list.tsv", [(caption, url) for caption, url in urls.items()])
+    spec = UrlList(("list.tsv",), "tsv", url_column=1, caption_column=0, shard_size=100)
+
+    fetch_url_list(list_path, tmp_path / "shards", spec, concurrency=1, retry_backoff_s=0.05)
+
+    got = {c: (o["status"], o["error_kind"], o["attempts"]) for c, o in outcomes(tmp_path / "shards").items()}
+    assert got == {"busy": ("downloaded", None, 2), "wait": ("downloaded", None, 2),
+                   "later": ("failed", "http_429", 1), "refused": ("failed", "connection", 3),
+                   **{f"plain{i}": ("downloaded", None, 1) for i in range(6)}}  # fmt: skip
+    first, second = server.requests_for("wait.png")
+    assert second.time - first.time >= 0.5  # Retry-After was honoured
+    # with one transfer at a time, the images after `wait` were fetched while it paused: a pause holds no slot
+    names = [r.name for r in server.requests]
+    assert names.index("plain0.png") < names.index("wait.png", names.index("wait.png") + 1)
+
+
+def test_sbu_layout_pairs_url_and_caption_lines(tmp_path: Path, server: FileServer) -> None:
+    png = image("PNG", 4)
+    urls = [server.add(f"sbu{i}.png", png, content_type="image/png") for i in range(5)]
+    url_file, caption_file = tmp_path / "SBU_urls.txt", tmp_path / "SBU_captions.txt"
+    url_file.write_text("".join(f"{u}\n" for u in urls), encoding="utf-8")
+    caption_file.write_text("".join(f"caption {i} \u00e9\n" for i in range(5)), encoding="utf-8")
+    spec = UrlList(("SBU_urls.txt",), "lines", shard_size=3, captions=("SBU_captions.txt",))
+
+    run = fetch_url_list(url_file, tmp_path / "shards", spec, captions=caption_file)
+    assert (run.downloaded, run.total) == (5, 5)
+    assert {c: o["url"] for c, o in outcomes(tmp_path / "shards").items()} == {
+        f"caption {i} \u00e9": u for i, u in enumerate(urls)
+    }
+    assert members(tmp_path / "shards" / "00001.tar")["000011.txt"] == "caption 4 \u00e9".encode()
+
+    with pytest.raises(UrlListError, match=r"captions file .* holds the URLs: are the two swapped"):
+        list(read_list(caption_file, spec, url_file))
+    caption_file.write_text("one caption short\n" * 4, encoding="utf-8")
+    server.clear_requests()
+    with pytest.raises(UrlListError, match=r"has 5 lines but its captions file .* has 4: they can't be paired"):
+        fetch_url_list(url_file, tmp_path / "other", spec, captions=caption_file)
+    assert server.requests == []
+
+
+def test_a_changed_list_replaces_its_stale_shards(tmp_path: Path, server: FileServer) -> None:
+    """Keys follow the list's rows: shards of an older list (or another shard size) must not be kept as done."""
+    old, new = image("PNG", 5), image("PNG", 6)
+    list_path = write_tsv(tmp_path / "list.tsv", [(f"old{i}", server.add(f"old{i}.png", old)) for i in range(6)])
+    out = tmp_path / "shards"
+    first = fetch_url_list(list_path, out, CC3M)
+    assert [s.sha256 for s in first.shards] == [hashlib.sha256((out / f"0000{i}.tar").read_bytes()).hexdigest()
+                                                for i in (0, 1)]  # fmt: skip
+    assert [s.tar_bytes for s in first.shards] == [(out / f"0000{i}.tar").stat().st_size for i in (0, 1)]
+
+    write_tsv(list_path, [(f"new{i}", server.add(f"new{i}.png", new)) for i in range(3)])
+    second = fetch_url_list(list_path, out, CC3M)
+    assert second.stale_removed == 2 and [s.state for s in second.shards] == ["fetched"]
+    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "_list.json"]
+    assert set(outcomes(out)) == {"new0", "new1", "new2"}
+
+    resharded = fetch_url_list(list_path, out, UrlList(("list.tsv",), "tsv", 1, 0, shard_size=2))
+    assert resharded.stale_removed == 1 and [s.total for s in resharded.shards] == [2, 1]
+    again = fetch_url_list(list_path, out, UrlList(("list.tsv",), "tsv", 1, 0, shard_size=2))
+    assert again.stale_removed == 0 and [s.state for s in again.shards] == ["skipped", "skipped"]
