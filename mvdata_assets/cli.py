@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from mvdata_assets.db import connect
 from mvdata_assets.runs import store
@@ -58,13 +59,15 @@ def _size(n: float) -> str:
 
 def status() -> int:
     """Each dataset's state from the warehouse and the disk, with no network: a folder that merely exists
-    is not "complete"; every catalog file must be on disk as its verified download left it."""
+    is not "complete"; every catalog file (and image shard) must be on disk as its verified download left it.
+    A URL-list dataset also shows its images in place out of those listed: link rot leaves it partial."""
     from mvdata_assets.datasets import store as dataset_store
     from mvdata_assets.datasets.catalog import load_catalog
 
     settings = load_settings()
     catalog = load_catalog(settings.catalog)
     recorded: dict[tuple[str, str], tuple] = {}
+    shards: dict[str, list[tuple[str, int, int]]] = {}  # dataset -> (tar path, images, in place)
     if settings.warehouse.exists():
         with connect(settings.warehouse, settings.lock_timeout_s) as conn:
             dataset_store.ensure_schema(conn)
@@ -72,14 +75,19 @@ def status() -> int:
                 "SELECT dataset, path, bytes, mtime_ns, sha256, status, updated_at FROM datasets.files"
             ).fetchall():
                 recorded[(dataset, path)] = (size, mtime_ns, sha256, file_status, updated)
-    print(f"{'dataset':<16} {'state':<9} {'files':>9} {'on disk':>12}  last run")
+            for dataset, path, images, in_place in conn.execute(
+                "SELECT dataset, path, images, in_place FROM datasets.shards ORDER BY dataset, list, shard"
+            ).fetchall():
+                shards.setdefault(dataset, []).append((path, images, in_place))
+    print(f"{'dataset':<16} {'state':<9} {'files':>9} {'on disk':>12}  {'images':>15}  last run")
     for name, dataset in catalog.items():
         if dataset.access == "manual":
-            print(f"{name:<16} {'manual':<9} {'-':>9} {'-':>12}  {dataset.instructions}")
+            print(f"{name:<16} {'manual':<9} {'-':>9} {'-':>12}  {'-':>15}  {dataset.instructions}")
             continue
         verified, on_disk, last = 0, 0, None
-        for file in dataset.files:
-            path = settings.data_root / name / file.path
+        files = [settings.data_root / name / file.path for file in dataset.files]
+        files += [Path(path) for path, _, _ in shards.get(name, [])]
+        for path in files:
             row = recorded.get((name, str(path)))
             if row and row[3] in ("downloaded", "skipped") and row[2] and path.is_file():
                 st = path.stat()
@@ -88,19 +96,23 @@ def status() -> int:
                     on_disk += st.st_size
             if row:
                 last = max(last, row[4]) if last else row[4]
-        total = len(dataset.files)
-        state = "complete" if verified == total else "partial" if verified else "missing"
+        total = len(files)
+        listed = sum(images for _, images, _ in shards.get(name, []))
+        in_place = sum(in_place for _, _, in_place in shards.get(name, []))
+        state = "complete" if verified == total and in_place == listed else "partial" if verified else "missing"
+        images = f"{in_place}/{listed}" if dataset.url_list else "-"
         when = last.strftime("%Y-%m-%d %H:%M") if last else "never"
-        print(f"{name:<16} {state:<9} {f'{verified}/{total}':>9} {_size(on_disk):>12}  {when}")
+        print(f"{name:<16} {state:<9} {f'{verified}/{total}':>9} {_size(on_disk):>12}  {images:>15}  {when}")
     return 0
 
 
-def download(names: list[str], verify: bool) -> int:
+def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
     """Downloads datasets from a terminal with progress bars (the same engine the assets use)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from mvdata_assets.datasets.catalog import load_catalog
-    from mvdata_assets.datasets.download import download_dataset
+    from mvdata_assets.datasets.download import ImageOptions, download_dataset
+    from mvdata_assets.datasets.url_lists import ShardResult
     from mvdata_assets.tracking import DownloadTracker
 
     settings = load_settings()
@@ -125,6 +137,15 @@ def download(names: list[str], verify: bool) -> int:
                 tasks[url] = bars.add_task(url.rsplit("/", 1)[-1], total=total)
             bars.update(tasks[url], completed=done, total=total)
 
+        def shard_progress(listed: str, shard: ShardResult) -> None:
+            bars.console.print(
+                f"  {listed} shard {shard.index:05d}: {shard.state}, {shard.in_place}/{shard.total} images in place"
+            )
+
+        images = ImageOptions(
+            settings.image_concurrency, settings.image_host_connections, settings.image_timeout_s, retry_failed
+        )
+
         for name in selected:
             if tracker:
                 tracker.start()
@@ -135,6 +156,8 @@ def download(names: list[str], verify: bool) -> int:
                 verify=verify,
                 concurrency=settings.download_concurrency,
                 progress=progress,
+                images=images,
+                shard_progress=shard_progress,
             )
             s = run.summary
             tracked = tracker.record(s, run.bytes_transferred) if tracker else None
@@ -146,7 +169,11 @@ def download(names: list[str], verify: bool) -> int:
             for result in run.results:
                 if result.status == "failed":
                     bars.console.print(f"  {result.path}: {result.error}")
-            failed += s.failed
+            if run.lists:
+                kinds = ", ".join(f"{kind} {n}" for kind, n in run.error_kinds.most_common()) or "none"
+                bars.console.print(f"  images: {run.images['downloaded']} downloaded, {run.images['skipped']} "
+                                   f"already in shards, {run.images['failed']} failed (by kind: {kinds})")  # fmt: skip
+            failed += sum(r.status == "failed" for r in run.results + run.shards)  # files: link rot is reported above
     return 1 if failed else 0
 
 
@@ -158,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     fetch = commands.add_parser("download", help="download datasets from a terminal, with progress bars")
     fetch.add_argument("names", nargs="*", help="datasets of the catalog (all when none is given)")
     fetch.add_argument("--verify", action="store_true", help="re-hash files already on disk")
+    fetch.add_argument(
+        "--retry-failed", action="store_true", help="URL lists: fetch the failed images of finished shards again"
+    )
     commands.add_parser("demo", help="write demo runs and files, serve them on loopback, materialise every asset")
     args = parser.parse_args(argv)
     if args.command == "demo":
@@ -168,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "status":
         return status()
     if args.command == "download":
-        return download(args.names, args.verify)
+        return download(args.names, args.verify, args.retry_failed)
     return report()
 
 

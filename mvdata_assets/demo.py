@@ -151,8 +151,12 @@ def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
-def write_demo_files(www: Path) -> dict[str, bytes]:
-    """Small stand-ins for COCO, VQAv2 and CC3M files: a zip of images + captions, JSON, a tar.gz, a TSV."""
+DEMO_LIST_IMAGES = 48  # the demo CC3M list's images, fetched into 3 WebDataset shards of 16
+
+
+def write_demo_files(www: Path, base_url: str) -> dict[str, bytes]:
+    """Small stand-ins for COCO, VQAv2 and CC3M files: a zip of images + captions, JSON, a tar.gz, and a
+    caption<TAB>url list whose images the same loopback server serves (at `base_url`)."""
     rng = random.Random(0)
     images = {f"val2017/{i:012d}.png": _png(32, 24, (rng.randrange(256), rng.randrange(256), 90)) for i in range(24)}
     captions = {"annotations": [{"image_id": i, "caption": f"a demo picture number {i}"} for i in range(24)]}
@@ -168,7 +172,10 @@ def write_demo_files(www: Path) -> dict[str, bytes]:
         info = tarfile.TarInfo("annotations/v2_demo_annotations.json")
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))
-    tsv = "".join(f"a demo caption {i}\thttp://127.0.0.1:9/img/{i}.jpg\n" for i in range(200))  # caption<TAB>url
+    for i in range(DEMO_LIST_IMAGES):
+        (www / "cc3m" / "img").mkdir(parents=True, exist_ok=True)
+        (www / "cc3m" / "img" / f"{i}.png").write_bytes(_png(16, 16, (rng.randrange(256), 120, rng.randrange(256))))
+    tsv = "".join(f"a demo caption {i}\t{base_url}/cc3m/img/{i}.png\n" for i in range(DEMO_LIST_IMAGES))
     files = {
         "coco/val2017_demo.zip": zipped.getvalue(),
         "vqav2/v2_demo_questions.json": json.dumps({"questions": questions}).encode(),
@@ -205,6 +212,7 @@ def write_demo_catalog(path: Path, base_url: str, files: dict[str, bytes]) -> Pa
                 "description": "A CC3M-style URL list: caption<TAB>url, no header (demo stand-in for cc3m)",
                 "access": "public",
                 "files": [entry("cc3m/GCC-demo.tsv")],
+                "url_list": {"format": "tsv", "header": False, "url_column": 1, "caption_column": 0, "shard_size": 16},
             },
             "demo_flickr30k": {
                 "description": "Flickr30k needs a manual download (demo of a manual dataset)",
@@ -243,13 +251,14 @@ def run_demo(home: Path) -> int:
     written = write_demo_runs(runs)
     print(f"W&B runs: wrote {len(written)} offline runs" if written else f"W&B runs: already in {runs}")
     www = home / "demo" / "www"
-    files = write_demo_files(www)
+    www.mkdir(parents=True, exist_ok=True)
     (home / "dagster").mkdir(parents=True, exist_ok=True)
     instance_config = home / "dagster" / "dagster.yaml"
     if not instance_config.exists():  # no telemetry upload, no first-visit pop-up from dagster.io: loopback only
         instance_config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     log = home / "demo" / "materialize.log"
     with serve_directory(www) as base_url:
+        files = write_demo_files(www, base_url)
         catalog = write_demo_catalog(home / "demo" / "catalog.yaml", base_url, files)
         print(f"Datasets: demo catalog {catalog} served from {base_url}")
         # set here too: the report printed after the demo reads the same settings

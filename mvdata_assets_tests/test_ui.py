@@ -175,10 +175,10 @@ def dagster_dev(tmp_path_factory: pytest.TempPathFactory, artifacts: Path) -> It
         folder.mkdir()
     # no telemetry upload or UI telemetry script, no community pop-up loading an iframe from the internet
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
-    files = write_demo_files(www)
     port = _free_port()
     log = artifacts / "dagster-dev.log"
     with serve_directory(www) as base_url:
+        files = write_demo_files(www, base_url)
         catalog = write_demo_catalog(base / "catalog.yaml", base_url, files)
         env = {
             **os.environ,

@@ -21,7 +21,8 @@ from dagster import (
 from mvdata_assets import charts
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
-from mvdata_assets.datasets.download import DatasetRun, download_dataset
+from mvdata_assets.datasets.download import DatasetRun, ImageOptions, download_dataset
+from mvdata_assets.datasets.url_lists import ShardResult, describe_error_kind
 from mvdata_assets.settings import load_settings
 from mvdata_assets.tracking import PROJECT, DownloadTracker, TrackedRun
 from mvdata_assets.warehouse import WarehouseResource
@@ -31,7 +32,9 @@ GROUP = "datasets"
 
 class DownloadConfig(Config):
     verify: bool = False
-    """Re-hash files already on disk instead of trusting their recorded size and checksum."""
+    """Re-hash files already on disk (and image shards) instead of trusting their recorded size and checksum."""
+    retry_failed: bool = False
+    """URL-list datasets: fetch the images that failed in finished shards again, and rewrite those shards."""
 
 
 class DownloadTrackingResource(ConfigurableResource):
@@ -91,6 +94,65 @@ def _progress_logger(context: AssetExecutionContext, every_s: float = 5.0):
     return report
 
 
+def _shard_logger(context: AssetExecutionContext, name: str, every_s: float = 5.0):
+    """One log line per `every_s` while a URL list's shards finish: how far, and how fast."""
+    started, last = time.monotonic(), [0.0]
+    done: dict[str, int] = {}
+
+    def report(listed: str, shard: ShardResult) -> None:
+        done[listed] = done.get(listed, 0) + 1
+        now = time.monotonic()
+        if now - last[0] >= every_s:
+            last[0] = now
+            context.log.info(f"{name}: {listed}: {done[listed]} shards finished ({now - started:.0f} s)")
+
+    return report
+
+
+MAX_SHARD_ROWS = 200  # the shard table in the UI; the warehouse's datasets.shards holds them all
+
+
+def _images_metadata(run: DatasetRun) -> dict:
+    """A URL-list dataset's images: counts, speed, and what the failures were, per error kind."""
+    images, kinds = run.images, run.error_kinds
+    listed = sum(images[k] for k in ("downloaded", "failed", "skipped"))
+    seconds = sum(listed_run.run.seconds for listed_run in run.lists)
+    shards = [(lr.list, s) for lr in run.lists for s in lr.run.shards]
+    shard_rows = [
+        (listed, f"{s.index:05d}", s.state, s.total, s.in_place, s.failed, f"{s.tar_bytes / 1e6:.1f} MB")
+        for listed, s in shards[:MAX_SHARD_ROWS]
+    ]
+    return {
+        "images_downloaded": images["downloaded"],
+        "images_failed": images["failed"],
+        "images_skipped": images["skipped"],
+        "images_total": listed,
+        "images_per_second": MetadataValue.float(round(images["downloaded"] / seconds, 1) if seconds else 0.0),
+        "image_bytes_fetched": MetadataValue.int(images["fetched"]),
+        "shards_written": sum(s.state != "skipped" for _, s in shards),
+        "shards_skipped": sum(s.state == "skipped" for _, s in shards),
+        "shards_refetched_after_check": MetadataValue.json(run.redone),
+        "stale_shards_removed": sum(lr.run.stale_removed for lr in run.lists),
+        "shard_folders": MetadataValue.json([str(lr.shards_dir) for lr in run.lists]),
+        "image_errors": MetadataValue.md(
+            charts.markdown_table(
+                ("error kind", "images", "share of the list", "usually means"),
+                [(k, n, f"{n / listed:.1%}", describe_error_kind(k)) for k, n in kinds.most_common()],
+            )
+            if kinds
+            else "no image failed"
+        ),
+        "shards": MetadataValue.md(
+            charts.markdown_table(("list", "shard", "state", "images", "in place", "failed", "tar"), shard_rows)
+            + (
+                f"\n\n... and {len(shards) - MAX_SHARD_ROWS} more (datasets.shards)"
+                if len(shards) > MAX_SHARD_ROWS
+                else ""
+            )
+        ),
+    }
+
+
 def _dataset_metadata(run: DatasetRun) -> dict:
     summary, seconds = run.summary, run.summary.seconds
     return {
@@ -119,6 +181,11 @@ def _dataset_metadata(run: DatasetRun) -> dict:
 
 def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDefinition:
     key = dataset_key(dataset.name)
+    image_checks = (
+        [AssetCheckSpec("images_fetched", asset=key, description="Every image of the URL lists is in a shard.")]
+        if dataset.url_list
+        else []
+    )
 
     @asset(
         key=key,
@@ -128,12 +195,14 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
         check_specs=[
             AssetCheckSpec("no_failed_files", asset=key, description="Every file of the dataset is in place."),
             AssetCheckSpec("checksums_recorded", asset=key, description="Every file in place has a recorded sha256."),
+            *image_checks,
         ],
         metadata={
             "access": dataset.access,
             "homepage": MetadataValue.url(dataset.homepage) if dataset.homepage else "",
             "license": dataset.license or "",
             "files_in_catalog": len(dataset.files),
+            **({"url_list_format": dataset.url_list.format} if dataset.url_list else {}),
         },
     )
     def _dataset(
@@ -155,6 +224,13 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 verify=config.verify,
                 concurrency=settings.download_concurrency,
                 progress=_progress_logger(context),
+                images=ImageOptions(
+                    settings.image_concurrency,
+                    settings.image_host_connections,
+                    settings.image_timeout_s,
+                    retry_failed=config.retry_failed,
+                ),
+                shard_progress=_shard_logger(context, dataset.name),
             )
         except Exception:
             if tracker:  # the download run's W&B log still counts this dataset, as failed
@@ -166,11 +242,24 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
         tracked = tracker.record(run.summary, run.bytes_transferred) if tracker else None
         if dataset.access == "manual":
             context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
-        failed = [r for r in run.results if r.status == "failed"]
+        files = run.results + run.shards
+        failed = [r for r in files if r.status == "failed"]
         for result in failed:
             context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
-        unverified = [r for r in run.results if r.status != "failed" and not r.sha256]
+        unverified = [r for r in files if r.status != "failed" and not r.sha256]
         metadata = _dataset_metadata(run) | _tracking_metadata(tracked, tracker)
+        if dataset.url_list:
+            metadata |= _images_metadata(run)
+            for listed in run.lists:
+                if listed.run.stale_removed:
+                    context.log.info(f"{listed.list} changed: removed {listed.run.stale_removed} shards made from its "
+                                     "earlier version")  # fmt: skip
+            kinds = ", ".join(f"{kind} {n}" for kind, n in run.error_kinds.most_common()) or "none failed"
+            context.log.info(
+                f"{dataset.name}: {metadata['images_downloaded']} images downloaded "
+                f"({metadata['images_per_second'].value} /s), {metadata['images_skipped']} already in shards, "
+                f"{metadata['images_failed']} failed ({kinds})"
+            )
         if dataset.instructions:
             metadata["instructions"] = MetadataValue.md(dataset.instructions)
         yield MaterializeResult(metadata=metadata)
@@ -186,6 +275,14 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
             severity=AssetCheckSeverity.ERROR,
             metadata={"without_sha256": MetadataValue.json([r.path for r in unverified])},
         )
+        if dataset.url_list:  # link rot is expected at list scale: reported as a warning, per error kind
+            kinds = run.error_kinds
+            yield AssetCheckResult(
+                check_name="images_fetched",
+                passed=not kinds,
+                severity=AssetCheckSeverity.WARN,
+                metadata={"failed_by_kind": MetadataValue.json(dict(kinds.most_common()))},
+            )
 
     return _dataset
 

@@ -1,26 +1,51 @@
 """One dataset from catalog entry to verified files on disk and rows in the warehouse.
 
 Shared by the Dagster asset and `mvdata download`; plain Python (no Dagster import). The warehouse is
-opened only before and after the transfers, never held across them.
+opened only before and after the transfers, never held across them. A URL-list dataset then fetches the images
+its lists point to into `<dataset>/shards/<list path without suffix>/`, one WebDataset tar per `shard_size` rows.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import duckdb
 
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset
+from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.extract import extract
-from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Progress
+from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Known, Progress
+from mvdata_assets.datasets.url_lists import ShardResult, UrlListError, UrlListRun, fetch_url_list
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
+ShardProgress = Callable[[str, ShardResult], None]  # (list path, shard): each shard as it is finished
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """How URL-list images are fetched (see `fetch_url_list`)."""
+
+    concurrency: int = 64
+    max_host_connections: int = 16
+    timeout_s: float = 10.0
+    retry_failed: bool = False  # fetch the failed URLs of finished shards again
+
+
+@dataclass
+class ListRun:
+    """One URL list's images in this run."""
+
+    list: str
+    shards_dir: Path
+    run: UrlListRun
 
 
 @dataclass
@@ -29,10 +54,27 @@ class DatasetRun:
     folder: Path
     results: list[FileResult] = field(default_factory=list)
     extracted: list[str] = field(default_factory=list)
+    lists: list[ListRun] = field(default_factory=list)
+    shards: list[FileResult] = field(default_factory=list)  # the shard tars, as `datasets.files` rows
+    redone: list[str] = field(default_factory=list)  # shards whose tar no longer matched its record: fetched again
 
     @property
     def bytes_transferred(self) -> int:
-        return sum(r.bytes_transferred for r in self.results)
+        return sum(r.bytes_transferred for r in self.results) + sum(r.bytes_transferred for r in self.shards)
+
+    @property
+    def images(self) -> Counter[str]:
+        """downloaded / failed / skipped images, the image bytes fetched, and `bytes`: the shards on disk."""
+        counts: Counter[str] = Counter()
+        for listed in self.lists:
+            run = listed.run
+            counts.update(downloaded=run.downloaded, failed=run.failed, skipped=run.skipped, fetched=run.bytes)
+            counts["bytes"] += sum(s.tar_bytes for s in run.shards)
+        return counts
+
+    @property
+    def error_kinds(self) -> Counter[str]:
+        return sum((listed.run.error_kinds for listed in self.lists), Counter())
 
 
 def download_dataset(
@@ -43,7 +85,10 @@ def download_dataset(
     verify: bool = False,
     concurrency: int = 16,
     progress: Progress | None = None,
+    images: ImageOptions | None = None,
+    shard_progress: ShardProgress | None = None,
 ) -> DatasetRun:
+    """Raises UrlListError (after recording the files) when a list can't be read as its catalog entry says."""
     started = time.monotonic()
     folder = data_root / dataset.name
     if dataset.access == "manual":
@@ -71,8 +116,119 @@ def download_dataset(
                 extracted.append(f"{file.path}: {done.members} members" + (" (already)" if done.skipped else ""))
             except (ValueError, OSError) as exc:  # an unsafe or broken archive fails that file, not the run
                 result.status, result.error = "failed", f"extracting: {exc}"
-    summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started)
+    run = DatasetRun(store.Summary(dataset.name, "failed", 0, 0, 0, 0, None, 0, 0.0), folder, results, extracted)
+    try:
+        if dataset.url_list is not None:
+            _fetch_images(dataset, run, known, verify, images or ImageOptions(), shard_progress, connect)
+    except UrlListError:
+        summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started)
+        run.summary = dataclasses.replace(summary, status="failed")
+        with connect() as conn:
+            store.record_files(conn, dataset.name, results)
+            store.record_summary(conn, run.summary)
+        raise
+    seconds = time.monotonic() - started
+    run.summary = store.summarize(dataset.name, results, dataset.est_size_bytes, seconds, images=run.images)
     with connect() as conn:
         store.record_files(conn, dataset.name, results)
-        store.record_summary(conn, summary)
-    return DatasetRun(summary, folder, results, extracted)
+        store.record_summary(conn, run.summary)
+    return run
+
+
+def _sha256(path: Path) -> str:
+    digests = Digests()
+    digests.update_from(path)
+    return digests.sha256
+
+
+def _recheck_shards(shards_dir: Path, known: dict[Path, Known], verify: bool) -> list[str]:
+    """Finished shards whose tar no longer matches its record lose their parquet, so this run fetches them again.
+
+    A tar whose size and mtime match its record is trusted, as any verified file is; `verify` re-hashes every one.
+    """
+    redone = []
+    for tar in sorted(shards_dir.glob("*.tar")):
+        record, parquet = known.get(tar), tar.with_suffix(".parquet")
+        if record is None or not parquet.exists():
+            continue
+        st = tar.stat()
+        if (verify or (st.st_size, st.st_mtime_ns) != (record.bytes, record.mtime_ns)) and _sha256(
+            tar
+        ) != record.sha256:
+            parquet.unlink()
+            redone.append(str(tar))
+    return redone
+
+
+def _shard_row(url: str, shard: ShardResult, known: dict[Path, Known]) -> FileResult:
+    """The shard tar as a file of the dataset: its sha256 from this run, from its record, or read now."""
+    st = shard.tar_path.stat()
+    sha256 = shard.sha256
+    if sha256 is None:
+        record = known.get(shard.tar_path)
+        same = record is not None and (record.bytes, record.mtime_ns) == (st.st_size, st.st_mtime_ns)
+        sha256 = record.sha256 if same else _sha256(shard.tar_path)
+    status = "skipped" if shard.state == "skipped" else "downloaded"
+    return FileResult(url, str(shard.tar_path), status, bytes=st.st_size, sha256=sha256, seconds=shard.seconds,
+                      bytes_transferred=shard.bytes, mtime_ns=st.st_mtime_ns)  # fmt: skip
+
+
+def _fetch_images(
+    dataset: Dataset,
+    run: DatasetRun,
+    known: dict[Path, Known],
+    verify: bool,
+    options: ImageOptions,
+    shard_progress: ShardProgress | None,
+    connect: Connect,
+) -> None:
+    """Each list of a URL-list dataset into its shards; a list whose file or archive failed is left for next time."""
+    spec = dataset.url_list
+    assert spec is not None
+    by_path = {r.path: r for r in run.results}
+    archives = [r for f, r in zip(dataset.files, run.results, strict=True) if f.extract]
+    for i, listed in enumerate(spec.lists):
+        list_path = run.folder / listed
+        own = by_path.get(str(list_path))
+        source = own if own is not None else (archives[0] if archives else None)
+        if source is None or source.status == "failed":
+            continue  # the list's own failure is already counted, as a failed file
+        if not list_path.is_file():
+            raise UrlListError(
+                f"{dataset.name}: url_list.lists[{i}] {listed!r} is not in {run.folder} after extraction"
+            )
+        shards_dir = run.folder / "shards" / PurePosixPath(listed).with_suffix("")
+        run.redone += _recheck_shards(shards_dir, known, verify) if shards_dir.is_dir() else []
+
+        def finished(shard: ShardResult, listed: str = listed) -> None:
+            if shard_progress is not None:
+                shard_progress(listed, shard)
+
+        images = fetch_url_list(
+            list_path,
+            shards_dir,
+            spec,
+            captions=run.folder / spec.captions[i] if spec.captions else None,
+            list_sha256=own.sha256 if own is not None else None,
+            concurrency=options.concurrency,
+            max_host_connections=options.max_host_connections,
+            timeout_s=options.timeout_s,
+            retry_failed=options.retry_failed,
+            on_shard=finished,
+        )
+        run.lists.append(ListRun(listed, shards_dir, images))
+        rows = [_shard_row(source.url, shard, known) for shard in images.shards]
+        run.shards += rows
+        with connect() as conn:  # per list, so a later list's failure keeps this one's records
+            store.record_files(conn, dataset.name, rows)
+            store.forget_files_under(conn, dataset.name, shards_dir, [r.path for r in rows])
+            store.record_shards(
+                conn,
+                dataset.name,
+                listed,
+                [
+                    store.Shard(listed, s.index, str(s.tar_path), s.total, s.in_place, s.failed, s.error_kinds,
+                                s.image_bytes, s.tar_bytes, row.sha256, None if s.state == "skipped" else s.seconds)
+                    for s, row in zip(images.shards, rows, strict=True)
+                ],
+            )  # fmt: skip

@@ -1,7 +1,13 @@
-"""The `datasets` schema of the warehouse: one row per file, one summary row per dataset."""
+"""The `datasets` schema of the warehouse: one row per file, one per image shard, one summary row per dataset.
+
+A URL-list dataset's shards are files too: each tar has its `datasets.files` row (size, sha256, mtime), so it is
+verified and skipped like any download; `datasets.shards` adds what is in it (images in place, failed, by kind).
+"""
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +25,12 @@ DDL = [
         sha256 VARCHAR, status VARCHAR NOT NULL, error VARCHAR, attempts INTEGER, seconds DOUBLE,
         bytes_transferred BIGINT, mtime_ns BIGINT, updated_at TIMESTAMPTZ DEFAULT now(),
         PRIMARY KEY (dataset, path)
+    )""",
+    f"""CREATE TABLE IF NOT EXISTS {SCHEMA}.shards (
+        dataset VARCHAR NOT NULL, list VARCHAR NOT NULL, shard INTEGER NOT NULL, path VARCHAR NOT NULL,
+        images INTEGER, in_place INTEGER, failed INTEGER, error_kinds VARCHAR, image_bytes BIGINT, tar_bytes BIGINT,
+        sha256 VARCHAR, seconds DOUBLE, updated_at TIMESTAMPTZ DEFAULT now(),
+        PRIMARY KEY (dataset, list, shard)
     )""",
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}.download_summary (
         dataset VARCHAR PRIMARY KEY, status VARCHAR NOT NULL, downloaded INTEGER, failed INTEGER, skipped INTEGER,
@@ -62,6 +74,56 @@ def record_files(conn: duckdb.DuckDBPyConnection, dataset: str, results: Iterabl
 
 
 @dataclass(frozen=True)
+class Shard:
+    """One shard tar of a URL list, as the warehouse keeps it."""
+
+    list: str  # the list's path in the dataset folder
+    index: int
+    path: str
+    images: int
+    in_place: int
+    failed: int
+    error_kinds: Counter[str]
+    image_bytes: int
+    tar_bytes: int
+    sha256: str | None
+    seconds: float | None  # None: finished by an earlier run
+
+
+def record_shards(conn: duckdb.DuckDBPyConnection, dataset: str, list_path: str, shards: list[Shard]) -> None:
+    """The list's shards as they are now: a shard found finished keeps the time and seconds of the run that wrote
+    it, and rows of shards that no longer exist (a changed list) are dropped."""
+    conn.execute(
+        f"DELETE FROM {SCHEMA}.shards WHERE dataset = ? AND list = ? AND NOT list_contains(?, shard)",
+        [dataset, list_path, [s.index for s in shards]],
+    )
+    conn.executemany(
+        f"""INSERT INTO {SCHEMA}.shards AS old (dataset, list, shard, path, images, in_place, failed, error_kinds,
+                                                image_bytes, tar_bytes, sha256, seconds, updated_at)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())
+            ON CONFLICT (dataset, list, shard) DO UPDATE SET
+                path = excluded.path, images = excluded.images, in_place = excluded.in_place,
+                failed = excluded.failed, error_kinds = excluded.error_kinds, image_bytes = excluded.image_bytes,
+                tar_bytes = excluded.tar_bytes, sha256 = excluded.sha256,
+                seconds = coalesce(excluded.seconds, old.seconds),
+                updated_at = CASE WHEN excluded.seconds IS NULL THEN old.updated_at ELSE now() END""",
+        [
+            [dataset, list_path, s.index, s.path, s.images, s.in_place, s.failed,
+             json.dumps(dict(sorted(s.error_kinds.items()))), s.image_bytes, s.tar_bytes, s.sha256, s.seconds]
+            for s in shards
+        ],
+    )  # fmt: skip
+
+
+def forget_files_under(conn: duckdb.DuckDBPyConnection, dataset: str, folder: Path, keep: Iterable[str]) -> None:
+    """Drops the file rows under `folder` that are not in `keep` (shards removed as stale)."""
+    conn.execute(
+        f"DELETE FROM {SCHEMA}.files WHERE dataset = ? AND starts_with(path, ?) AND NOT list_contains(?, path)",
+        [dataset, f"{folder}/", list(keep)],
+    )
+
+
+@dataclass(frozen=True)
 class Summary:
     dataset: str
     status: str  # complete | partial | failed | manual
@@ -85,19 +147,30 @@ class Summary:
 
 
 def summarize(
-    dataset: str, results: list[FileResult], est_size_bytes: int | None, seconds: float, manual: bool = False
+    dataset: str,
+    results: list[FileResult],
+    est_size_bytes: int | None,
+    seconds: float,
+    manual: bool = False,
+    images: Counter[str] | None = None,
 ) -> Summary:
-    counts = {s: sum(1 for r in results if r.status == s) for s in ("downloaded", "failed", "skipped")}
+    """Counts of the dataset's files; a URL-list dataset adds its images (`images`: downloaded, failed, skipped,
+    bytes of the shards on disk), so its success rate is the share of images in place."""
+    counts = Counter(r.status for r in results)
+    on_disk = sum(r.bytes for r in results if r.status != "failed")
+    if images:
+        counts.update({k: images[k] for k in ("downloaded", "failed", "skipped")})
+        on_disk += images["bytes"]
+    total = counts["downloaded"] + counts["failed"] + counts["skipped"]
     if manual:
         status = "manual"
     elif counts["failed"] == 0:
         status = "complete"
-    elif counts["failed"] == len(results):
+    elif counts["failed"] == total:
         status = "failed"
     else:
         status = "partial"
-    on_disk = sum(r.bytes for r in results if r.status != "failed")
-    return Summary(dataset, status, counts["downloaded"], counts["failed"], counts["skipped"], len(results),
+    return Summary(dataset, status, counts["downloaded"], counts["failed"], counts["skipped"], total,
                    est_size_bytes, on_disk, seconds)  # fmt: skip
 
 

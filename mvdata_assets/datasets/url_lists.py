@@ -41,7 +41,16 @@ from mvdata_assets.datasets.catalog import Column, UrlList
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.transport import CurlLoop, Job, Request, Writer, retry_after
 
-__all__ = ["OUTCOME_SCHEMA", "ShardResult", "UrlListError", "UrlListRun", "fetch_url_list", "read_list"]
+__all__ = [
+    "ERROR_KINDS",
+    "OUTCOME_SCHEMA",
+    "ShardResult",
+    "UrlListError",
+    "UrlListRun",
+    "describe_error_kind",
+    "fetch_url_list",
+    "read_list",
+]
 
 CHECK_ROWS = 100  # rows whose URL column is checked before anything is fetched
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
@@ -66,6 +75,28 @@ OUTCOME_SCHEMA = pa.schema(
 )
 
 Row = tuple[str, str | None]  # (url, caption)
+
+# what each error kind usually means, for the reports; "link rot" are the kinds saying the image is gone for good
+ERROR_KINDS = {
+    "http_404": "link rot: the image is gone",
+    "http_410": "link rot: the image was removed",
+    "http_403": "refused: a removed photo or hot-link protection",
+    "dns": "link rot: the host name no longer resolves",
+    "connection": "host down or refusing connections (after retries)",
+    "timeout": "no data within the timeout (a dead or overloaded host)",
+    "not_an_image": "a page or placeholder instead of an image (often a removed photo)",
+    "truncated": "the image was cut off",
+    "too_large": "larger than the size limit",
+    "invalid_url": "not an http(s) URL in the list",
+}
+
+
+def describe_error_kind(kind: str) -> str:
+    if kind in ERROR_KINDS:
+        return ERROR_KINDS[kind]
+    if kind.startswith("http_5") or kind == "http_429":
+        return "server error or rate limit (after retries)"
+    return "HTTP error" if kind.startswith("http_") else "other"
 
 
 class UrlListError(ValueError):

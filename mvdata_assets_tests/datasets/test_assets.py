@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import os
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -184,3 +186,150 @@ def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> 
     assert "not in the catalog: no_such_dataset" in capsys.readouterr().out
     assert main(["download", "mini_coco"]) == 0
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
+
+
+# --- URL-list datasets: a CC3M-layout list, its images in WebDataset shards -------------------------------------
+
+
+def _jpeg(shade: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, 40, 90)).save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.fixture
+def url_list_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """7 images of which 2 are gone (404) and 1 is an HTML page, in shards of 4, from a caption<TAB>url list."""
+    with FileServer() as server:
+        images = {f"img{i}": _jpeg(i * 20) for i in range(7)}
+        urls = {name: server.add(f"img/{name}.jpg", data, content_type="image/jpeg") for name, data in images.items()}
+        urls["gone0"], urls["gone1"] = server.url_for("img/gone0.jpg"), server.url_for("img/gone1.jpg")
+        urls["page"] = server.add("img/page.jpg", b"<html>removed</html>", content_type="text/html")
+        tsv = "".join(f"caption of {name}\t{url}\n" for name, url in urls.items()).encode()
+        entry = _entry(server, "cc/GCC-mini.tsv", tsv)
+        url_list = {"format": "tsv", "url_column": 1, "caption_column": 0, "shard_size": 4}
+        catalog = {"datasets": {"mini_cc": {"description": "d", "access": "public", "files": [entry],
+                                            "url_list": url_list}}}  # fmt: skip
+        path = tmp_path / "catalog.yaml"
+        path.write_text(yaml.safe_dump(catalog))
+        monkeypatch.setenv("MVDATA_CATALOG", str(path))
+        monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
+        yield server, tmp_path / "home", images, path
+
+
+def _image_requests(server: FileServer) -> list[str]:
+    return sorted(r.name for r in server.requests if r.name.startswith("img/"))
+
+
+def test_url_list_dataset_materialises_shards_with_true_counts(url_list_setup) -> None:
+    server, home, images, _ = url_list_setup
+    instance = DagsterInstance.ephemeral()
+    metadata, checks = _run(home, instance)
+    meta = metadata["datasets/mini_cc"]
+    shards_dir = home / "datasets" / "mini_cc" / "shards" / "GCC-mini"
+    # the list file and 7 of 10 images; the 3 failures are link rot, reported per kind
+    assert (meta["downloaded"].value, meta["failed"].value, meta["skipped"].value, meta["total"].value) == (8, 3, 0, 11)
+    assert meta["status"].value == "partial"
+    assert (meta["images_downloaded"].value, meta["images_failed"].value, meta["images_total"].value) == (7, 3, 10)
+    assert meta["images_per_second"].value > 0 and meta["shards_written"].value == 3
+    assert meta["image_bytes_fetched"].value == sum(len(d) for d in images.values())
+    errors = meta["image_errors"].value
+    assert "| http_404 | 2 | 20.0% | link rot: the image is gone |" in errors
+    assert "| not_an_image | 1 | 10.0% |" in errors
+    assert checks[("datasets/mini_cc", "images_fetched")] is False  # a warning: link rot, not a broken download
+    assert checks[("datasets/mini_cc", "no_failed_files")] is True
+    assert checks[("datasets/mini_cc", "checksums_recorded")] is True
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        files = conn.execute(
+            "SELECT path, status, sha256, bytes FROM datasets.files WHERE path LIKE '%.tar' ORDER BY path"
+        ).fetchall()
+        shards = conn.execute(
+            "SELECT shard, images, in_place, failed, error_kinds FROM datasets.shards ORDER BY shard"
+        ).fetchall()
+        summary = conn.execute("SELECT status, downloaded, failed, total FROM datasets.download_summary").fetchone()
+    assert [(Path(p).name, s) for p, s, _, _ in files] == [(f"0000{i}.tar", "downloaded") for i in range(3)]
+    for path, _, sha256, size in files:  # each shard's checksum is the tar's own, computed as it was written
+        assert (hashlib.sha256(Path(path).read_bytes()).hexdigest(), Path(path).stat().st_size) == (sha256, size)
+    assert shards == [(0, 4, 4, 0, "{}"), (1, 4, 3, 1, '{"http_404": 1}'),
+                      (2, 2, 0, 2, '{"http_404": 1, "not_an_image": 1}')]  # fmt: skip
+    assert summary == ("partial", 8, 3, 11)
+    with tarfile.open(shards_dir / "00000.tar") as tar:
+        assert tar.extractfile("000000.jpg").read() == images["img0"]
+        assert tar.extractfile("000000.txt").read() == b"caption of img0"
+
+    # again: nothing is fetched, the shards are skipped and their images still count
+    server.clear_requests()
+    metadata, _ = _run(home, instance)
+    assert _image_requests(server) == [] and not any(r.name == "cc/GCC-mini.tsv" for r in server.requests)
+    meta = metadata["datasets/mini_cc"]
+    assert (meta["images_skipped"].value, meta["images_failed"].value, meta["shards_skipped"].value) == (7, 3, 3)
+
+    # retry_failed: the images came back upstream; only the failed URLs are requested again
+    server.add("img/gone0.jpg", _jpeg(250), content_type="image/jpeg")
+    server.clear_requests()
+    config = {"ops": {"datasets__mini_cc": {"config": {"retry_failed": True}}}}
+    metadata, _ = _run(home, instance, config)
+    assert _image_requests(server) == ["img/gone0.jpg", "img/gone1.jpg", "img/page.jpg"]
+    meta = metadata["datasets/mini_cc"]
+    assert (meta["images_downloaded"].value, meta["images_skipped"].value, meta["images_failed"].value) == (1, 7, 2)
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        tar1 = conn.execute("SELECT sha256 FROM datasets.files WHERE path LIKE '%00001.tar'").fetchone()[0]
+    assert tar1 == hashlib.sha256((shards_dir / "00001.tar").read_bytes()).hexdigest()  # the rewritten tar's
+
+
+def test_url_list_verify_refetches_a_damaged_shard_only(url_list_setup) -> None:
+    server, home, images, _ = url_list_setup
+    instance = DagsterInstance.ephemeral()
+    _run(home, instance)
+    tar0 = home / "datasets" / "mini_cc" / "shards" / "GCC-mini" / "00000.tar"
+    stat = tar0.stat()
+    damaged = bytearray(tar0.read_bytes())
+    damaged[600] ^= 0xFF  # inside the first image; size and mtime kept, so only a re-hash can tell
+    tar0.write_bytes(bytes(damaged))
+    os.utime(tar0, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    server.clear_requests()
+    _run(home, instance)  # trusted by size and mtime, as any verified file
+    assert _image_requests(server) == []
+    metadata, _ = _run(home, instance, {"ops": {"datasets__mini_cc": {"config": {"verify": True}}}})
+    assert _image_requests(server) == [f"img/img{i}.jpg" for i in range(4)]  # shard 0's images, nothing else
+    assert metadata["datasets/mini_cc"]["shards_refetched_after_check"].value == [str(tar0)]
+    with tarfile.open(tar0) as tar:
+        assert tar.extractfile("000000.jpg").read() == images["img0"]
+
+
+def test_url_list_status_and_terminal_download(url_list_setup, capsys: pytest.CaptureFixture[str]) -> None:
+    server, home, _, _ = url_list_setup
+    assert main(["download", "mini_cc"]) == 0  # link rot is reported, not an error of the download
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal's width
+    assert "mini_cc: partial (8 downloaded, 0 skipped, 3 failed)" in out
+    assert "images: 7 downloaded, 0 already in shards, 3 failed (by kind: http_404 2, not_an_image 1)" in out
+    status()
+    assert "mini_cc          partial         4/4" in capsys.readouterr().out  # the list + 3 shards; 7/10 images
+    (home / "datasets" / "mini_cc" / "shards" / "GCC-mini" / "00002.tar").write_bytes(b"changed")
+    status()
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("mini_cc"))
+    assert "partial         3/4" in line and "7/10" in line
+
+
+def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_list_setup) -> None:
+    server, home, _, catalog_path = url_list_setup
+    catalog = yaml.safe_load(catalog_path.read_text())
+    catalog["datasets"]["mini_cc"]["url_list"] |= {"url_column": 0, "caption_column": 1}  # the old downloader's bug
+    catalog_path.write_text(yaml.safe_dump(catalog))
+    result = materialize(
+        dataset_assets(),
+        resources={
+            "warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
+            "tracking": DownloadTrackingResource(enabled=False),
+        },
+        instance=DagsterInstance.ephemeral(),
+        raise_on_error=False,
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.is_step_failure)
+    message = failure.step_failure_data.error.cause.message
+    assert "url_column (column 0) does not hold http(s) URLs" in message and "are the two swapped?" in message
+    assert _image_requests(server) == []  # nothing fetched on a misread list
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        assert conn.execute("SELECT status FROM datasets.files").fetchall() == [("downloaded",)]
+        assert conn.execute("SELECT status FROM datasets.download_summary").fetchall() == [("failed",)]
