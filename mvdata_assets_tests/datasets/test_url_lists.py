@@ -189,7 +189,8 @@ def test_a_killed_run_resumes_at_the_shard_it_was_writing(tmp_path: Path, server
     proc = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(list_path), str(out)])
     try:
         deadline = time.monotonic() + 30
-        while not (len(server.requests_for("img7.png", wait=0)) and (out / "00001.tar.part").exists()):
+        # killed once the first shard is finished and the second is being written
+        while not (server.requests_for("img7.png", wait=0) and (out / "00000.parquet").exists()):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
