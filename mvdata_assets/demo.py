@@ -151,6 +151,7 @@ def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
+DEMO_PORT = 47_817  # loopback port of the demo's file server, when free
 DEMO_LIST_IMAGES = 48  # the demo CC3M list's images, fetched into 3 WebDataset shards of 16
 
 
@@ -227,10 +228,14 @@ def write_demo_catalog(path: Path, base_url: str, files: dict[str, bytes]) -> Pa
 
 
 @contextmanager
-def serve_directory(root: Path) -> Iterator[str]:
-    """Serves `root` on a free loopback port for as long as the block runs; yields the base URL."""
+def serve_directory(root: Path, port: int = 0) -> Iterator[str]:
+    """Serves `root` on loopback for as long as the block runs (on `port` when it is free, else on any free
+    port); yields the base URL."""
     handler = functools.partial(_QuietHandler, directory=str(root))
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except OSError:
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -257,7 +262,8 @@ def run_demo(home: Path) -> int:
     if not instance_config.exists():  # no telemetry upload, no first-visit pop-up from dagster.io: loopback only
         instance_config.write_text("telemetry:\n  enabled: false\nnux:\n  enabled: false\n")
     log = home / "demo" / "materialize.log"
-    with serve_directory(www) as base_url:
+    # the same port each time when it is free: the demo list names it, so an unchanged list is not fetched again
+    with serve_directory(www, DEMO_PORT) as base_url:
         files = write_demo_files(www, base_url)
         catalog = write_demo_catalog(home / "demo" / "catalog.yaml", base_url, files)
         print(f"Datasets: demo catalog {catalog} served from {base_url}")
