@@ -81,6 +81,7 @@ class UrlList:
     header: bool = False  # TSV only: the first line names the columns
     shard_size: int = 10_000  # images per WebDataset tar shard
     captions: tuple[str, ...] = ()  # lines only: per list, the file holding its captions line by line
+    decode: bool = False  # decode every image fully (Pillow): catches corruption inside, costs CPU per image
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,7 @@ class _UrlListModel(BaseModel):
     header: bool = False
     shard_size: int = 10_000
     captions: list[str] | None = None
+    decode: bool = False
 
     @field_validator("lists", "captions")
     @classmethod
@@ -472,6 +474,7 @@ def _validate_url_list(raw: Any, files: list[CatalogFile | None]) -> tuple[UrlLi
         header=model.header,
         shard_size=model.shard_size,
         captions=tuple(named["captions"]),
+        decode=model.decode,
     )
     return url_list, []
 

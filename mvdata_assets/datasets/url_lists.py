@@ -4,9 +4,10 @@ The list is read as a stream and cut into shards of `shard_size` rows. Every ima
 `CurlLoop` (libcurl's multi interface: pooled keep-alive connections, a per-host connection limit, libcurl's DNS
 cache, a stall timeout), and the next shard's transfers start while the last ones of the previous shard are still
 running, so a slow host holds up one transfer, not a shard. An answer counts as an image only if it is a 200 with an
-image (or unlabelled) content type whose bytes start with JPEG/PNG/GIF/WebP magic and end as that format ends;
-otherwise its URL fails with an error kind (`http_404`, `timeout`, `not_an_image`, `truncated`, ...), so link rot is
-reported as link rot and a parsing mistake can't pass for it. A 5xx, a 429 or a refused connection is tried again
+image (or unlabelled) content type whose bytes start with JPEG/PNG/GIF/WebP magic and end as that format ends
+(and, when the list asks to `decode`, that Pillow decodes in full); otherwise its URL fails with an error kind
+(`http_404`, `timeout`, `not_an_image`, `truncated`, ...), so link rot is reported as link rot and a parsing mistake
+can't pass for it. A 5xx, a 429 or a refused connection is tried again
 (`retries` times, after a growing pause or the server's Retry-After) before it counts as failed; a timeout is not,
 since at list scale most timeouts are dead hosts.
 
@@ -71,6 +72,8 @@ OUTCOME_SCHEMA = pa.schema(
         ("content_type", pa.string()),
         ("bytes", pa.int64()),
         ("attempts", pa.int32()),
+        ("width", pa.int32()),  # decoded images only (url_list `decode: true`)
+        ("height", pa.int32()),
     ]
 )
 
@@ -87,6 +90,7 @@ ERROR_KINDS = {
     "not_an_image": "a page or placeholder instead of an image (often a removed photo)",
     "truncated": "the image was cut off",
     "too_large": "larger than the size limit",
+    "undecodable": "image bytes that do not decode (corrupt inside)",
     "invalid_url": "not an http(s) URL in the list",
 }
 
@@ -377,6 +381,19 @@ class _Fetching:
     max_bytes: int
     retries: int
     backoff_s: float
+    decode: bool = False
+
+
+def decode(body: bytes) -> tuple[str | None, tuple[int, int] | None]:
+    """(error, (width, height)) of decoding the image fully with Pillow: corruption inside the file shows here."""
+    from PIL import Image  # only when a list asks for decoding
+
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            image.load()
+            return None, image.size
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a bad file; each is this URL's outcome
+        return f"does not decode: {exc}", None
 
 
 def _transient(request: Request, kind: str | None) -> bool:
@@ -450,6 +467,10 @@ class _Shard:
             request = yield Request(self.outcomes[i]["url"], [], body)
             data = b"".join(body.parts)
             kind, error, ext = classify(request, data)
+            if kind is None and fetching.decode:
+                error, size = decode(data)
+                kind = "undecodable" if error else None
+                self.outcomes[i]["width"], self.outcomes[i]["height"] = size or (None, None)
             if kind is None or attempt > fetching.retries or not _transient(request, kind):
                 break
             asked = retry_after(request.response_headers.get("retry-after"))
@@ -469,6 +490,8 @@ class _Shard:
             outcome.update(status="downloaded", bytes=len(body))
             meta = {"key": key, "url": outcome["url"], "caption": outcome["caption"], "status": request.status,
                     "bytes": len(body), "content_type": content_type}  # fmt: skip
+            if outcome.get("width") is not None:
+                meta |= {"width": outcome["width"], "height": outcome["height"]}
             _add(self.tar, f"{key}.{ext}", body, self.mtime)
             if outcome["caption"] is not None:
                 _add(self.tar, f"{key}.txt", outcome["caption"].encode("utf-8"), self.mtime)
@@ -580,7 +603,7 @@ def fetch_url_list(
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = _remove_stale(out_dir, _fingerprint(list_path, captions, spec, list_sha256))
     width = len(str(spec.shard_size - 1))
-    fetching = _Fetching(max_bytes, retries, retry_backoff_s)
+    fetching = _Fetching(max_bytes, retries, retry_backoff_s, spec.decode)
     results: list[ShardResult] = []
 
     def finished(result: ShardResult) -> None:

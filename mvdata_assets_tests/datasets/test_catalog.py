@@ -421,6 +421,7 @@ BAD_URL_LISTS = [
     pytest.param({"format": "tsv", "url_column": 0, "lists": ["../a.tsv"]}, "lists[0]: must not contain", id="up"),
     pytest.param({"format": "tsv", "url_column": 0, "columns": 2}, "url_list.columns: unknown key", id="key"),
     pytest.param("tsv", "url_list: must be a mapping", id="not-mapping"),
+    pytest.param({"format": "tsv", "url_column": 0, "decode": "yes"}, "url_list.decode: must be true or", id="dec"),
     pytest.param(
         {"format": "lines", "url_column": 0}, "url_list.url_column: does not apply to format: lines", id="lines-column"
     ),
@@ -446,6 +447,7 @@ def test_bad_url_list_is_rejected(tmp_path: Path, url_list: object, expected: st
 
 
 def test_url_list_columns_by_name_with_a_header(tmp_path: Path) -> None:
-    spec = {"format": "tsv", "header": True, "url_column": "url", "caption_column": "caption", "shard_size": 5}
+    spec = {"format": "tsv", "header": True, "url_column": "url", "caption_column": "caption", "shard_size": 5,
+            "decode": True}  # fmt: skip
     url_list = load_catalog(write_catalog(tmp_path, {"cc": {**URL_LIST_DATASET, "url_list": spec}}))["cc"].url_list
-    assert url_list == UrlList(("list.tsv",), "tsv", "url", "caption", header=True, shard_size=5)
+    assert url_list == UrlList(("list.tsv",), "tsv", "url", "caption", header=True, shard_size=5, decode=True)

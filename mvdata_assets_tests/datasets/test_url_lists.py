@@ -275,3 +275,26 @@ def test_a_changed_list_replaces_its_stale_shards(tmp_path: Path, server: FileSe
     assert resharded.stale_removed == 1 and [s.total for s in resharded.shards] == [2, 1]
     again = fetch_url_list(list_path, out, UrlList(("list.tsv",), "tsv", 1, 0, shard_size=2))
     assert again.stale_removed == 0 and [s.state for s in again.shards] == ["skipped", "skipped"]
+
+
+def test_decode_catches_corruption_inside_an_image(tmp_path: Path, server: FileServer) -> None:
+    good = image("JPEG", 7)
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), (9, 9, 9)).save(out, "JPEG")
+    broken = out.getvalue()
+    start_of_scan = broken.index(b"\xff\xda")
+    broken = broken[: start_of_scan + 2] + b"\x00\x03" + broken[start_of_scan + 4 :]  # a scan header cut short
+    urls = {"good": server.add("good.jpg", good, content_type="image/jpeg"),
+            "broken": server.add("broken.jpg", broken, content_type="image/jpeg")}  # fmt: skip
+    list_path = write_tsv(tmp_path / "list.tsv", [(c, u) for c, u in urls.items()])
+
+    fetch_url_list(list_path, tmp_path / "checked", CC3M)  # magic bytes and ending only: both pass
+    assert {c: o["status"] for c, o in outcomes(tmp_path / "checked").items()} == {"good": "downloaded",
+                                                                                   "broken": "downloaded"}  # fmt: skip
+    decoding = UrlList(("list.tsv",), "tsv", 1, 0, shard_size=4, decode=True)
+    fetch_url_list(list_path, tmp_path / "decoded", decoding)
+    got = outcomes(tmp_path / "decoded")
+    assert (got["good"]["status"], got["good"]["width"], got["good"]["height"]) == ("downloaded", 8, 8)
+    assert (got["broken"]["status"], got["broken"]["error_kind"]) == ("failed", "undecodable")
+    assert got["broken"]["error"].startswith("does not decode: ")
+    assert json.loads(members(tmp_path / "decoded" / "00000.tar")["000000.json"])["width"] == 8
