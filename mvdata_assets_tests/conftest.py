@@ -1,6 +1,7 @@
 """Tests run with the project's defaults, whatever the developer's shell exports."""
 
 import os
+import tempfile
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,8 @@ def pytest_configure() -> None:
             del os.environ[name]
     # download runs are logged to W&B only where a test turns it on (offline, or at a loopback server)
     os.environ["MVDATA_WANDB_TRACKING"] = "off"
+    # a test that forgets to set MVDATA_HOME writes into a temporary folder, never into the checkout's .mvdata
+    os.environ["MVDATA_HOME"] = tempfile.mkdtemp(prefix="mvdata-tests-home-")
 
 
 @pytest.fixture(autouse=True)
