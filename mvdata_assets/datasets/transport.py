@@ -6,8 +6,9 @@ follows redirects (dropping a custom Authorization header when a redirect leaves
 per transfer is a few calls to start and finish it and one per body block of up to 16 KiB.
 
 The downloader keeps its per-file logic (resume, retry, verify) as plain sequential code: each file is a generator
-that yields what it waits for - a `Request`, or a pause in seconds - and `CurlLoop.run` resumes it with the finished
-request, or after the pause. Nothing here imports Dagster.
+that yields what it waits for - a `Request`, a `Future` (work handed to another thread, such as hashing a body, so
+that this thread goes on serving transfers meanwhile), or a pause in seconds - and `CurlLoop.run` resumes it with the
+finished request, the done future, or after the pause. Nothing here imports Dagster.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pycurl
 
@@ -31,9 +35,11 @@ WRITE_BLOCKS = 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 405, 410, 451}
 PERMANENT_CURL_ERRORS = {pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT, pycurl.E_TOO_MANY_REDIRECTS}
 WEB = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+# libcurl's select cannot be woken by another thread: while a job waits for a future, the loop looks this often
+FUTURE_POLL_S = 0.001
 
 Writer = Callable[[bytes], None]
-Job = Generator[Any, Any, None]  # yields a Request (and is sent it back, finished) or a pause in seconds
+Job = Generator[Any, Any, None]  # yields a Request (sent back finished), a Future (sent back done) or a pause (s)
 
 
 class PermanentError(Exception):
@@ -157,8 +163,13 @@ class CurlLoop:
     def __init__(self, *, timeout_s: float, max_host_connections: int | None = None) -> None:
         self.timeout_s = timeout_s
         self._multi = pycurl.CurlMulti()  # no connection limit of its own: the jobs running at once bound them
-        if max_host_connections:  # many hosts at once (image lists): spare each one; over the limit, transfers queue
-            self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, max_host_connections)
+        # many hosts at once (image lists): spare each one. Transfers over the limit wait here, not in libcurl, so
+        # that their stall timer starts when they do; libcurl keeps the same limit for hosts reached by redirects
+        self._per_host = max_host_connections or 0
+        if self._per_host:
+            self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self._per_host)
+        self._host_running: dict[str, int] = {}
+        self._host_waiting: dict[str, deque[tuple[Request, Job]]] = {}
         self._idle: list[pycurl.Curl] = []  # easy handles are reused: their set-up is not repeated per file
         self._running: dict[pycurl.Curl, tuple[Request, Job]] = {}
 
@@ -186,6 +197,13 @@ class CurlLoop:
         return handle
 
     def _start(self, request: Request, job: Job) -> None:
+        if self._per_host:
+            host = _host(request.url)
+            running = self._host_running.get(host, 0)
+            if running >= self._per_host:
+                self._host_waiting.setdefault(host, deque()).append((request, job))
+                return
+            self._host_running[host] = running + 1
         handle = self._handle()
         handle.setopt(pycurl.URL, request.url)
         handle.setopt(pycurl.HTTPHEADER, request.headers)
@@ -204,6 +222,12 @@ class CurlLoop:
         self._multi.remove_handle(handle)
         request, job = self._running.pop(handle)
         self._idle.append(handle)
+        if self._per_host:  # its host's next waiting transfer takes the freed place
+            host = _host(request.url)
+            self._host_running[host] -= 1
+            waiting = self._host_waiting.get(host)
+            if waiting:
+                self._start(*waiting.popleft())
         if code and request.failure is None:
             request.error_code = code
             request.error = f"timed out ({message})" if code == pycurl.E_OPERATION_TIMEDOUT else message
@@ -229,10 +253,13 @@ class CurlLoop:
         active: set[Job] = set()
         timers: list[tuple[float, int, Job]] = []
         order = itertools.count()
+        settled: deque[tuple[Job, Future[Any]]] = deque()  # appended by the threads completing the futures
+        awaiting = 0  # jobs waiting for a future
         scan_every = min(1.0, self.timeout_s / 5)
         next_scan = time.monotonic() + scan_every
 
-        def advance(job: Job, value: Request | None) -> None:
+        def advance(job: Job, value: Request | Future[Any] | None) -> None:
+            nonlocal awaiting
             try:
                 op = job.send(value)
             except StopIteration:
@@ -240,6 +267,9 @@ class CurlLoop:
                 return
             if isinstance(op, Request):
                 self._start(op, job)
+            elif isinstance(op, Future):
+                awaiting += 1
+                op.add_done_callback(lambda future: settled.append((job, future)))
             else:
                 heapq.heappush(timers, (time.monotonic() + op, next(order), job))
 
@@ -265,6 +295,9 @@ class CurlLoop:
                         next_scan = time.monotonic() + scan_every
                     for job, request in finished:
                         advance(job, request)
+                while settled:
+                    awaiting -= 1
+                    advance(*settled.popleft())
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
                     advance(heapq.heappop(timers)[2], None)
@@ -272,12 +305,21 @@ class CurlLoop:
                 pause = min(1.0 if pause < 0 else pause, next_scan - now)
                 if timers:
                     pause = min(pause, timers[0][0] - now)
-                if pause > 0 and not (queued and len(active) < at_once):
+                if awaiting:
+                    pause = min(pause, FUTURE_POLL_S)
+                if pause > 0 and not (queued and len(active) < at_once) and not settled:
                     self._multi.select(pause)
         finally:
             for handle in list(self._running):
                 self._multi.remove_handle(handle)
                 self._idle.append(handle)
             self._running.clear()
+            self._host_running.clear()
+            self._host_waiting.clear()
             for job in active:
                 job.close()  # their `finally` blocks close files and save segment state
+
+
+def _host(url: str) -> str:
+    """The host and port a URL connects to, as libcurl counts its per-host limit."""
+    return urlsplit(url).netloc.rpartition("@")[2].lower()
