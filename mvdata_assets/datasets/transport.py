@@ -6,9 +6,8 @@ follows redirects (dropping a custom Authorization header when a redirect leaves
 per transfer is a few calls to start and finish it and one per body block of up to 16 KiB.
 
 The downloader keeps its per-file logic (resume, retry, verify) as plain sequential code: each file is a generator
-that yields what it waits for - a `Request`, a `Future` (work handed to another thread, such as hashing a body, so
-that this thread goes on serving transfers meanwhile), or a pause in seconds - and `CurlLoop.run` resumes it with the
-finished request, the done future, or after the pause. Nothing here imports Dagster.
+that yields what it waits for - a `Request`, or a pause in seconds - and `CurlLoop.run` resumes it with the finished
+request, or after the pause. Nothing here imports Dagster.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Generator, Iterable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
@@ -35,11 +33,9 @@ WRITE_BLOCKS = 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 405, 410, 451}
 PERMANENT_CURL_ERRORS = {pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT, pycurl.E_TOO_MANY_REDIRECTS}
 WEB = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
-# libcurl's select cannot be woken by another thread: while a job waits for a future, the loop looks this often
-FUTURE_POLL_S = 0.001
 
 Writer = Callable[[bytes], None]
-Job = Generator[Any, Any, None]  # yields a Request (sent back finished), a Future (sent back done) or a pause (s)
+Job = Generator[Any, Any, None]  # yields a Request (and is sent it back, finished) or a pause in seconds
 
 
 class PermanentError(Exception):
@@ -253,13 +249,10 @@ class CurlLoop:
         active: set[Job] = set()
         timers: list[tuple[float, int, Job]] = []
         order = itertools.count()
-        settled: deque[tuple[Job, Future[Any]]] = deque()  # appended by the threads completing the futures
-        awaiting = 0  # jobs waiting for a future
         scan_every = min(1.0, self.timeout_s / 5)
         next_scan = time.monotonic() + scan_every
 
-        def advance(job: Job, value: Request | Future[Any] | None) -> None:
-            nonlocal awaiting
+        def advance(job: Job, value: Request | None) -> None:
             try:
                 op = job.send(value)
             except StopIteration:
@@ -267,9 +260,6 @@ class CurlLoop:
                 return
             if isinstance(op, Request):
                 self._start(op, job)
-            elif isinstance(op, Future):
-                awaiting += 1
-                op.add_done_callback(lambda future: settled.append((job, future)))
             else:
                 heapq.heappush(timers, (time.monotonic() + op, next(order), job))
 
@@ -295,9 +285,6 @@ class CurlLoop:
                         next_scan = time.monotonic() + scan_every
                     for job, request in finished:
                         advance(job, request)
-                while settled:
-                    awaiting -= 1
-                    advance(*settled.popleft())
                 now = time.monotonic()
                 while timers and timers[0][0] <= now:
                     advance(heapq.heappop(timers)[2], None)
@@ -305,9 +292,7 @@ class CurlLoop:
                 pause = min(1.0 if pause < 0 else pause, next_scan - now)
                 if timers:
                     pause = min(pause, timers[0][0] - now)
-                if awaiting:
-                    pause = min(pause, FUTURE_POLL_S)
-                if pause > 0 and not (queued and len(active) < at_once) and not settled:
+                if pause > 0 and not (queued and len(active) < at_once):
                     self._multi.select(pause)
         finally:
             for handle in list(self._running):

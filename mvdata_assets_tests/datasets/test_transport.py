@@ -1,10 +1,8 @@
-"""CurlLoop against a real HTTP server on 127.0.0.1: the per-host queue, the stall timer and jobs waiting on futures."""
+"""CurlLoop against a real HTTP server on 127.0.0.1: the per-host queue and the stall timer."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from concurrent.futures import Future
 
 import pycurl
 import pytest
@@ -58,24 +56,3 @@ def test_a_transfer_that_stalls_after_it_started_is_still_timed_out(server: File
         loop.run([fetch(url, Collect(), done)], at_once=1)
     assert done[0].error_code == pycurl.E_OPERATION_TIMEDOUT
     assert done[0].error is not None and "no data for 0.3 s" in done[0].error
-
-
-def test_a_job_waiting_on_a_future_gets_it_back_done_while_transfers_go_on(server: FileServer) -> None:
-    url = server.add("a.bin", b"a" * 10_000)
-    release = threading.Event()
-    seen: list[object] = []
-
-    def waiter() -> Job:
-        future: Future[str] = Future()
-        threading.Thread(target=lambda: (release.wait(5), future.set_result("verdict"))).start()
-        got = yield future
-        seen.append(got.result())
-
-    def fetcher() -> Job:
-        request = yield Request(url, [], Collect())
-        seen.append(request.status)
-        release.set()  # the future settles only after this transfer finished: the loop did not block on it
-
-    with CurlLoop(timeout_s=5) as loop:
-        loop.run([waiter(), fetcher()], at_once=2)
-    assert seen == [200, "verdict"]
