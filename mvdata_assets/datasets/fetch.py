@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mvdata_assets.datasets.digests import Digests
-from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer
+from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer, proxied
 from mvdata_assets.datasets.transport import (
     WRITE_BLOCKS,
     WRITE_BYTES,
@@ -338,7 +338,7 @@ class Downloader:
             return False
         if probe.size < self.segment_min_bytes or (task.size is not None and task.size != probe.size):
             return False
-        if task.url in self._single_stream:
+        if task.url in self._single_stream or proxied(self.resolve(task.url)):
             return False
         return not part.exists() or part.with_name(part.name + ".segments.json").exists()
 
@@ -425,6 +425,11 @@ class _Part:
         try:
             have = self.path.stat().st_size
         except FileNotFoundError:
+            return 0
+        segments_state = self.path.with_name(self.path.name + ".segments.json")
+        if segments_state.exists():  # a segmented .part has its full size, with holes: only its segments resume it
+            self.companions.add(segments_state)
+            self.discard()
             return 0
         if not self._read:  # a .part from an earlier run: its sidecar, if any
             self._read = True

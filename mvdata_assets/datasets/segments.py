@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
+from urllib.request import proxy_bypass_environment
 
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.transport import USER_AGENT, PermanentError, TransientError, status_error
@@ -33,6 +34,21 @@ SAVE_EVERY_BYTES = 64 * 1024 * 1024  # progress is made durable this often, or e
 SAVE_EVERY_S = 5.0
 MAX_REDIRECTS = 10
 REDIRECTS = {301, 302, 303, 307, 308}
+
+
+def proxied(url: str) -> bool:
+    """Whether libcurl would reach `url` through a proxy named in the environment.
+
+    Segments connect directly, so such a file goes as one libcurl stream instead. The variables as libcurl reads
+    them: `<scheme>_proxy` (also upper case, except HTTP_PROXY, which libcurl ignores), then `all_proxy`/`ALL_PROXY`;
+    `no_proxy`/`NO_PROXY` lists hosts (and their subdomains) to reach directly, or is `*`.
+    """
+    parts, env = urlsplit(url), os.environ
+    name = f"{parts.scheme}_proxy"
+    upper = env.get(name.upper()) if parts.scheme != "http" else None
+    if not (env.get(name) or upper or env.get("all_proxy") or env.get("ALL_PROXY")):
+        return False
+    return not proxy_bypass_environment(parts.hostname or "", {"no": env.get("no_proxy") or env.get("NO_PROXY") or ""})
 
 
 class RangesRefused(Exception):

@@ -15,10 +15,12 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
+from collections import deque
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import pycurl
 
@@ -157,8 +159,13 @@ class CurlLoop:
     def __init__(self, *, timeout_s: float, max_host_connections: int | None = None) -> None:
         self.timeout_s = timeout_s
         self._multi = pycurl.CurlMulti()  # no connection limit of its own: the jobs running at once bound them
-        if max_host_connections:  # many hosts at once (image lists): spare each one; over the limit, transfers queue
-            self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, max_host_connections)
+        # many hosts at once (image lists): spare each one. Transfers over the limit wait here, not in libcurl, so
+        # that their stall timer starts when they do; libcurl keeps the same limit for hosts reached by redirects
+        self._per_host = max_host_connections or 0
+        if self._per_host:
+            self._multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self._per_host)
+        self._host_running: dict[str, int] = {}
+        self._host_waiting: dict[str, deque[tuple[Request, Job]]] = {}
         self._idle: list[pycurl.Curl] = []  # easy handles are reused: their set-up is not repeated per file
         self._running: dict[pycurl.Curl, tuple[Request, Job]] = {}
 
@@ -186,6 +193,13 @@ class CurlLoop:
         return handle
 
     def _start(self, request: Request, job: Job) -> None:
+        if self._per_host:
+            host = _host(request.url)
+            running = self._host_running.get(host, 0)
+            if running >= self._per_host:
+                self._host_waiting.setdefault(host, deque()).append((request, job))
+                return
+            self._host_running[host] = running + 1
         handle = self._handle()
         handle.setopt(pycurl.URL, request.url)
         handle.setopt(pycurl.HTTPHEADER, request.headers)
@@ -204,6 +218,12 @@ class CurlLoop:
         self._multi.remove_handle(handle)
         request, job = self._running.pop(handle)
         self._idle.append(handle)
+        if self._per_host:  # its host's next waiting transfer takes the freed place
+            host = _host(request.url)
+            self._host_running[host] -= 1
+            waiting = self._host_waiting.get(host)
+            if waiting:
+                self._start(*waiting.popleft())
         if code and request.failure is None:
             request.error_code = code
             request.error = f"timed out ({message})" if code == pycurl.E_OPERATION_TIMEDOUT else message
@@ -279,5 +299,12 @@ class CurlLoop:
                 self._multi.remove_handle(handle)
                 self._idle.append(handle)
             self._running.clear()
+            self._host_running.clear()
+            self._host_waiting.clear()
             for job in active:
                 job.close()  # their `finally` blocks close files and save segment state
+
+
+def _host(url: str) -> str:
+    """The host and port a URL connects to, as libcurl counts its per-host limit."""
+    return urlsplit(url).netloc.rpartition("@")[2].lower()
