@@ -117,16 +117,17 @@ def download_dataset(
             except (ValueError, OSError) as exc:  # an unsafe or broken archive fails that file, not the run
                 result.status, result.error = "failed", f"extracting: {exc}"
     run = DatasetRun(store.Summary(dataset.name, "failed", 0, 0, 0, 0, None, 0, 0.0), folder, results, extracted)
-    try:
-        if dataset.url_list is not None:
-            _fetch_images(dataset, run, known, verify, images or ImageOptions(), shard_progress, connect)
-    except UrlListError:
-        summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started)
-        run.summary = dataclasses.replace(summary, status="failed")
-        with connect() as conn:
+    if dataset.url_list is not None:
+        with connect() as conn:  # before the images: a list that can't be read, or a full disk, keeps these records
             store.record_files(conn, dataset.name, results)
-            store.record_summary(conn, run.summary)
-        raise
+        try:
+            _fetch_images(dataset, run, known, verify, images or ImageOptions(), shard_progress, connect)
+        except UrlListError:
+            summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started)
+            run.summary = dataclasses.replace(summary, status="failed")
+            with connect() as conn:
+                store.record_summary(conn, run.summary)
+            raise
     seconds = time.monotonic() - started
     run.summary = store.summarize(dataset.name, results, dataset.est_size_bytes, seconds, images=run.images)
     with connect() as conn:
