@@ -38,3 +38,10 @@ class Digests:
     @property
     def md5(self) -> str | None:
         return self._md5.hexdigest() if self._md5 is not None else None
+
+
+def sha256_of(path: Path) -> str:
+    """A whole file's sha256, read in large blocks."""
+    digests = Digests()
+    digests.update_from(path)
+    return digests.sha256

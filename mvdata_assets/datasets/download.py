@@ -20,7 +20,7 @@ import duckdb
 
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset
-from mvdata_assets.datasets.digests import Digests
+from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import extract
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Known, Progress
 from mvdata_assets.datasets.url_lists import ShardResult, UrlListError, UrlListRun, fetch_url_list
@@ -136,12 +136,6 @@ def download_dataset(
     return run
 
 
-def _sha256(path: Path) -> str:
-    digests = Digests()
-    digests.update_from(path)
-    return digests.sha256
-
-
 def _recheck_shards(shards_dir: Path, known: dict[Path, Known], verify: bool) -> list[str]:
     """Finished shards whose tar no longer matches its record lose their parquet, so this run fetches them again.
 
@@ -153,9 +147,8 @@ def _recheck_shards(shards_dir: Path, known: dict[Path, Known], verify: bool) ->
         if record is None or not parquet.exists():
             continue
         st = tar.stat()
-        if (verify or (st.st_size, st.st_mtime_ns) != (record.bytes, record.mtime_ns)) and _sha256(
-            tar
-        ) != record.sha256:
+        changed = (st.st_size, st.st_mtime_ns) != (record.bytes, record.mtime_ns)
+        if (verify or changed) and sha256_of(tar) != record.sha256:
             parquet.unlink()
             redone.append(str(tar))
     return redone
@@ -168,7 +161,7 @@ def _shard_row(url: str, shard: ShardResult, known: dict[Path, Known]) -> FileRe
     if sha256 is None:
         record = known.get(shard.tar_path)
         same = record is not None and (record.bytes, record.mtime_ns) == (st.st_size, st.st_mtime_ns)
-        sha256 = record.sha256 if same else _sha256(shard.tar_path)
+        sha256 = record.sha256 if same else sha256_of(shard.tar_path)
     status = "skipped" if shard.state == "skipped" else "downloaded"
     return FileResult(url, str(shard.tar_path), status, bytes=st.st_size, sha256=sha256, seconds=shard.seconds,
                       bytes_transferred=shard.bytes, mtime_ns=st.st_mtime_ns)  # fmt: skip

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 import pycurl
 
 from mvdata_assets.datasets.catalog import Column, UrlList
-from mvdata_assets.datasets.digests import Digests
+from mvdata_assets.datasets.digests import Digests, sha256_of
 from mvdata_assets.datasets.transport import CurlLoop, Job, Request, Writer, retry_after
 
 __all__ = [
@@ -546,15 +546,9 @@ def _batches(rows: Iterator[Row], size: int) -> Iterator[list[Row]]:
 
 def _fingerprint(list_path: Path, captions: Path | None, spec: UrlList, list_sha256: str | None) -> dict:
     """What the shards' keys depend on: the list's bytes and how it is read."""
-
-    def sha256(path: Path) -> str:
-        digests = Digests()
-        digests.update_from(path)
-        return digests.sha256
-
     return {
-        "list_sha256": list_sha256 or sha256(list_path),
-        "captions_sha256": sha256(captions) if captions is not None else None,
+        "list_sha256": list_sha256 or sha256_of(list_path),
+        "captions_sha256": sha256_of(captions) if captions is not None else None,
         "format": spec.format,
         "url_column": spec.url_column,
         "caption_column": spec.caption_column,
