@@ -461,6 +461,14 @@ def _validate_url_list(raw: Any, files: list[CatalogFile | None]) -> tuple[UrlLi
             if path not in paths and not extracted:  # inside an archive it can't be checked before extraction
                 errors.append((f"url_list.{field}[{i}]", f"{path!r} is not a file of this dataset"))
             named[field].append(path)
+    folders: dict[str, int] = {}  # each list's images go to shards/<its path without suffix>
+    for i, path in enumerate(named["lists"]):
+        folder = str(PurePosixPath(path).with_suffix(""))
+        if folder in folders:
+            errors.append(
+                (f"url_list.lists[{i}]", f"would share the shard folder shards/{folder} with lists[{folders[folder]}]")
+            )
+        folders.setdefault(folder, i)
     if model.captions is not None and not errors and len(named["captions"]) != len(named["lists"]):
         wanted, given = len(named["lists"]), len(named["captions"])
         errors.append(("url_list.captions", f"needs one file per list ({wanted}), not {given}"))

@@ -421,6 +421,11 @@ BAD_URL_LISTS = [
     pytest.param({"format": "tsv", "url_column": 0, "lists": ["../a.tsv"]}, "lists[0]: must not contain", id="up"),
     pytest.param({"format": "tsv", "url_column": 0, "columns": 2}, "url_list.columns: unknown key", id="key"),
     pytest.param("tsv", "url_list: must be a mapping", id="not-mapping"),
+    pytest.param(
+        {"format": "tsv", "url_column": 0, "lists": ["list.tsv", "list.tsv"]},
+        "url_list.lists[1]: would share the shard folder shards/list with lists[0]",
+        id="same-folder",
+    ),
     pytest.param({"format": "tsv", "url_column": 0, "decode": "yes"}, "url_list.decode: must be true or", id="dec"),
     pytest.param(
         {"format": "lines", "url_column": 0}, "url_list.url_column: does not apply to format: lines", id="lines-column"
