@@ -32,7 +32,7 @@ __all__ = [
 BUNDLED_CATALOG: Path = Path(__file__).with_name("catalog.yaml")
 
 Access = Literal["public", "hf", "manual"]
-ListFormat = Literal["tsv", "parquet", "lines"]
+ListFormat = Literal["tsv", "parquet", "json", "lines"]
 Column = int | str  # a 0-based index (headerless TSV) or a column name (parquet, TSV with a header)
 
 # Only these are unpacked: anything else marked `extract` is a catalog mistake, not a format to guess at.
@@ -70,8 +70,9 @@ class UrlList:
     """How to read a dataset's image URL lists (CC3M, CC12M, LAION-style parquet) and shard what they point to.
 
     The columns are explicit because the lists disagree: CC3M is caption<TAB>url, CC12M url<TAB>caption, both
-    without a header; guessing is how CC3M once lost every image. SBU is `lines`: one URL per line, and the captions
-    line by line in a parallel file.
+    without a header; guessing is how CC3M once lost every image. SBU's `sbu-captions-all.json` is `json`: an object
+    of parallel arrays (`image_urls`, `captions`). `lines` is one URL per line, with the captions line by line in a
+    parallel file (the layout of torchvision's SBU archive).
     """
 
     lists: tuple[str, ...]  # the list files, relative to the dataset folder (default: every file of the dataset)
@@ -259,11 +260,11 @@ def _url_list_problems(model: _UrlListModel) -> list[tuple[str, str]]:
         return problems
     problems = [] if model.url_column is not None else [("url_column", "required")]
     if model.captions is not None:
-        problems.append(("captions", "only applies to format: lines (tsv and parquet name a caption_column)"))
+        problems.append(("captions", "only applies to format: lines (the other formats name a caption_column)"))
     for field in ("url_column", "caption_column"):
         column = getattr(model, field)
-        if model.format == "parquet" and isinstance(column, int):
-            problems.append((field, "parquet columns are named: give the column name, not an index"))
+        if model.format in ("parquet", "json") and isinstance(column, int):
+            problems.append((field, f"{model.format} columns are named: give the column name, not an index"))
         elif model.format == "tsv" and not model.header and isinstance(column, str):
             problems.append((field, "a TSV without header has no column names: give a 0-based index"))
     if model.url_column is not None and model.url_column == model.caption_column:

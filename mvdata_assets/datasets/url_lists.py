@@ -212,6 +212,36 @@ def _parquet_rows(path: Path, spec: UrlList) -> Iterator[Row]:
             yield (url or "").strip(), captions[i] if captions is not None else None
 
 
+def _json_rows(path: Path, spec: UrlList) -> Iterator[Row]:
+    """A JSON object of parallel arrays (SBU: `{"image_urls": [...], "captions": [...]}`) or an array of records."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise UrlListError(f"{path}: not JSON: {exc}") from None
+    names = [c for c in (spec.url_column, spec.caption_column) if c is not None]
+    if isinstance(doc, list):  # records
+        first = doc[0] if doc and isinstance(doc[0], dict) else {}
+        for name in names:
+            if doc and name not in first:
+                raise UrlListError(f"{path}: no key {name!r} in its records (the first has {', '.join(first)})")
+        for record in doc:
+            url = record.get(spec.url_column) if isinstance(record, dict) else None
+            caption = record.get(spec.caption_column) if isinstance(record, dict) and spec.caption_column else None
+            yield (url or "").strip() if isinstance(url, str) else "", caption
+        return
+    if not isinstance(doc, dict):
+        raise UrlListError(f"{path}: expected an object of arrays or an array of records, not {type(doc).__name__}")
+    for name in names:
+        if not isinstance(doc.get(name), list):
+            raise UrlListError(f"{path}: no array {name!r} (it has {', '.join(doc)})")
+    urls = doc[spec.url_column]
+    captions = doc[spec.caption_column] if spec.caption_column is not None else None
+    if captions is not None and len(captions) != len(urls):
+        raise UrlListError(f"{path}: {len(urls)} {spec.url_column!r} but {len(captions)} {spec.caption_column!r}")
+    for i, url in enumerate(urls):
+        yield (url or "").strip() if isinstance(url, str) else "", captions[i] if captions is not None else None
+
+
 def _count_lines(path: Path) -> int:
     count, last = 0, b"\n"
     with path.open("rb") as f:
@@ -245,6 +275,8 @@ def read_list(path: Path, spec: UrlList, captions: Path | None = None) -> Iterat
     """
     if spec.format == "lines":
         rows = _line_rows(path, captions)
+    elif spec.format == "json":
+        rows = _json_rows(path, spec)
     else:
         rows = _tsv_rows(path, spec) if spec.format == "tsv" else _parquet_rows(path, spec)
     head = list(itertools.islice(rows, CHECK_ROWS))

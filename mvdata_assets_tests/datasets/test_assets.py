@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
 import os
 import tarfile
 import zipfile
@@ -335,20 +336,19 @@ def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_lis
         assert conn.execute("SELECT status FROM datasets.download_summary").fetchall() == [("failed",)]
 
 
-def test_sbu_layout_lists_inside_an_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SBU: an archive holding a URL per line and the captions line by line in a parallel file."""
+def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SBU as the bundled catalog has it: sbu-captions-all.json (parallel arrays) inside a tar.gz."""
     with FileServer() as server:
         photos = [_jpeg(i * 30) for i in range(5)]
         urls = [server.add(f"photo/{i}.jpg", photo, content_type="image/jpeg") for i, photo in enumerate(photos)]
         archive = io.BytesIO()
+        doc = json.dumps({"image_urls": urls, "captions": [f"photo {i}" for i in range(5)], "user_ids": ["u"] * 5})
         with tarfile.open(fileobj=archive, mode="w:gz") as tar:
-            for name, text in (("dataset/SBU_urls.txt", "".join(f"{u}\n" for u in urls)),
-                               ("dataset/SBU_captions.txt", "".join(f"photo {i}\n" for i in range(5)))):  # fmt: skip
-                info = tarfile.TarInfo(name)
-                info.size = len(text.encode())
-                tar.addfile(info, io.BytesIO(text.encode()))
-        url_list = {"format": "lines", "lists": ["dataset/SBU_urls.txt"], "captions": ["dataset/SBU_captions.txt"],
-                    "shard_size": 2}  # fmt: skip
+            info = tarfile.TarInfo("sbu-captions-all.json")
+            info.size = len(doc.encode())
+            tar.addfile(info, io.BytesIO(doc.encode()))
+        url_list = {"format": "json", "lists": ["sbu-captions-all.json"], "url_column": "image_urls",
+                    "caption_column": "captions", "shard_size": 2}  # fmt: skip
         entry = _entry(server, "sbu/sbu-captions-all.tar.gz", archive.getvalue(), extract=True)
         catalog = {"datasets": {"mini_sbu": {"description": "d", "access": "public", "files": [entry],
                                              "url_list": url_list}}}  # fmt: skip
@@ -365,12 +365,12 @@ def test_sbu_layout_lists_inside_an_archive(tmp_path: Path, monkeypatch: pytest.
             3,
         )
         assert checks[("datasets/mini_sbu", "images_fetched")] is True
-        shards = home / "datasets" / "mini_sbu" / "shards" / "dataset" / "SBU_urls"
+        shards = home / "datasets" / "mini_sbu" / "shards" / "sbu-captions-all"
         with tarfile.open(shards / "00002.tar") as tar:
             assert tar.extractfile("000020.txt").read() == b"photo 4"
             assert tar.extractfile("000020.jpg").read() == photos[4]
 
-        url_list["lists"] = ["dataset/elsewhere.txt"]  # inside the archive, so only known after extraction
+        url_list["lists"] = ["dataset/elsewhere.json"]  # inside the archive, so only known after extraction
         path.write_text(yaml.safe_dump(catalog))
         result = materialize(
             dataset_assets(),
@@ -380,4 +380,4 @@ def test_sbu_layout_lists_inside_an_archive(tmp_path: Path, monkeypatch: pytest.
             raise_on_error=False,
         )  # fmt: skip
         failure = next(e for e in result.all_events if e.is_step_failure)
-        assert "url_list.lists[0] 'dataset/elsewhere.txt' is not in" in failure.step_failure_data.error.cause.message
+        assert "url_list.lists[0] 'dataset/elsewhere.json' is not in" in failure.step_failure_data.error.cause.message

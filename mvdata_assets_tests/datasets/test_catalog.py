@@ -396,11 +396,12 @@ def test_url_list_layouts_of_the_bundled_lists(bundled: dict[str, Dataset]) -> N
         shard_size=10_000,
     )
     assert cc12m is not None and (cc12m.url_column, cc12m.caption_column, cc12m.header) == (0, 1, False)
-    sbu = bundled["sbu"].url_list  # two parallel line files inside the extracted archive
-    assert sbu is not None and (sbu.format, sbu.lists, sbu.captions) == (
-        "lines",
-        ("dataset/SBU_captioned_photo_dataset_urls.txt",),
-        ("dataset/SBU_captioned_photo_dataset_captions.txt",),
+    sbu = bundled["sbu"].url_list  # parallel arrays in a JSON object inside the extracted archive
+    assert sbu is not None and (sbu.format, sbu.lists, sbu.url_column, sbu.caption_column) == (
+        "json",
+        ("sbu-captions-all.json",),
+        "image_urls",
+        "captions",
     )
     assert all(d.url_list is None for name, d in bundled.items() if name not in ("cc3m", "cc12m", "sbu"))
 
@@ -421,6 +422,7 @@ BAD_URL_LISTS = [
     pytest.param({"format": "tsv", "url_column": 0, "lists": ["../a.tsv"]}, "lists[0]: must not contain", id="up"),
     pytest.param({"format": "tsv", "url_column": 0, "columns": 2}, "url_list.columns: unknown key", id="key"),
     pytest.param("tsv", "url_list: must be a mapping", id="not-mapping"),
+    pytest.param({"format": "json", "url_column": 0}, "url_list.url_column: json columns are named", id="json-index"),
     pytest.param(
         {"format": "tsv", "url_column": 0, "lists": ["list.tsv", "list.tsv"]},
         "url_list.lists[1]: would share the shard folder shards/list with lists[0]",

@@ -298,3 +298,32 @@ def test_decode_catches_corruption_inside_an_image(tmp_path: Path, server: FileS
     assert (got["broken"]["status"], got["broken"]["error_kind"]) == ("failed", "undecodable")
     assert got["broken"]["error"].startswith("does not decode: ")
     assert json.loads(members(tmp_path / "decoded" / "00000.tar")["000000.json"])["width"] == 8
+
+
+def test_sbu_json_of_parallel_arrays_and_json_records(tmp_path: Path) -> None:
+    """sbu-captions-all.json is an object of parallel arrays; LAION-style JSON is an array of records."""
+    spec = UrlList(("sbu.json",), "json", url_column="image_urls", caption_column="captions")
+    arrays = tmp_path / "sbu.json"
+    arrays.write_text(json.dumps({"image_urls": ["http://static.flickr.com/1/a.jpg", " http://x.org/b.jpg "],
+                                  "captions": ["a dog", "a cat"], "user_ids": ["1", "2"]}))  # fmt: skip
+    assert list(read_list(arrays, spec)) == [
+        ("http://static.flickr.com/1/a.jpg", "a dog"),
+        ("http://x.org/b.jpg", "a cat"),
+    ]
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"image_urls": "http://x.org/c.jpg", "captions": "c"}, {"captions": "no url"}]))
+    assert list(read_list(records, spec)) == [("http://x.org/c.jpg", "c"), ("", "no url")]
+
+    arrays.write_text(json.dumps({"image_urls": ["http://x.org/a.jpg"], "captions": []}))
+    with pytest.raises(UrlListError, match=r"1 'image_urls' but 0 'captions'"):
+        list(read_list(arrays, spec))
+    arrays.write_text(json.dumps({"urls": [], "captions": []}))
+    with pytest.raises(UrlListError, match=r"no array 'image_urls' \(it has urls, captions\)"):
+        list(read_list(arrays, spec))
+    arrays.write_text("{not json")
+    with pytest.raises(UrlListError, match="not JSON"):
+        list(read_list(arrays, spec))
+    swapped = UrlList(("sbu.json",), "json", url_column="captions", caption_column="image_urls")
+    records.write_text(json.dumps({"image_urls": ["http://x.org/a.jpg"], "captions": ["a dog"]}))
+    with pytest.raises(UrlListError, match=r"url_column \(column 'captions'\) does not hold .* are the two swapped"):
+        list(read_list(records, swapped))
