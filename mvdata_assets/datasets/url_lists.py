@@ -213,7 +213,11 @@ def _parquet_rows(path: Path, spec: UrlList) -> Iterator[Row]:
 
 
 def _json_rows(path: Path, spec: UrlList) -> Iterator[Row]:
-    """A JSON object of parallel arrays (SBU: `{"image_urls": [...], "captions": [...]}`) or an array of records."""
+    """A JSON object of parallel arrays (SBU: `{"image_urls": [...], "captions": [...]}`) or an array of records.
+
+    Read whole (the stdlib has no streaming JSON reader, and a JSON list is one value): fine for SBU's 1 M pairs; a
+    list of hundreds of millions belongs in parquet or TSV, which are streamed.
+    """
     try:
         doc = json.loads(path.read_bytes())
     except ValueError as exc:
