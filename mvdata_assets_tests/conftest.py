@@ -1,10 +1,13 @@
 """Tests run with the project's defaults, whatever the developer's shell exports."""
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+_DEFAULT_HOME = tempfile.mkdtemp(prefix="mvdata-tests-home-")
 
 
 def pytest_configure() -> None:
@@ -15,7 +18,11 @@ def pytest_configure() -> None:
     # download runs are logged to W&B only where a test turns it on (offline, or at a loopback server)
     os.environ["MVDATA_WANDB_TRACKING"] = "off"
     # a test that forgets to set MVDATA_HOME writes into a temporary folder, never into the checkout's .mvdata
-    os.environ["MVDATA_HOME"] = tempfile.mkdtemp(prefix="mvdata-tests-home-")
+    os.environ["MVDATA_HOME"] = _DEFAULT_HOME
+
+
+def pytest_unconfigure() -> None:
+    shutil.rmtree(_DEFAULT_HOME, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
