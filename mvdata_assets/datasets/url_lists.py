@@ -40,7 +40,15 @@ import pycurl
 
 from mvdata_assets.datasets.catalog import Column, UrlList
 from mvdata_assets.datasets.digests import Digests, sha256_of
-from mvdata_assets.datasets.transport import CurlLoop, Job, Request, Writer, retry_after
+from mvdata_assets.datasets.transport import (
+    CurlLoop,
+    Job,
+    Request,
+    TransientError,
+    Writer,
+    retry_after,
+    status_error,
+)
 
 __all__ = [
     "ERROR_KINDS",
@@ -434,9 +442,9 @@ def decode(body: bytes) -> tuple[str | None, tuple[int, int] | None]:
 
 def _transient(request: Request, kind: str | None) -> bool:
     """A failure worth another attempt: the server was busy or refused the connection, not gone or wrong."""
-    if kind == "connection":
+    if kind == "connection":  # not timeouts: at list scale those are mostly dead hosts
         return request.error_code in (pycurl.E_COULDNT_CONNECT, pycurl.E_RECV_ERROR, pycurl.E_GOT_NOTHING)
-    return request.status == 429 or request.status >= 500
+    return isinstance(status_error(request.status, request.url, None), TransientError)  # the downloader's rule
 
 
 class _Shard:
