@@ -142,9 +142,7 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
                 f"  {listed} shard {shard.index:05d}: {shard.state}, {shard.in_place}/{shard.total} images in place"
             )
 
-        images = ImageOptions(
-            settings.image_concurrency, settings.image_host_connections, settings.image_timeout_s, retry_failed
-        )
+        images = ImageOptions.from_settings(settings, retry_failed)
 
         for name in selected:
             if tracker:
@@ -170,7 +168,7 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
                 if result.status == "failed":
                     bars.console.print(f"  {result.path}: {result.error}")
             if run.lists:
-                kinds = ", ".join(f"{kind} {n}" for kind, n in run.error_kinds.most_common()) or "none"
+                kinds = run.failures_by_kind() or "none"
                 bars.console.print(f"  images: {run.images['downloaded']} downloaded, {run.images['skipped']} "
                                    f"already in shards, {run.images['failed']} failed (by kind: {kinds})")  # fmt: skip
             failed += sum(r.status == "failed" for r in run.results + run.shards)  # files: link rot is reported above

@@ -224,12 +224,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 verify=config.verify,
                 concurrency=settings.download_concurrency,
                 progress=_progress_logger(context),
-                images=ImageOptions(
-                    settings.image_concurrency,
-                    settings.image_host_connections,
-                    settings.image_timeout_s,
-                    retry_failed=config.retry_failed,
-                ),
+                images=ImageOptions.from_settings(settings, config.retry_failed),
                 shard_progress=_shard_logger(context, dataset.name),
             )
         except Exception:
@@ -254,7 +249,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 if listed.run.stale_removed:
                     context.log.info(f"{listed.list} changed: removed {listed.run.stale_removed} shards made from its "
                                      "earlier version")  # fmt: skip
-            kinds = ", ".join(f"{kind} {n}" for kind, n in run.error_kinds.most_common()) or "none failed"
+            kinds = run.failures_by_kind() or "none failed"
             context.log.info(
                 f"{dataset.name}: {metadata['images_downloaded']} images downloaded "
                 f"({metadata['images_per_second'].value} /s), {metadata['images_skipped']} already in shards, "

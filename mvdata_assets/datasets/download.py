@@ -24,6 +24,7 @@ from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import extract
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Known, Progress
 from mvdata_assets.datasets.url_lists import ShardResult, UrlListError, UrlListRun, fetch_url_list
+from mvdata_assets.settings import Settings
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 ShardProgress = Callable[[str, ShardResult], None]  # (list path, shard): each shard as it is finished
@@ -37,6 +38,10 @@ class ImageOptions:
     max_host_connections: int = 16
     timeout_s: float = 10.0
     retry_failed: bool = False  # fetch the failed URLs of finished shards again
+
+    @classmethod
+    def from_settings(cls, settings: Settings, retry_failed: bool = False) -> ImageOptions:
+        return cls(settings.image_concurrency, settings.image_host_connections, settings.image_timeout_s, retry_failed)
 
 
 @dataclass
@@ -75,6 +80,10 @@ class DatasetRun:
     @property
     def error_kinds(self) -> Counter[str]:
         return sum((listed.run.error_kinds for listed in self.lists), Counter())
+
+    def failures_by_kind(self) -> str:
+        """'http_404 2, not_an_image 1': the images' failures, most common first ('' when none failed)."""
+        return ", ".join(f"{kind} {n}" for kind, n in self.error_kinds.most_common())
 
 
 def download_dataset(
