@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -21,6 +20,7 @@ from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_asse
 from mvdata_assets.runs.offline import sync_offline
 from mvdata_assets.tracking import PROJECT, RunCounter
 from mvdata_assets.warehouse import WarehouseResource
+from mvdata_assets_tests.datasets.conftest import closed_port
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 FILES = {"coco/a.json": b'{"images": []}' * 50, "coco/b.json": b"[1, 2, 3]", "vqa/q.json": b'{"questions": []}'}
@@ -172,9 +172,7 @@ def test_tracking_off_makes_no_run_and_leaves_the_counter_alone(home: Path, monk
 
 
 def test_unreachable_wandb_warns_once_and_the_downloads_go_on(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as probe:  # a port nobody listens on
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    closed = f"http://127.0.0.1:{closed_port()}"
     key = "k" * 40
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", closed)
