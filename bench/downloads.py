@@ -66,6 +66,7 @@ WWW = DATA / "www"
 sys.path.insert(0, str(HERE.parent))
 
 from mvdata_assets.datasets.fetch import Downloader, FileTask  # noqa: E402
+from mvdata_assets.settings import load_settings  # noqa: E402
 
 TOOLS = {"nginx": "nginx", "curl": "curl", "aria2c": "aria2", "sha256sum": "coreutils", "sync": "coreutils"}
 BIG_TARGET = 0.9  # engine throughput / curl throughput, 1 GiB file
@@ -74,7 +75,8 @@ WRITE_CHUNK = 8 * 1024 * 1024
 CURL_SMALL = "curl -Z --parallel-max 16"
 CURL_SUM = "curl -Z, sha256sum -c"
 CURL_SUM_SYNC = "curl -Z, sha256sum -c, sync"
-ENGINE_SMALL = "engine (concurrency 16)"
+ENGINE_SMALL = "engine"  # with --processes worker processes (the default: MVDATA_DOWNLOAD_PROCESSES's)
+ENGINE_ONE = "engine, 1 process"
 PYCURL_FLOOR = "bare pycurl loop, same checks"
 
 Timing = tuple[float, float]  # (wall seconds, CPU seconds)
@@ -315,7 +317,7 @@ def big_runs(tools: dict[str, str], base: str, big: dict) -> dict[str, Callable[
     return {"curl": curl, "aria2c -x16 -s16": aria2(16), "aria2c -x1": aria2(1), "engine": engine}
 
 
-def small_runs(tools: dict[str, str], base: str, smalls: list[dict]) -> dict[str, Callable[[], Timing]]:
+def small_runs(tools: dict[str, str], base: str, smalls: list[dict], processes: int) -> dict[str, Callable[[], Timing]]:
     urls = [f"{base}/{s['rel']}" for s in smalls]
     expected = {Path(s["rel"]).name: s["size"] for s in smalls}
     lists = DATA / "lists"
@@ -349,11 +351,14 @@ def small_runs(tools: dict[str, str], base: str, smalls: list[dict]) -> dict[str
         check_files(out, expected, "aria2c -j16")
         return timing
 
-    def engine() -> Timing:
-        out = fresh_dir("engine")
-        pairs = zip(urls, smalls, strict=True)
-        tasks = [FileTask(u, out / Path(s["rel"]).name, size=s["size"], sha256=s["sha256"]) for u, s in pairs]
-        return engine_run(tasks)
+    def engine(processes: int) -> Callable[[], Timing]:
+        def run() -> Timing:
+            out = fresh_dir("engine")
+            pairs = zip(urls, smalls, strict=True)
+            tasks = [FileTask(u, out / Path(s["rel"]).name, size=s["size"], sha256=s["sha256"]) for u, s in pairs]
+            return engine_run(tasks, processes)
+
+        return run
 
     def floor() -> Timing:
         out = fresh_dir("floor")
@@ -367,7 +372,8 @@ def small_runs(tools: dict[str, str], base: str, smalls: list[dict]) -> dict[str
         CURL_SUM_SYNC: curl(verify=True, durable=True),
         "aria2c -j16": aria2,
         PYCURL_FLOOR: floor,
-        ENGINE_SMALL: engine,
+        ENGINE_ONE: engine(1),
+        ENGINE_SMALL: engine(processes),
     }
 
 
@@ -439,11 +445,12 @@ def bare_pycurl_loop(pairs: list[tuple[str, dict]], out: Path, concurrency: int 
     os.close(folder)
 
 
-def engine_run(tasks: list[FileTask]) -> Timing:
-    """The engine in this process: (wall seconds, CPU seconds of the whole process, all its threads)."""
-    cpu, started = cpu_now(children=False), time.perf_counter()
-    results = Downloader(concurrency=16).fetch_all(tasks)
-    timing = time.perf_counter() - started, cpu_now(children=False) - cpu
+def engine_run(tasks: list[FileTask], processes: int = 1) -> Timing:
+    """The engine in this process: (wall seconds, CPU seconds of the process with all its threads and of the worker
+    processes it forked)."""
+    cpu, started = cpu_now(children=False) + cpu_now(children=True), time.perf_counter()
+    results = Downloader(concurrency=16, processes=processes).fetch_all(tasks)
+    timing = time.perf_counter() - started, cpu_now(children=False) + cpu_now(children=True) - cpu
     engine_check(results)
     return timing
 
@@ -509,6 +516,13 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=2000, help="number of small files (default 2000)")
     parser.add_argument("--small-kib", type=int, default=64, help="size of each small file in KiB (default 64)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per tool and workload (default 5)")
+    default_processes = load_settings().download_processes
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=default_processes,
+        help=f"the engine's worker processes for many files (default {default_processes}: MVDATA_DOWNLOAD_PROCESSES)",
+    )
     args = parser.parse_args()
 
     tools = require_tools()
@@ -520,7 +534,9 @@ def main() -> int:
             steal0, total0 = cpu_counters()
             create_before = create_cost()
             big_times = measure(big_runs(tools, base, big), args.repeat, f"{args.big_mib} MiB")
-            small_times = measure(small_runs(tools, base, smalls), args.repeat, f"{args.small} x {args.small_kib} KiB")
+            small_times = measure(
+                small_runs(tools, base, smalls, args.processes), args.repeat, f"{args.small} x {args.small_kib} KiB"
+            )
             create_after = create_cost()
             steal1, total1 = cpu_counters()
     finally:
@@ -545,7 +561,7 @@ def main() -> int:
     print(f"  engine/curl throughput: {big_ratio:.2f}x best, {big_ratio_med:.2f}x median")
 
     print()
-    print(f"{args.small} x {args.small_kib} KiB files")
+    print(f"{args.small} x {args.small_kib} KiB files; {ENGINE_SMALL}: {args.processes} worker processes")
     print(f"  {'tool':<30}{'best s':>9}{'median s':>10}{'best files/s':>14}{'median CPU s':>14}")
     for name, ts in small_times.items():
         walls = [t[0] for t in ts]
@@ -554,7 +570,7 @@ def main() -> int:
     engine_small = small_times[ENGINE_SMALL]
     small_ratio, small_ratio_med = ratios(small_times[CURL_SMALL], engine_small)
     print(f"  {CURL_SMALL} seconds / engine seconds: {small_ratio:.2f} best, {small_ratio_med:.2f} median")
-    for baseline in (CURL_SUM, CURL_SUM_SYNC, PYCURL_FLOOR):
+    for baseline in (CURL_SUM, CURL_SUM_SYNC, PYCURL_FLOOR, ENGINE_ONE):
         best, med = ratios(small_times[baseline], engine_small)
         print(f"  ({baseline}) seconds / engine seconds: {best:.2f} best, {med:.2f} median")
     best, med = ratios(small_times[CURL_SMALL], small_times[PYCURL_FLOOR])

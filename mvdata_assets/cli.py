@@ -153,6 +153,7 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
                 lambda: connect(settings.warehouse, settings.lock_timeout_s),
                 verify=verify,
                 concurrency=settings.download_concurrency,
+                processes=settings.download_processes,
                 progress=progress,
                 images=images,
                 shard_progress=shard_progress,

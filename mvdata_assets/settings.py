@@ -17,6 +17,15 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from exc
 
 
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ValueError(f"{name} must be a whole number of at least 1, got {raw!r}")
+    return int(raw)
+
+
 def _switch(name: str, default: str) -> bool:
     raw = (os.environ.get(name) or default).lower()
     if raw not in ("1", "on", "true", "0", "off", "false"):
@@ -37,6 +46,7 @@ class Settings:
     data_root: Path
     catalog: Path | None  # None: the bundled catalog
     download_concurrency: int
+    download_processes: int  # worker processes sharing many files' transfers (see datasets/forked.py)
     image_concurrency: int  # URL-list images in flight at once
     image_host_connections: int  # ... of which at most this many to one host
     image_timeout_s: float  # an image transfer that receives nothing for this long fails as `timeout`
@@ -75,9 +85,10 @@ def load_settings() -> Settings:
         catalog=Path(os.environ["MVDATA_CATALOG"]).expanduser().absolute()
         if os.environ.get("MVDATA_CATALOG")
         else None,
-        download_concurrency=int(_float("MVDATA_DOWNLOAD_CONCURRENCY", 16)),
-        image_concurrency=int(_float("MVDATA_IMAGE_CONCURRENCY", 64)),
-        image_host_connections=int(_float("MVDATA_IMAGE_HOST_CONNECTIONS", 16)),
+        download_concurrency=_count("MVDATA_DOWNLOAD_CONCURRENCY", 16),
+        download_processes=_count("MVDATA_DOWNLOAD_PROCESSES", min(4, os.cpu_count() or 1)),
+        image_concurrency=_count("MVDATA_IMAGE_CONCURRENCY", 64),
+        image_host_connections=_count("MVDATA_IMAGE_HOST_CONNECTIONS", 16),
         image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", 10.0),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
         sensor_enabled=_switch(
@@ -88,7 +99,7 @@ def load_settings() -> Settings:
         api_states=_list("MVDATA_WANDB_API_STATES", ""),
         api_tags=_list("MVDATA_WANDB_API_TAGS", ""),
         api_created_since=os.environ.get("MVDATA_WANDB_API_CREATED_SINCE") or None,
-        api_concurrency=int(_float("MVDATA_WANDB_API_CONCURRENCY", 8)),
+        api_concurrency=_count("MVDATA_WANDB_API_CONCURRENCY", 8),
         leaderboard_metrics=_list("MVDATA_LEADERBOARD_METRICS", "*loss*,*acc,*accuracy*,*f1*,*bleu*,*cider*"),
         leaderboard_config=_list("MVDATA_LEADERBOARD_CONFIG", ""),
     )

@@ -223,6 +223,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 warehouse.get_connection,
                 verify=config.verify,
                 concurrency=settings.download_concurrency,
+                processes=settings.download_processes,
                 progress=_progress_logger(context),
                 images=ImageOptions.from_settings(settings, config.retry_failed),
                 shard_progress=_shard_logger(context, dataset.name),

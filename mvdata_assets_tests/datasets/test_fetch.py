@@ -616,7 +616,8 @@ def test_space_check_counts_only_the_missing_part_of_a_resumed_file(
 # -- many files at once -------------------------------------------------------------------------------------------
 
 
-def test_many_files_with_some_faulted(server: FileServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("processes", [1, 2], ids=["in-process", "2-worker-processes"])
+def test_many_files_with_some_faulted(server: FileServer, tmp_path: Path, processes: int) -> None:
     faults = {7: "503", 13: "reset", 21: "corrupt-always", 33: "truncate", 40: "404", 45: "corrupt-once"}
     tasks: list[FileTask] = []
     expected: dict[str, tuple[str, bytes]] = {}
@@ -638,7 +639,7 @@ def test_many_files_with_some_faulted(server: FileServer, tmp_path: Path) -> Non
         tasks.append(FileTask(url, tmp_path / "shards" / f"{i:04d}.jpg", len(data), sha256(data)))
         expected[url] = (kind or "ok", data)
 
-    results = downloader(concurrency=16, retries=3).fetch_all(tasks)
+    results = downloader(concurrency=16, retries=3, processes=processes).fetch_all(tasks)
 
     assert [r.url for r in results] == [t.url for t in tasks]  # task order
     for task, result in zip(tasks, results, strict=True):
@@ -690,6 +691,112 @@ def test_connection_left_by_a_503_does_not_fail_another_file(server: FileServer,
     assert_downloaded(result_b, task_b, data)
     assert result_b.attempts == 1, "B's first attempt reused the connection A's 503 response still occupied"
     assert len(gets(server, "b.bin")) == 1
+
+
+# -- worker processes ---------------------------------------------------------------------------------------------
+
+
+def many_files(server: FileServer, tmp_path: Path, count: int) -> tuple[list[FileTask], list[bytes]]:
+    datas = [blob(1000 + 97 * i, 3000 + i) for i in range(count)]
+    tasks = [
+        FileTask(server.add(f"w/{i:04d}.bin", data), tmp_path / "w" / f"{i:04d}.bin", len(data), sha256(data))
+        for i, data in enumerate(datas)
+    ]
+    return tasks, datas
+
+
+@pytest.fixture
+def transfer_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[], list[tuple[int, int, int]]]:
+    """(pid, files, transfers at once) of every transfer loop run, as each recorded itself (from any process)."""
+    log = tmp_path / "transfer-runs.log"
+    original = Downloader._run
+
+    def recording(self: Downloader, loop, todo, probes, listing, at_once: int) -> None:  # type: ignore[no-untyped-def]
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()} {len(todo)} {at_once}\n")
+        original(self, loop, todo, probes, listing, at_once)
+
+    monkeypatch.setattr(Downloader, "_run", recording)
+    return lambda: [tuple(map(int, line.split())) for line in log.read_text().splitlines()]  # type: ignore[misc]
+
+
+def test_many_files_are_fetched_by_worker_processes_and_reported_here(
+    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, int, int]]]
+) -> None:
+    tasks, datas = many_files(server, tmp_path, 200)
+    progress: list[tuple[int, str, int, int | None]] = []
+
+    def report(url: str, done: int, total: int | None) -> None:
+        progress.append((os.getpid(), url, done, total))
+
+    results = downloader(concurrency=16, processes=2, progress=report).fetch_all(tasks)
+
+    for task, result, data in zip(tasks, results, datas, strict=True):
+        assert_downloaded(result, task, data)
+        assert (result.attempts, result.bytes_transferred) == (1, len(data))
+    runs = transfer_runs()
+    assert len(runs) == 2
+    assert os.getpid() not in {pid for pid, _, _ in runs} and len({pid for pid, _, _ in runs}) == 2
+    assert sorted((files, at_once) for _, files, at_once in runs) == [(100, 8), (100, 8)]  # 16 transfers in all
+    assert {pid for pid, _, _, _ in progress} == {os.getpid()}  # the callback runs here, not in a worker
+    last = {url: (done, total) for _, url, done, total in progress}
+    assert last == {task.url: (task.size, task.size) for task in tasks}
+
+
+def test_few_files_are_not_worth_a_worker_process(
+    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, int, int]]]
+) -> None:
+    tasks, datas = many_files(server, tmp_path, fetch_module.FILES_PER_PROCESS * 2 - 1)
+    results = downloader(concurrency=16, processes=2).fetch_all(tasks)
+    assert all(r.status == "downloaded" for r in results)
+    assert transfer_runs() == [(os.getpid(), len(tasks), 16)]
+
+
+def test_a_worker_process_killed_midway_fails_its_share_and_a_rerun_keeps_what_it_stored(
+    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tasks, datas = many_files(server, tmp_path, 160)
+    doomed = tasks[-1].url  # the smallest file: dealt last, into the second share
+    original = Downloader._run
+
+    def dying(self: Downloader, loop, todo, probes, listing, at_once: int) -> None:  # type: ignore[no-untyped-def]
+        if any(task.url == doomed for task, _ in todo):
+            original(self, loop, todo[: len(todo) // 2], probes, listing, at_once)  # these reach the disk
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self, loop, todo, probes, listing, at_once)
+
+    monkeypatch.setattr(Downloader, "_run", dying)
+    results = downloader(concurrency=8, processes=2).fetch_all(tasks)
+
+    failed = [r for r in results if r.status == "failed"]
+    assert len(failed) == 80 and doomed in {r.url for r in failed}
+    for result in failed:
+        assert re.fullmatch(
+            r"the worker process \d+ ended without a result \(killed by SIGKILL\) before reporting this file",
+            result.error or "",
+        )
+    failed_tasks = [task for task, result in zip(tasks, results, strict=True) if result.status == "failed"]
+    stored = [task for task in failed_tasks if task.dest.exists()]
+    assert len(stored) == 40  # half the share reached the disk, yet nothing the parent did not hear of is `downloaded`
+    monkeypatch.setattr(Downloader, "_run", original)
+    known = {Path(r.path): Known(r.bytes, r.mtime_ns or 0, r.sha256 or "") for r in results if r.status == "downloaded"}
+    before = len(gets_all(server))
+
+    again = downloader(concurrency=8, processes=2).fetch_all(tasks, known)
+
+    by_url = {r.url: r for r in again}
+    for task, data in zip(tasks, datas, strict=True):
+        result = by_url[task.url]
+        if task in stored or task not in failed_tasks:
+            assert result.status == "skipped", result  # recorded, or found in place and re-hashed
+            assert task.dest.read_bytes() == data
+        else:
+            assert_downloaded(result, task, data)
+    assert len(gets_all(server)) - before == 40  # only the files that never reached the disk travelled again
+
+
+def gets_all(server: FileServer) -> list[Request]:
+    return [r for r in server.requests if r.method == "GET"]
 
 
 # -- progress ------------------------------------------------------------------------------------------------------
