@@ -51,6 +51,7 @@ BATCH_WAIT_S = 0.25
 # files to fetch per worker process before another is worth its fork (~5-20 ms; a small file costs ~0.3 ms)
 FILES_PER_PROCESS = 64
 PROGRESS_EVERY_S = 0.1  # a worker process sends its files' progress at most this often
+WRITERS = 2  # threads creating the `.part` files of a run, shared out among its worker processes (see _Committer)
 
 Progress = Callable[[str, int, int | None], None]  # (url, bytes so far, total or None)
 
@@ -275,8 +276,9 @@ class Downloader:
         probes: dict[str, Probe | str],
         listing: _Listing,
         at_once: int,
+        writers: int = WRITERS,
     ) -> None:
-        committer = _Committer()
+        committer = _Committer(writers)
         try:
             jobs = (
                 self._job(task, result, probes.get(task.url), listing.has(task.dest, ".part"), committer)
@@ -302,12 +304,13 @@ class Downloader:
         ordered = sorted(todo, key=lambda pair: pair[0].size or 0, reverse=True)
         shares = [ordered[i::workers] for i in range(workers)]
         at_once = -(-self.concurrency // workers)
+        writers = max(1, WRITERS // workers)
 
         def work(share: list[tuple[FileTask, FileResult]], send: forked.Send) -> list[FileResult]:
             batched = _BatchedProgress(send) if self.progress else None
             self.progress = batched
             with self._loop() as loop:
-                self._run(loop, share, probes, listing, at_once)
+                self._run(loop, share, probes, listing, at_once, writers)
             if batched:
                 batched.flush()
             return [result for _, result in share]
@@ -620,20 +623,20 @@ class _Committer:
     Why: an fsync per file plus one per folder cost more than a small file's whole transfer. One syncfs per batch,
     then the renames, then one fsync per folder keep the order that matters (the bytes on disk before the name
     points at them, the names on disk before a file is reported `downloaded`). Writers create the `.part` files of
-    bodies held in memory (creating a file is the dearest step on a busy disk, so two of them), while one syncer
-    commits what they finished, each batch holding what was written while the one before was being committed.
+    bodies held in memory (creating a file is the dearest step on a busy disk), while one syncer commits what they
+    finished, each batch holding what was written while the one before was being committed. Two writers in all, per
+    run: the kernel creates one file at a time per folder (a third writer, or two per worker process, only spins on
+    the folder's lock).
     """
 
-    WRITERS = 2
-
-    def __init__(self) -> None:
+    def __init__(self, writers: int) -> None:
         self._to_write: queue.SimpleQueue[tuple[FileResult, _Part, Path] | None] = queue.SimpleQueue()
         self._to_sync: list[tuple[FileResult, _Part, Path]] = []
         self._backlog = 0  # bytes of bodies held in memory, not yet written
         self._changed = threading.Condition()
         self._held_up = False  # the loop waits for the backlog to shrink
         self._written = False  # every writer has stopped
-        self._writers = [threading.Thread(target=self._write, daemon=True) for _ in range(self.WRITERS)]
+        self._writers = [threading.Thread(target=self._write, daemon=True) for _ in range(writers)]
         self._syncer = threading.Thread(target=self._sync, daemon=True)
         for thread in [*self._writers, self._syncer]:
             thread.start()

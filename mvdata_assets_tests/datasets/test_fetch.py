@@ -706,22 +706,23 @@ def many_files(server: FileServer, tmp_path: Path, count: int) -> tuple[list[Fil
 
 
 @pytest.fixture
-def transfer_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[], list[tuple[int, int, int]]]:
-    """(pid, files, transfers at once) of every transfer loop run, as each recorded itself (from any process)."""
+def transfer_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[], list[tuple[int, ...]]]:
+    """(pid, files, transfers at once, writer threads) of every transfer loop run, as each recorded itself (in any
+    process)."""
     log = tmp_path / "transfer-runs.log"
     original = Downloader._run
 
-    def recording(self: Downloader, loop, todo, probes, listing, at_once: int) -> None:  # type: ignore[no-untyped-def]
+    def recording(self: Downloader, loop, todo, probes, listing, at_once: int, writers: int = 2) -> None:  # type: ignore[no-untyped-def]
         with open(log, "a") as out:
-            out.write(f"{os.getpid()} {len(todo)} {at_once}\n")
-        original(self, loop, todo, probes, listing, at_once)
+            out.write(f"{os.getpid()} {len(todo)} {at_once} {writers}\n")
+        original(self, loop, todo, probes, listing, at_once, writers)
 
     monkeypatch.setattr(Downloader, "_run", recording)
     return lambda: [tuple(map(int, line.split())) for line in log.read_text().splitlines()]  # type: ignore[misc]
 
 
 def test_many_files_are_fetched_by_worker_processes_and_reported_here(
-    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, int, int]]]
+    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, ...]]]
 ) -> None:
     tasks, datas = many_files(server, tmp_path, 200)
     progress: list[tuple[int, str, int, int | None]] = []
@@ -736,20 +737,20 @@ def test_many_files_are_fetched_by_worker_processes_and_reported_here(
         assert (result.attempts, result.bytes_transferred) == (1, len(data))
     runs = transfer_runs()
     assert len(runs) == 2
-    assert os.getpid() not in {pid for pid, _, _ in runs} and len({pid for pid, _, _ in runs}) == 2
-    assert sorted((files, at_once) for _, files, at_once in runs) == [(100, 8), (100, 8)]  # 16 transfers in all
+    assert os.getpid() not in {run[0] for run in runs} and len({run[0] for run in runs}) == 2
+    assert sorted(run[1:] for run in runs) == [(100, 8, 1), (100, 8, 1)]  # 16 transfers and 2 writers in all
     assert {pid for pid, _, _, _ in progress} == {os.getpid()}  # the callback runs here, not in a worker
     last = {url: (done, total) for _, url, done, total in progress}
     assert last == {task.url: (task.size, task.size) for task in tasks}
 
 
 def test_few_files_are_not_worth_a_worker_process(
-    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, int, int]]]
+    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, ...]]]
 ) -> None:
     tasks, datas = many_files(server, tmp_path, fetch_module.FILES_PER_PROCESS * 2 - 1)
     results = downloader(concurrency=16, processes=2).fetch_all(tasks)
     assert all(r.status == "downloaded" for r in results)
-    assert transfer_runs() == [(os.getpid(), len(tasks), 16)]
+    assert transfer_runs() == [(os.getpid(), len(tasks), 16, 2)]
 
 
 def test_a_worker_process_killed_midway_fails_its_share_and_a_rerun_keeps_what_it_stored(
@@ -759,11 +760,11 @@ def test_a_worker_process_killed_midway_fails_its_share_and_a_rerun_keeps_what_i
     doomed = tasks[-1].url  # the smallest file: dealt last, into the second share
     original = Downloader._run
 
-    def dying(self: Downloader, loop, todo, probes, listing, at_once: int) -> None:  # type: ignore[no-untyped-def]
+    def dying(self: Downloader, loop, todo, probes, listing, at_once: int, writers: int) -> None:  # type: ignore[no-untyped-def]
         if any(task.url == doomed for task, _ in todo):
-            original(self, loop, todo[: len(todo) // 2], probes, listing, at_once)  # these reach the disk
+            original(self, loop, todo[: len(todo) // 2], probes, listing, at_once, writers)  # these reach the disk
             os.kill(os.getpid(), signal.SIGKILL)
-        original(self, loop, todo, probes, listing, at_once)
+        original(self, loop, todo, probes, listing, at_once, writers)
 
     monkeypatch.setattr(Downloader, "_run", dying)
     results = downloader(concurrency=8, processes=2).fetch_all(tasks)
