@@ -306,14 +306,14 @@ class Downloader:
         at_once = -(-self.concurrency // workers)
         writers = max(1, WRITERS // workers)
 
-        def work(share: list[tuple[FileTask, FileResult]], send: forked.Send) -> list[FileResult]:
+        def work(share: list[tuple[FileTask, FileResult]], send: forked.Send) -> list[dict[str, Any]]:
             batched = _BatchedProgress(send) if self.progress else None
             self.progress = batched
             with self._loop() as loop:
                 self._run(loop, share, probes, listing, at_once, writers)
             if batched:
                 batched.flush()
-            return [result for _, result in share]
+            return [vars(result) for _, result in share]  # plain dicts: several times quicker to unpickle
 
         def report(batch: list[tuple[str, int, int | None]]) -> None:
             assert self.progress is not None
@@ -326,7 +326,7 @@ class Downloader:
                     result.error = f"{outcome} before reporting this file"
             else:
                 for (_, result), reported in zip(share, outcome, strict=True):
-                    vars(result).update(vars(reported))
+                    vars(result).update(reported)
 
     def _keep_existing(self, task: FileTask, result: FileResult) -> bool:
         """A file already in place (from an earlier run, or put there by hand) is kept if it matches.
