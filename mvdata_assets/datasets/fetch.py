@@ -130,9 +130,7 @@ class Downloader:
         hf_token: str | None = None,
         hf_endpoint: str | None = None,
         progress: Progress | None = None,
-        # 4, not 8: on 2 cores, 8 segment threads writing one file mostly spin on its inode lock (1 GiB on loopback:
-        # 2.0-3.9 s and 4.9 CPU s with 8; 1.95-2.2 s and 2.3 CPU s with 4; curl 2.1-2.7 s)
-        segments: int = 4,
+        segments: int = 8,
         segment_min_bytes: int = 64 * 1024 * 1024,  # smaller files gain nothing from several connections
         processes: int = 1,  # worker processes for many files (see forked.py); 1: all in this process
     ) -> None:
