@@ -20,24 +20,23 @@ script, other people's tests): the "conditions" line gives what creating one fil
 and the CPU steal time.
 Runs are interleaved (tool A, B, C, A, B, C, ...); the table shows the best (fastest) of --repeat runs, which the
 targets are judged on, and the median beside it.
-The engine runs in this process (no interpreter start-up or imports in its time); curl and aria2c include theirs.
+The engine runs in this process (no interpreter start-up or imports in its time; its worker processes are forked
+from it within its time, and their CPU counts in its CPU seconds); curl and aria2c include theirs.
 The engine's time includes making its files durable (syncfs, renames from .part, a folder fsync); curl's does not.
 
-What bounds the engine on the small files (2-core VMs, per 2,000-file run): curl uses ~0.32-0.37 s of CPU (~0.12 user,
-the rest system) and nginx some more; the engine ~0.85-0.95 s. Its one loop thread takes ~0.45-0.55 s (libcurl itself
-~0.13 s - a bare pycurl loop keeping the bodies in memory takes 0.22-0.27 s wall - sha256 ~0.1 s, and the rest is
-Python per file: starting and finishing transfers, the job generators, header parsing, ~4 body callbacks per file, as
-libcurl hands a body over 16 KiB at a time whatever its buffer size); its writer and syncer threads ~0.4 s, mostly
-system time (creating, writing and renaming 2,000 files, syncfs). Inside `perform` the loop thread waits for the GIL
-or a core for 0.3-0.6 s beyond its own CPU time. On two cores shared with nginx and the kernel's writeback the run is
-CPU-bound, so its wall time stays above ~0.6 s while curl's is 0.32-0.5 s: 0.5-0.66 measured, and 0.8 would need the
-per-file work out of Python: the bare loop itself reaches only ~0.77 (best) of curl here. Moving sha256 to the writer
-threads (hashlib lets go of the GIL) cut the loop thread's CPU by ~0.05-0.1 s but changed no wall time measurably
-(jobs waiting for their verdict held their slots), so it was dropped. Against curl given the same guarantees
-(`sha256sum -c`: coreutils hashes at ~175 MB/s; `sync -f`) the engine takes ~0.6-0.7x their time.
+What bounds the engine on the small files (2-core VMs, per 2,000-file run): curl uses ~0.32-0.5 s of CPU (~0.12 user,
+the rest system) and nginx some more. In one process the engine takes ~0.85-0.95 s: its one loop thread ~0.45-0.55 s
+(libcurl ~0.13 s, sha256 ~0.1 s, the rest Python per file: starting and finishing transfers, the job generators,
+header parsing, ~4 body callbacks per file), its writer and syncer threads ~0.4 s, mostly system time. That loop
+thread is the wall (the bare loop, which does only the checks, is itself at ~0.75-0.9 of curl), and threads cannot
+share its work out, so the engine forks worker processes (--processes, MVDATA_DOWNLOAD_PROCESSES) that each run it on
+their share of the files: the "engine" row, against "engine, 1 process". The same total CPU then runs on both
+cores; curl's runs on one. Against curl given the same guarantees (`sha256sum -c`: coreutils hashes at ~175 MB/s;
+`sync -f`) the engine takes ~0.4-0.6x their time.
 
 Needs nginx, curl, aria2c and coreutils: `apt-get install -y nginx curl aria2` (Debian). This script installs nothing.
 Usage: .venv/bin/python bench/downloads.py [--big-mib 1024] [--small 2000] [--small-kib 64] [--repeat 5]
+       [--processes N]
 """
 
 from __future__ import annotations
