@@ -5,7 +5,8 @@ into place. A killed download resumes from the bytes of its `.part` (Range + If-
 request restarts the file, never appends). Transient errors (timeouts, resets, 5xx, 429 with Retry-After) retry
 with backoff; permanent ones (404, 410, 403, a checksum mismatch after a fresh retry) fail the file with the reason
 and leave the other files going. The transfers run on one `CurlLoop` (see transport.py for why); each file is a
-generator job on it. Plain Python: nothing here imports Dagster.
+generator job on it. A run with many files shares them out among forked worker processes, each with a loop of its
+own (see forked.py for why). Plain Python: nothing here imports Dagster.
 """
 
 from __future__ import annotations

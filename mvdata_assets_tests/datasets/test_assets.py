@@ -18,6 +18,7 @@ from dagster import DagsterInstance, materialize
 from PIL import Image
 
 from mvdata_assets.cli import main, status
+from mvdata_assets.datasets import forked
 from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
 from mvdata_assets.warehouse import WarehouseResource
 from mvdata_assets_tests.datasets.fileserver import FileServer
@@ -187,6 +188,45 @@ def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> 
     assert "not in the catalog: no_such_dataset" in capsys.readouterr().out
     assert main(["download", "mini_coco"]) == 0
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
+
+
+def test_a_dataset_of_many_files_is_fetched_by_worker_processes_under_dagster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The asset's own process forks the workers (in-process executor); counts, rows and checks come out as ever."""
+    shares_forked: list[int] = []
+    run_forked = forked.run_forked
+
+    def counting(shares, work, on_message):  # type: ignore[no-untyped-def]
+        shares_forked.append(len(shares))
+        return run_forked(shares, work, on_message)
+
+    monkeypatch.setattr(forked, "run_forked", counting)
+    monkeypatch.setenv("MVDATA_DOWNLOAD_PROCESSES", "2")
+    with FileServer() as server:
+        datas = {f"shards/{i:04d}.bin": bytes([i % 256]) * (500 + i) for i in range(140)}
+        files = [_entry(server, name, data) for name, data in datas.items()]
+        files += [{"url": f"{server.url}/shards/gone-{i}.bin", "size": 10} for i in range(2)]
+        catalog = {"datasets": {"many": {"description": "many small files", "access": "public", "files": files}}}
+        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+        monkeypatch.setenv("MVDATA_CATALOG", str(tmp_path / "catalog.yaml"))
+        home = tmp_path / "home"
+        monkeypatch.setenv("MVDATA_HOME", str(home))
+
+        metadata, checks = _run(home, DagsterInstance.ephemeral(), selection=["datasets/many"])
+
+    assert shares_forked == [2]
+    many = metadata["datasets/many"]
+    assert (many["downloaded"].value, many["failed"].value, many["status"].value) == (140, 2, "partial")
+    assert checks[("datasets/many", "no_failed_files")] is False
+    assert checks[("datasets/many", "checksums_recorded")] is True
+    for name, data in datas.items():
+        assert (home / "datasets" / "many" / Path(name).name).read_bytes() == data  # the URL's file name
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        rows = conn.execute("SELECT status, count(*), count(sha256) FROM datasets.files GROUP BY status").fetchall()
+        errors = [e for (e,) in conn.execute("SELECT error FROM datasets.files WHERE status = 'failed'").fetchall()]
+    assert sorted(rows) == [("downloaded", 140, 140), ("failed", 2, 0)]
+    assert all("404" in error for error in errors)
 
 
 # --- URL-list datasets: a CC3M-layout list, its images in WebDataset shards -------------------------------------
