@@ -11,7 +11,6 @@ own (see forked.py for why). Plain Python: nothing here imports Dagster.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import queue
 import random
@@ -24,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvdata_assets.datasets import forked
+from mvdata_assets.datasets import durable, forked
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer, proxied
 from mvdata_assets.datasets.transport import (
@@ -703,7 +702,7 @@ def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
     """One syncfs per filesystem for the batch, the renames, one fsync per folder, then the report."""
     try:
         for folder in {os.stat(folder).st_dev: folder for folder in {os.path.dirname(d) for _, _, d in batch}}.values():
-            _syncfs(folder)
+            durable.syncfs(folder)
     except OSError as exc:
         for result, _, _ in batch:
             result.error = f"making the download durable: {type(exc).__name__}: {exc}"
@@ -722,7 +721,7 @@ def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
         renamed.setdefault(os.path.dirname(dest), []).append(result)
     for folder, results in renamed.items():
         try:
-            _fsync_dir(folder)
+            durable.fsync_dir(folder)
         except OSError as exc:
             for result in results:
                 result.error = f"fsync of {folder}: {exc}"
@@ -775,23 +774,6 @@ def _present(task: FileTask, known: Known | None) -> bool:
     return not (task.sha256 and known.sha256 != _hex(task.sha256))
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _syncfs(folder: str) -> None:
-    """Flushes the whole filesystem holding `folder` in one call (Linux syncfs(2); Python's os module lacks it)."""
-    if not hasattr(_libc, "syncfs"):
-        os.sync()
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        if _libc.syncfs(fd) != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno), folder)
-    finally:
-        os.close(fd)
-
-
 def _write(path: Path, blocks: list[bytes]) -> int:
     """Creates `path` holding `blocks`; returns its mtime (ns)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -799,13 +781,5 @@ def _write(path: Path, blocks: list[bytes]) -> int:
         if os.writev(fd, blocks) != sum(len(block) for block in blocks):
             raise OSError(f"short write to {path} (disk full?)")
         return os.fstat(fd).st_mtime_ns
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
     finally:
         os.close(fd)

@@ -12,8 +12,8 @@ can't pass for it. A 5xx, a 429 or a refused connection is tried again
 since at list scale most timeouts are dead hosts.
 
 Per shard `i`: `{i:05d}.tar` (`{key}.jpg|png|gif|webp`, `{key}.txt` caption, `{key}.json` url and status) and
-`{i:05d}.parquet` with one row per URL, both written as `.part` and renamed, the parquet last: a shard with both is
-finished and skipped by the next run; `retry_failed` fetches its failed URLs again and rewrites it. A shard's key
+`{i:05d}.parquet` with one row per URL, both written as `.part`, fsynced and renamed, each rename made durable (the
+folder fsynced) before the next step, the parquet last: a shard with both is finished and skipped by the next run; `retry_failed` fetches its failed URLs again and rewrites it. A shard's key
 numbering follows the list's rows, so `_list.json` records which list (its sha256) and which reading of it (format,
 columns, shard size) the shards come from: when either changes, the old shards are stale and are removed first.
 Each tar's sha256 is computed as it is written, so the warehouse can record and later verify it. Plain Python:
@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pycurl
 
+from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.catalog import Column, UrlList
 from mvdata_assets.datasets.digests import Digests, sha256_of
 from mvdata_assets.datasets.transport import (
@@ -386,12 +387,6 @@ def classify(request: Request, body: bytes) -> tuple[str | None, str | None, str
 # --- shards ----------------------------------------------------------------------------------------------------------
 
 
-def _replace(part: Path, final: Path) -> None:
-    with part.open("rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(part, final)
-
-
 class _HashedFile:
     """The file object tarfile writes a shard through: the shard's sha256 is known when it is closed, unread."""
 
@@ -549,9 +544,10 @@ class _Shard:
         self.tar.close()
         self.tar_file.close()
         os.replace(self.tar_part, self.tar_path)
+        durable.fsync_dir(self.tar_path.parent)  # the tar's name on disk before the parquet that says it is finished
         parquet_part = self.parquet_path.with_name(self.parquet_path.name + ".part")
         pq.write_table(pa.Table.from_pylist(self.outcomes, schema=OUTCOME_SCHEMA), parquet_part)
-        _replace(parquet_part, self.parquet_path)
+        durable.replace(parquet_part, self.parquet_path)
         again = set(self.todo)
         result = self.result
         result.sha256, result.tar_bytes = self.tar_file.digests.sha256, self.tar_path.stat().st_size
@@ -611,7 +607,7 @@ def _remove_stale(out_dir: Path, fingerprint: dict) -> int:
         path.unlink()
     part = record.with_name(record.name + ".part")
     part.write_text(json.dumps(fingerprint, sort_keys=True))
-    _replace(part, record)
+    durable.replace(part, record)
     return sum(p.suffix == ".parquet" for p in stale)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from mvdata_assets.datasets import durable
 from mvdata_assets.datasets import fetch as fetch_module
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, InsufficientSpace, Known
 from mvdata_assets_tests.datasets.fileserver import FileServer, Request, file_server  # noqa: F401 - fixture
@@ -848,7 +849,7 @@ def test_files_are_synced_before_their_rename_and_reported_after_it(
     tasks = [FileTask(server.add(n, d), tmp_path / n, len(d), sha256(d)) for n, d in datas.items()]
     batches: list[list[str]] = []
     problems: list[str] = []  # seen in the committer's thread, asserted here
-    real_commit, real_syncfs, real_fsync_dir = fetch_module._commit, fetch_module._syncfs, fetch_module._fsync_dir
+    real_commit, real_syncfs, real_fsync_dir = fetch_module._commit, durable.syncfs, durable.fsync_dir
 
     def commit(batch: list) -> None:
         batches.append([dest.name for _, _, dest in batch])
@@ -870,8 +871,8 @@ def test_files_are_synced_before_their_rename_and_reported_after_it(
         return [(by_name[n], tmp_path / f"{n}.part", tmp_path / n) for n in names]
 
     monkeypatch.setattr(fetch_module, "_commit", commit)
-    monkeypatch.setattr(fetch_module, "_syncfs", syncfs)
-    monkeypatch.setattr(fetch_module, "_fsync_dir", fsync_dir)
+    monkeypatch.setattr(durable, "syncfs", syncfs)
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
     by_name: dict[str, FileResult] = {}
     real_result = fetch_module.FileResult
 
@@ -909,7 +910,7 @@ def test_a_file_whose_rename_fails_is_not_downloaded(server: FileServer, tmp_pat
         assert_downloaded(results[i], tasks[i], datas[i])
 
 
-@pytest.mark.parametrize("step", ["_syncfs", "_fsync_dir"])
+@pytest.mark.parametrize("step", ["syncfs", "fsync_dir"])
 def test_a_failed_sync_fails_its_files_with_the_reason(
     server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
@@ -922,13 +923,13 @@ def test_a_failed_sync_fails_its_files_with_the_reason(
     def broken(folder: Path) -> None:
         raise OSError(5, "Input/output error", str(folder))
 
-    monkeypatch.setattr(fetch_module, step, broken)
+    monkeypatch.setattr(durable, step, broken)
     results = downloader().fetch_all(tasks)
     assert [r.status for r in results] == ["failed"] * 3
     for result in results:
         assert "Input/output error" in (result.error or "")
-        assert ("durable" if step == "_syncfs" else "fsync of") in (result.error or "")
-    if step == "_syncfs":  # nothing was renamed over bytes that may not be on disk
+        assert ("durable" if step == "syncfs" else "fsync of") in (result.error or "")
+    if step == "syncfs":  # nothing was renamed over bytes that may not be on disk
         assert not any(t.dest.exists() for t in tasks)
         assert all(t.dest.with_name(t.dest.name + ".part").read_bytes() == d for t, d in zip(tasks, datas, strict=True))
 

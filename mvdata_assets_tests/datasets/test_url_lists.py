@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.catalog import UrlList
 from mvdata_assets.datasets.url_lists import UrlListError, fetch_url_list, read_list
 from mvdata_assets_tests.datasets.conftest import closed_port
@@ -171,9 +172,44 @@ def test_finished_shards_are_skipped_and_retry_fetches_only_failures(tmp_path: P
     assert outcomes(out)["img5"]["status"] == "downloaded"
 
 
+def test_each_shard_rename_is_made_durable_before_the_next_step(
+    tmp_path: Path, server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tar's name is on disk before its parquet (the mark of a finished shard) is written, the parquet's before the
+    shard is reported: seen by the folder fsyncs, in order."""
+    png = image("PNG", 2)
+    rows = [(f"img{i}", server.add(f"img{i}.png", png, content_type="image/png")) for i in range(6)]
+    out = tmp_path / "shards"
+    seen: list[tuple[str, ...]] = []  # what the folder held at each of its fsyncs
+    real_fsync_dir = durable.fsync_dir
+
+    def fsync_dir(directory: str | Path) -> None:
+        if Path(directory) == out:
+            seen.append(tuple(sorted(p.name for p in out.iterdir() if not p.name.endswith(".part"))))
+        real_fsync_dir(directory)
+
+    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
+    finished: list[tuple[int, int]] = []  # (shard, fsyncs seen when it was reported)
+    fetch_url_list(
+        write_tsv(tmp_path / "list.tsv", rows),
+        out,
+        CC3M,
+        on_shard=lambda shard: finished.append((shard.index, len(seen))),
+    )
+    assert seen == [
+        ("_list.json",),
+        ("00000.tar", "_list.json"),
+        ("00000.parquet", "00000.tar", "_list.json"),
+        ("00000.parquet", "00000.tar", "00001.tar", "_list.json"),
+        ("00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "_list.json"),
+    ]
+    assert finished == [(0, 3), (1, 5)]
+
+
 KILLED_RUN = """
 import sys
 from pathlib import Path
+from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.catalog import UrlList
 from mvdata_assets.datasets.url_lists import fetch_url_list
 fetch_url_list(Path(sys.argv[1]), Path(sys.argv[2]), UrlList(("l",), "tsv", 1, 0, shard_size=4), timeout_s=60)
