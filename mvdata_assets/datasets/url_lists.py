@@ -13,9 +13,10 @@ since at list scale most timeouts are dead hosts.
 
 Per shard `i`: `{i:05d}.tar` (`{key}.jpg|png|gif|webp`, `{key}.txt` caption, `{key}.json` url and status) and
 `{i:05d}.parquet` with one row per URL, both written as `.part`, fsynced and renamed, each rename made durable (the
-folder fsynced) before the next step, the parquet last: a shard with both is finished and skipped by the next run; `retry_failed` fetches its failed URLs again and rewrites it. A shard's key
-numbering follows the list's rows, so `_list.json` records which list (its sha256) and which reading of it (format,
-columns, shard size) the shards come from: when either changes, the old shards are stale and are removed first.
+folder fsynced) before the next step, the parquet last: a shard with both is finished and skipped by the next run;
+`retry_failed` fetches its failed URLs again and rewrites it. A shard's key numbering follows the list's rows, so
+`_list.json` records which list (its sha256) and which reading of it (format, columns, shard size) the shards come
+from: when either changes, the old shards are stale and are removed first.
 Each tar's sha256 is computed as it is written, so the warehouse can record and later verify it. Plain Python:
 nothing here imports Dagster.
 """
