@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -713,7 +714,8 @@ def transfer_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[
     log = tmp_path / "transfer-runs.log"
     original = Downloader._run
 
-    def recording(self: Downloader, loop, todo, probes, listing, at_once: int, writers: int = 2) -> None:  # type: ignore[no-untyped-def]
+    def recording(self: Downloader, *args: Any) -> None:
+        loop, todo, probes, listing, at_once, writers = (*args, fetch_module.WRITERS)[:6]
         with open(log, "a") as out:
             out.write(f"{os.getpid()} {len(todo)} {at_once} {writers}\n")
         original(self, loop, todo, probes, listing, at_once, writers)
@@ -761,11 +763,11 @@ def test_a_worker_process_killed_midway_fails_its_share_and_a_rerun_keeps_what_i
     doomed = tasks[-1].url  # the smallest file: dealt last, into the second share
     original = Downloader._run
 
-    def dying(self: Downloader, loop, todo, probes, listing, at_once: int, writers: int) -> None:  # type: ignore[no-untyped-def]
+    def dying(self: Downloader, loop: Any, todo: list, *rest: Any) -> None:
         if any(task.url == doomed for task, _ in todo):
-            original(self, loop, todo[: len(todo) // 2], probes, listing, at_once, writers)  # these reach the disk
+            original(self, loop, todo[: len(todo) // 2], *rest)  # these reach the disk
             os.kill(os.getpid(), signal.SIGKILL)
-        original(self, loop, todo, probes, listing, at_once, writers)
+        original(self, loop, todo, *rest)
 
     monkeypatch.setattr(Downloader, "_run", dying)
     results = downloader(concurrency=8, processes=2).fetch_all(tasks)
