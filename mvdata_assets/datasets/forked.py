@@ -1,7 +1,7 @@
 """Shares of one piece of work run in forked child processes, their messages and results streamed back.
 
 Why: for thousands of small files the downloader is bound by the Python work of its one loop thread, and threads
-do not help (they share one GIL). Two processes on two cores fetch 2,000 x 64 KiB files ~1.6x faster than one
+do not help (they share one GIL). Two processes on two cores fetch 2,000 x 64 KiB files 1.2-1.6x faster than one
 (bench/downloads.py). Why fork, not multiprocessing's spawn or forkserver: a fresh interpreter importing pycurl
 takes ~0.1 s before its first request, a fifth of a whole 2,000-file run here, and a child needs the parent's state
 (tasks, the folder listing, the imported engine) which fork gives for nothing. It is safe because the child runs only
