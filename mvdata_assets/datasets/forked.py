@@ -65,9 +65,14 @@ def run_forked(
     try:
         for index, share in enumerate(shares):
             reader, writer = Pipe(duplex=False)
-            with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a threaded process: see the docstring
-                warnings.simplefilter("ignore", DeprecationWarning)
-                pid = os.fork()
+            try:
+                with warnings.catch_warnings():  # Python >= 3.12 warns of fork in a threaded process: see the docstring
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    pid = os.fork()
+            except OSError:  # no process to be had (EAGAIN, ENOMEM): the children started so far are killed below
+                reader.close()
+                writer.close()
+                raise
             if pid == 0:
                 _child(work, share, writer, parent)  # never returns
             writer.close()

@@ -138,3 +138,28 @@ def test_ctrl_c_to_the_process_group_is_left_to_the_parent() -> None:
 
     outcomes = run_forked([1, 2], work, lambda pid: os.kill(pid, signal.SIGINT))
     assert outcomes == [1, 2]
+
+
+def test_a_fork_that_fails_kills_the_children_already_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_fork = os.fork
+    started: list[int] = []
+
+    def fork() -> int:
+        if started:
+            raise OSError(11, "Resource temporarily unavailable")
+        pid = real_fork()
+        if pid:
+            started.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+
+    def work(share: int, send: forked.Send) -> None:
+        time.sleep(60)
+
+    begun = time.monotonic()
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        run_forked([1, 2], work, lambda message: None)
+    assert time.monotonic() - begun < 10
+    assert len(started) == 1
+    wait_gone(started, 0)
