@@ -157,9 +157,7 @@ def _recheck_shards(shards_dir: Path, known: dict[Path, Known], verify: bool) ->
         record, parquet = known.get(tar), tar.with_suffix(".parquet")
         if record is None or not parquet.exists():
             continue
-        st = tar.stat()
-        changed = (st.st_size, st.st_mtime_ns) != (record.bytes, record.mtime_ns)
-        if (verify or changed) and sha256_of(tar) != record.sha256:
+        if (verify or not record.unchanged(tar.stat())) and sha256_of(tar) != record.sha256:
             parquet.unlink()
             redone.append(str(tar))
     return redone
@@ -171,8 +169,7 @@ def _shard_row(url: str, shard: ShardResult, known: dict[Path, Known]) -> FileRe
     sha256 = shard.sha256
     if sha256 is None:
         record = known.get(shard.tar_path)
-        same = record is not None and (record.bytes, record.mtime_ns) == (st.st_size, st.st_mtime_ns)
-        sha256 = record.sha256 if same else sha256_of(shard.tar_path)
+        sha256 = record.sha256 if record is not None and record.unchanged(st) else sha256_of(shard.tar_path)
     status = "skipped" if shard.state == "skipped" else "downloaded"
     return FileResult(url, str(shard.tar_path), status, bytes=st.st_size, sha256=sha256, seconds=shard.seconds,
                       bytes_transferred=shard.bytes, mtime_ns=st.st_mtime_ns)  # fmt: skip

@@ -79,6 +79,10 @@ class Known:
     mtime_ns: int
     sha256: str
 
+    def unchanged(self, st: os.stat_result) -> bool:
+        """The file on disk (its `stat`) still has the size and mtime recorded: its checksum stands."""
+        return (st.st_size, st.st_mtime_ns) == (self.bytes, self.mtime_ns)
+
 
 @dataclass
 class FileResult:
@@ -767,7 +771,7 @@ def _present(task: FileTask, known: Known | None) -> bool:
         st = task.dest.stat()
     except OSError:
         return False
-    if (st.st_size, st.st_mtime_ns) != (known.bytes, known.mtime_ns):
+    if not known.unchanged(st):
         return False
     if task.size is not None and known.bytes != task.size:
         return False
