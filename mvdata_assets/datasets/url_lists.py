@@ -27,7 +27,6 @@ import csv
 import io
 import itertools
 import json
-import os
 import tarfile
 import time
 from collections import Counter
@@ -403,8 +402,6 @@ class _HashedFile:
         return self.file.tell()
 
     def close(self) -> None:
-        self.file.flush()
-        os.fsync(self.file.fileno())
         self.file.close()
 
 
@@ -544,8 +541,7 @@ class _Shard:
         """Tar first, parquet last: the parquet's presence is what marks the shard finished."""
         self.tar.close()
         self.tar_file.close()
-        os.replace(self.tar_part, self.tar_path)
-        durable.fsync_dir(self.tar_path.parent)  # the tar's name on disk before the parquet that says it is finished
+        durable.replace(self.tar_part, self.tar_path)  # on disk, name and all, before the parquet saying it is finished
         parquet_part = self.parquet_path.with_name(self.parquet_path.name + ".part")
         pq.write_table(pa.Table.from_pylist(self.outcomes, schema=OUTCOME_SCHEMA), parquet_part)
         durable.replace(parquet_part, self.parquet_path)
