@@ -173,8 +173,8 @@ def write_demo_files(www: Path, base_url: str) -> dict[str, bytes]:
         info = tarfile.TarInfo("annotations/v2_demo_annotations.json")
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))
+    (www / "cc3m" / "img").mkdir(parents=True, exist_ok=True)
     for i in range(DEMO_LIST_IMAGES):
-        (www / "cc3m" / "img").mkdir(parents=True, exist_ok=True)
         (www / "cc3m" / "img" / f"{i}.png").write_bytes(_png(16, 16, (rng.randrange(256), 120, rng.randrange(256))))
     tsv = "".join(f"a demo caption {i}\t{base_url}/cc3m/img/{i}.png\n" for i in range(DEMO_LIST_IMAGES))
     files = {
