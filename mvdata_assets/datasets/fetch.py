@@ -270,7 +270,7 @@ class Downloader:
         if workers > 1:
             self._run_forked(todo, probes, listing, workers)
         else:
-            self._run(loop, todo, probes, listing, self.concurrency)
+            self._run(loop, todo, probes, listing, self.concurrency, WRITERS)
         return results
 
     def _run(
@@ -280,7 +280,7 @@ class Downloader:
         probes: dict[str, Probe | str],
         listing: _Listing,
         at_once: int,
-        writers: int = WRITERS,
+        writers: int,
     ) -> None:
         committer = _Committer(writers)
         try:

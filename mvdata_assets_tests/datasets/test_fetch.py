@@ -715,7 +715,7 @@ def transfer_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[
     original = Downloader._run
 
     def recording(self: Downloader, *args: Any) -> None:
-        loop, todo, probes, listing, at_once, writers = (*args, fetch_module.WRITERS)[:6]
+        loop, todo, probes, listing, at_once, writers = args
         with open(log, "a") as out:
             out.write(f"{os.getpid()} {len(todo)} {at_once} {writers}\n")
         original(self, loop, todo, probes, listing, at_once, writers)
