@@ -65,6 +65,11 @@ class CatalogFile:
     extract: bool = False
 
 
+def shards_folder(list_path: str) -> PurePosixPath:
+    """Where a list's image shards go, inside its dataset's folder: `shards/<list path without suffix>`."""
+    return PurePosixPath("shards") / PurePosixPath(list_path).with_suffix("")
+
+
 @dataclass(frozen=True)
 class UrlList:
     """How to read a dataset's image URL lists (CC3M, CC12M, LAION-style parquet) and shard what they point to.
@@ -464,10 +469,10 @@ def _validate_url_list(raw: Any, files: list[CatalogFile | None]) -> tuple[UrlLi
             named[field].append(path)
     folders: dict[str, int] = {}  # each list's images go to shards/<its path without suffix>
     for i, path in enumerate(named["lists"]):
-        folder = str(PurePosixPath(path).with_suffix(""))
+        folder = str(shards_folder(path))
         if folder in folders:
             errors.append(
-                (f"url_list.lists[{i}]", f"would share the shard folder shards/{folder} with lists[{folders[folder]}]")
+                (f"url_list.lists[{i}]", f"would share the shard folder {folder} with lists[{folders[folder]}]")
             )
         folders.setdefault(folder, i)
     if model.captions is not None and not errors and len(named["captions"]) != len(named["lists"]):

@@ -14,12 +14,12 @@ from collections import Counter
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import duckdb
 
 from mvdata_assets.datasets import store
-from mvdata_assets.datasets.catalog import Dataset
+from mvdata_assets.datasets.catalog import Dataset, shards_folder
 from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import extract
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Known, Progress
@@ -199,7 +199,7 @@ def _fetch_images(
             raise UrlListError(
                 f"{dataset.name}: url_list.lists[{i}] {listed!r} is not in {run.folder} after extraction"
             )
-        shards_dir = run.folder / "shards" / PurePosixPath(listed).with_suffix("")
+        shards_dir = run.folder / shards_folder(listed)
         run.redone += _recheck_shards(shards_dir, known, verify) if shards_dir.is_dir() else []
 
         def finished(shard: ShardResult, listed: str = listed) -> None:
