@@ -105,11 +105,12 @@ def sidecar_pids() -> list[int]:
 
 
 def wait_for_exit(pids: list[int], timeout_s: float = 60.0) -> None:
-    """A sidecar may outlive its writer (killed or not) and still append to the run file: wait until it is gone."""
+    """Returns once none of `pids` runs any more (gone, or a zombie). Why here: a sidecar may outlive its writer
+    (killed or not) and still append to the run file."""
     deadline = time.monotonic() + timeout_s
     while any(proc_table().get(pid, (0, 0, "X"))[2] not in ("Z", "X") for pid in pids):
         if time.monotonic() > deadline:
-            raise RuntimeError(f"wandb-core sidecars {pids} still running after {timeout_s} s")
+            raise RuntimeError(f"processes {pids} still running after {timeout_s} s")
         time.sleep(0.05)
 
 

@@ -13,26 +13,11 @@ import pytest
 
 from mvdata_assets.datasets import forked
 from mvdata_assets.datasets.forked import WorkerLost, run_forked
+from mvdata_assets.demo import proc_table, wait_for_exit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(not forked.available(), reason="forked workers run on Linux only")
-
-
-def gone(pid: int) -> bool:
-    """No such process, or only its zombie (an orphan waits there for init to reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return True
-    return state in ("Z", "X")
-
-
-def wait_gone(pids: list[int], seconds: float = 10) -> None:
-    deadline = time.monotonic() + seconds
-    while not all(gone(pid) for pid in pids):
-        assert time.monotonic() < deadline, f"still running: {[p for p in pids if not gone(p)]}"
-        time.sleep(0.02)
 
 
 def test_each_share_runs_in_its_own_child_and_messages_arrive_while_they_run() -> None:
@@ -58,7 +43,7 @@ def test_each_share_runs_in_its_own_child_and_messages_arrive_while_they_run() -
     assert {pid for pid, _, _ in received} == set(pids)
     # the first messages came while the children were still working (~0.15 s for the longest share), not at the end
     assert min(at for _, _, at in received) - started < 0.1
-    wait_gone(pids, 0)
+    wait_for_exit(pids, 0)
 
 
 def test_a_child_that_raises_or_is_killed_loses_only_its_own_share() -> None:
@@ -97,7 +82,7 @@ def test_children_are_killed_when_the_parent_stops_waiting_for_them() -> None:
         run_forked([1, 2], work, on_message)
     assert time.monotonic() - started < 10
     assert len(pids) == 2
-    wait_gone(pids, 0)  # killed and reaped before the exception went on
+    wait_for_exit(pids, 0)  # killed and reaped before the exception went on
 
 
 PARENT = """
@@ -118,14 +103,15 @@ def test_children_die_with_a_parent_killed_by_sigkill() -> None:
     try:
         assert parent.stdout is not None
         pids = [int(parent.stdout.readline()) for _ in range(2)]
-        assert not any(gone(pid) for pid in pids)
+        table = proc_table()
+        assert all(table.get(pid, (0, 0, "X"))[2] not in ("Z", "X") for pid in pids)  # running
         parent.send_signal(signal.SIGKILL)
         parent.wait(10)
     finally:
         if parent.poll() is None:
             parent.kill()
         parent.communicate(timeout=10)
-    wait_gone(pids)
+    wait_for_exit(pids, 10)
 
 
 def test_ctrl_c_to_the_process_group_is_left_to_the_parent() -> None:
@@ -162,4 +148,4 @@ def test_a_fork_that_fails_kills_the_children_already_started(monkeypatch: pytes
         run_forked([1, 2], work, lambda message: None)
     assert time.monotonic() - begun < 10
     assert len(started) == 1
-    wait_gone(started, 0)
+    wait_for_exit(started, 0)
