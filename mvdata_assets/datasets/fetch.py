@@ -27,6 +27,7 @@ from mvdata_assets.datasets import durable, forked
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer, proxied
 from mvdata_assets.datasets.transport import (
+    BODY_TOO_BIG,
     WRITE_BLOCKS,
     WRITE_BYTES,
     CurlLoop,
@@ -440,14 +441,20 @@ class Downloader:
             if part.etag:
                 headers.append(f"If-Range: {part.etag}")
         body = _Body(task, part, have, result, self.progress)
+        # a small body of known size, from byte 0, is gathered by libcurl and handed over whole: a Python call per
+        # 16 KiB block cost more than the rest of its transfer. A body far bigger than the catalog's size ends early.
+        whole_up_to = task.size + WRITE_BYTES if task.size is not None and task.size < WRITE_BYTES and not have else 0
         try:
-            request = yield Request(url, headers, body)
+            request = yield Request(url, headers, body, whole_up_to)
         except BaseException:  # the loop stopped: the bytes received are kept for a resume
             body.close(complete=False)
             raise
         body.close(complete=not (request.failure or request.error) and body.total in (None, body.written))
         if request.failure is not None:
             raise request.failure
+        if request.error_code == BODY_TOO_BIG:
+            part.discard()
+            raise PermanentError(f"the server sends more than {whole_up_to} bytes; the catalog says {task.size}")
         status = request.status
         if not request.taken:
             if status == 416 and have and task.size == have:  # the .part was already whole

@@ -3,11 +3,14 @@
 Why not a thread per transfer (urllib3, as before): at ~575 us of Python per request, serialised by the GIL, 16
 threads fetched ~540 small files/s where `curl -Z` fetches ~6,000. Here libcurl parses HTTP, pools connections and
 follows redirects (dropping a custom Authorization header when a redirect leaves the host); what is left in Python
-per transfer is a few calls to start and finish it and one per body block of up to 16 KiB.
+per transfer is a few calls to start and finish it and one per body block of up to 16 KiB (none for a body gathered
+whole).
 
 The downloader keeps its per-file logic (resume, retry, verify) as plain sequential code: each file is a generator
 that yields what it waits for - a `Request`, or a pause in seconds - and `CurlLoop.run` resumes it with the finished
-request, or after the pause. Nothing here imports Dagster.
+request, or after the pause. A request may ask for its body whole (`whole_up_to`): libcurl then appends it to a
+bytearray itself (no Python call per block) and the sink gets it as one block when the transfer ends. Nothing here
+imports Dagster.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ WRITE_BYTES = 1024 * 1024
 WRITE_BLOCKS = 1024
 PERMANENT_STATUSES = {400, 401, 403, 404, 405, 410, 451}
 PERMANENT_CURL_ERRORS = {pycurl.E_UNSUPPORTED_PROTOCOL, pycurl.E_URL_MALFORMAT, pycurl.E_TOO_MANY_REDIRECTS}
+BODY_TOO_BIG = pycurl.E_FILESIZE_EXCEEDED  # the error code of a gathered body that grew past `whole_up_to`
 WEB = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
 
 Writer = Callable[[bytes], None]
@@ -62,6 +66,9 @@ class Request:
     url: str
     headers: list[str]
     sink: Sink | None = None
+    # > 0: the body is gathered in memory by libcurl and handed to the sink whole when the transfer ends (also when it
+    # broke: the bytes received); a body growing past this many bytes ends the transfer (E_FILESIZE_EXCEEDED)
+    whole_up_to: int = 0
     status: int = 0  # of the final answer, after redirects; 0 when none came
     error: str | None = None  # why libcurl ended the transfer early (reset, timeout, ...); None if it completed
     error_code: int = 0
@@ -72,6 +79,8 @@ class Request:
     # the header lines received, appended by libcurl itself (list.append: no Python call per line); once the body
     # begins, those of the final answer only, parsed when asked for
     _lines: list[bytes] = field(default_factory=list)
+    _gathered: bytearray | None = None  # the body so far, with `whole_up_to`
+    _gathered_seen: int = 0  # its length when the stall timer last looked
 
     @property
     def taken(self) -> bool:
@@ -116,6 +125,14 @@ class Request:
             self.failure = exc
             return 0
         return None
+
+    def _hand_over(self, code: int) -> None:
+        """The transfer ended: the sink learns about the answer, and gets a gathered body in one block."""
+        body, self._gathered = self._gathered, None
+        if body:
+            self._on_body(body)
+        elif not self._begun:  # no body: the sink still learns about an answer that came whole
+            self._begin(take=not code)
 
 
 def retry_after(value: str | None) -> float | None:
@@ -208,7 +225,12 @@ class CurlLoop:
         else:
             handle.setopt(pycurl.HTTPGET, 1)
         handle.setopt(pycurl.HEADERFUNCTION, request._lines.append)
-        handle.setopt(pycurl.WRITEFUNCTION, request._on_body)
+        if request.whole_up_to:
+            request._gathered = bytearray()
+            handle.setopt(pycurl.WRITEFUNCTION, request._gathered.extend)
+        else:
+            handle.setopt(pycurl.WRITEFUNCTION, request._on_body)
+        handle.setopt(pycurl.MAXFILESIZE_LARGE, request.whole_up_to)  # 0: no limit (handles are reused)
         request.last_seen = time.monotonic()
         self._multi.add_handle(handle)
         self._running[handle] = (request, job)
@@ -227,17 +249,22 @@ class CurlLoop:
         if code and request.failure is None:
             request.error_code = code
             request.error = f"timed out ({message})" if code == pycurl.E_OPERATION_TIMEDOUT else message
-        if not request._begun:  # no body: the sink still learns about an answer that came whole
-            request._begin(take=not code)
+        request._hand_over(code)
         return job, request
 
     def _expire(self) -> list[tuple[Job, Request]]:
         """Ends the transfers that received nothing for `timeout_s`.
 
         By hand, because libcurl's nearest option (LOW_SPEED_TIME) counts whole seconds and averages the speed over
-        the last ~5 s, so a body that stops dead is noticed seconds late.
+        the last ~5 s, so a body that stops dead is noticed seconds late. A gathered body (no Python call per block)
+        counts as moving if it grew since the last look, so it is timed out up to one look (`scan_every`) late.
         """
-        deadline = time.monotonic() - self.timeout_s
+        now = time.monotonic()
+        for request, _ in self._running.values():
+            gathered = request._gathered
+            if gathered is not None and len(gathered) != request._gathered_seen:
+                request._gathered_seen, request.last_seen = len(gathered), now
+        deadline = now - self.timeout_s
         stalled = [handle for handle, (request, _) in self._running.items() if request.last_seen < deadline]
         message = f"no data for {self.timeout_s:g} s"
         return [self._finish(handle, pycurl.E_OPERATION_TIMEDOUT, message) for handle in stalled]

@@ -54,6 +54,7 @@ _FAULT_PARAMS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "truncate": ((), {"after": 0}),
     "ignore_range": ((), {}),
     "wrong_length": (("length",), {"send": "body"}),
+    "no_length": ((), {}),
     "drip": (("rate",), {"chunk": None}),
     "delay": (("seconds",), {}),
     "stall": (("seconds",), {"after": 0}),
@@ -355,6 +356,8 @@ class _Handler(BaseHTTPRequestHandler):
             content_length, close = int(params["length"]), True
             if params["send"] == "length":
                 limit, pad = min(content_length, length), max(0, content_length - length)
+        elif kind == "no_length":
+            content_length, close = None, True
         elif kind == "drip":
             rate = float(params["rate"])
             chunk = int(params["chunk"] or max(1, min(_CHUNK, int(rate / 20))))  # ~20 writes per second
@@ -621,6 +624,7 @@ class FileServer:
         - ``ignore_range``: a Range request gets 200 and the whole body.
         - ``wrong_length``: ``length=L``: ``Content-Length: L`` then the real body, then close;
           with ``send="length"`` exactly L bytes (body cut or padded with zeros).
+        - ``no_length``: no Content-Length: the body, then a clean close (FIN) ends it (HTTP/1.0 style).
         - ``drip``: ``rate=`` bytes per second (optional ``chunk=`` bytes per write); the last byte is sent no sooner
           than size/rate seconds after the headers.
         - ``delay``: ``seconds=S`` before answering normally (given up if the client closes meanwhile).

@@ -372,6 +372,28 @@ def test_corrupt_every_time_fails_and_keeps_nothing(server: FileServer, serve: C
     assert leftovers(task.dest) == []
 
 
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_body_far_bigger_than_the_catalog_says_fails_at_once_and_keeps_nothing(
+    server: FileServer, tmp_path: Path, announced: bool
+) -> None:
+    """A small file is gathered in memory: a body over its size by more than WRITE_BYTES ends the transfer.
+
+    Announced by Content-Length, it ends before the body; without one, once the body has grown that far.
+    """
+    size = 10_000
+    data = blob(8 * 1024 * 1024, 21)
+    url = server.add("huge.bin", data)
+    if not announced:
+        server.fault("huge.bin", "no_length")
+    task = FileTask(url, tmp_path / "huge.bin", size, sha256(data[:size]))
+    (result,) = downloader(retries=3).fetch_all([task])
+    assert result.status == "failed"
+    assert result.error == f"the server sends more than {size + 1024 * 1024} bytes; the catalog says {size}"
+    assert result.attempts == 1 and len(gets(server, "huge.bin")) == 1  # no retry: it would be sent again
+    assert result.bytes_transferred <= size + 1024 * 1024  # no more was held in memory
+    assert not task.dest.exists() and leftovers(task.dest) == []
+
+
 # -- a killed download resumes -------------------------------------------------------------------------------------
 
 CHILD = """

@@ -387,6 +387,13 @@ def test_wrong_length_shorter_than_body_looks_complete(server: FileServer) -> No
     assert (body, how) == (DATA + bytes(10), "eof")
 
 
+def test_no_length_ends_the_body_with_the_connection(server: FileServer) -> None:
+    server.fault(NAME, "no_length")
+    head, body, how = raw_get(server, f"/{NAME}")
+    assert b"content-length" not in head.lower()
+    assert (body, how) == (DATA, "eof")
+
+
 def test_drip_sends_slowly(server: FileServer) -> None:
     server.fault(NAME, "drip", rate=6000)
     t0 = time.monotonic()

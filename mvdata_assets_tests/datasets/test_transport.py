@@ -1,4 +1,4 @@
-"""CurlLoop against a real HTTP server on 127.0.0.1: the per-host queue and the stall timer."""
+"""CurlLoop against a real HTTP server on 127.0.0.1: the per-host queue, the stall timer, bodies gathered whole."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pycurl
 import pytest
 
-from mvdata_assets.datasets.transport import CurlLoop, Job, Request, Writer
+from mvdata_assets.datasets.transport import BODY_TOO_BIG, CurlLoop, Job, Request, Writer
 from mvdata_assets_tests.datasets.fileserver import FileServer, file_server  # noqa: F401 - fixture
 
 
@@ -30,8 +30,8 @@ def server(file_server: FileServer) -> Iterator[FileServer]:  # noqa: F811 - the
     yield file_server
 
 
-def fetch(url: str, sink: Collect, done: list[Request]) -> Job:
-    done.append((yield Request(url, [], sink)))
+def fetch(url: str, sink: Collect, done: list[Request], whole_up_to: int = 0) -> Job:
+    done.append((yield Request(url, [], sink, whole_up_to)))
 
 
 def test_a_transfer_queued_behind_the_per_host_limit_is_not_timed_out_while_it_waits(server: FileServer) -> None:
@@ -56,3 +56,48 @@ def test_a_transfer_that_stalls_after_it_started_is_still_timed_out(server: File
         loop.run([fetch(url, Collect(), done)], at_once=1)
     assert done[0].error_code == pycurl.E_OPERATION_TIMEDOUT
     assert done[0].error is not None and "no data for 0.3 s" in done[0].error
+
+
+def test_a_body_asked_for_whole_reaches_the_sink_in_one_block(server: FileServer) -> None:
+    data = bytes(range(256)) * 800  # 200 kB: libcurl hands it over in blocks of up to 16 KiB
+    url = server.add("whole.bin", data)
+    gathered, streamed = Collect(), Collect()
+    done: list[Request] = []
+    with CurlLoop(timeout_s=5) as loop:
+        loop.run([fetch(url, gathered, done, whole_up_to=len(data)), fetch(url, streamed, done)], at_once=2)
+    assert [(r.status, r.error) for r in done] == [(200, None), (200, None)]
+    assert gathered.parts == [data]
+    assert len(streamed.parts) > 1 and streamed.body == data
+
+
+def test_a_gathered_body_that_stalls_is_timed_out_with_the_bytes_received(server: FileServer) -> None:
+    url = server.add("stuck.bin", b"x" * 5000)
+    server.fault("stuck.bin", "stall", seconds=3, after=100)
+    sink = Collect()
+    done: list[Request] = []
+    with CurlLoop(timeout_s=0.3) as loop:
+        loop.run([fetch(url, sink, done, whole_up_to=10_000)], at_once=1)
+    assert done[0].error_code == pycurl.E_OPERATION_TIMEDOUT
+    assert sink.parts == [b"x" * 100]  # handed over, so that a resume can start after them
+
+
+def test_a_gathered_body_that_keeps_coming_slowly_is_not_timed_out(server: FileServer) -> None:
+    # ~1.5 s of body, a block every 0.1 s, against a 0.5 s stall timer that only sees the body's length grow
+    url = server.add("slow.bin", b"s" * 3000)
+    server.fault("slow.bin", "drip", rate=2000, chunk=200)
+    sink = Collect()
+    done: list[Request] = []
+    with CurlLoop(timeout_s=0.5) as loop:
+        loop.run([fetch(url, sink, done, whole_up_to=10_000)], at_once=1)
+    assert (done[0].status, done[0].error, sink.parts) == (200, None, [b"s" * 3000])
+
+
+def test_a_gathered_body_growing_past_its_limit_ends_the_transfer(server: FileServer) -> None:
+    url = server.add("big.bin", b"b" * 100_000)
+    server.fault("big.bin", "no_length")  # no Content-Length to refuse it by: it has to be counted as it comes
+    sink = Collect()
+    done: list[Request] = []
+    with CurlLoop(timeout_s=5) as loop:
+        loop.run([fetch(url, sink, done, whole_up_to=20_000)], at_once=1)
+    assert done[0].error_code == BODY_TOO_BIG
+    assert len(sink.body) <= 20_000
