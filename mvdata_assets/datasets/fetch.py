@@ -25,7 +25,7 @@ from typing import Any
 
 from mvdata_assets.datasets import durable, forked
 from mvdata_assets.datasets.digests import Digests
-from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer, proxied
+from mvdata_assets.datasets.segments import STATE_SUFFIX, RangesRefused, SegmentedTransfer, proxied
 from mvdata_assets.datasets.transport import (
     BODY_TOO_BIG,
     WRITE_BLOCKS,
@@ -378,7 +378,7 @@ class Downloader:
         while True:
             result.attempts += 1
             try:
-                if self._segmentable(task, part.path, probe):
+                if self._segmentable(task, part, probe):
                     assert probe is not None and probe.size is not None
                     size, digests = yield from self._transfer_segmented(task, part, result, probe)
                 else:
@@ -399,7 +399,7 @@ class Downloader:
                 raise PermanentError(f"{problem} (also after a fresh download)")
             fresh_retry_done = True
 
-    def _segmentable(self, task: FileTask, part: Path, probe: Probe | None) -> bool:
+    def _segmentable(self, task: FileTask, part: _Part, probe: Probe | None) -> bool:
         """Big files go as parallel Range requests where the server allows (a single-stream .part stays single)."""
         if self.segments < 2 or probe is None or not probe.ranges or probe.size is None:
             return False
@@ -407,7 +407,7 @@ class Downloader:
             return False
         if task.url in self._single_stream or proxied(self.resolve(task.url)):
             return False
-        return not part.exists() or part.with_name(part.name + ".segments.json").exists()
+        return not os.path.exists(part.path) or os.path.exists(part.segments_path)
 
     def _transfer_segmented(
         self, task: FileTask, part: _Part, result: FileResult, probe: Probe
@@ -415,9 +415,9 @@ class Downloader:
         url = self.resolve(task.url)
         size = probe.size or 0
         transfer = SegmentedTransfer(
-            url, self._headers(url), part.path, size, probe.etag, self.segments, self.timeout_s
+            url, self._headers(url), Path(part.path), size, probe.etag, self.segments, self.timeout_s
         )
-        part.companions.add(transfer.state_path)
+        part.companions.add(str(transfer.state_path))
         report = (lambda done: self.progress(task.url, done, size)) if self.progress else None
         try:
             digests = yield from transfer.run(Digests(md5=bool(task.md5)), report)
@@ -479,16 +479,21 @@ class _Part:
     """A file's `.part`, its ETag sidecar (the validator a resume sends as If-Range) and other companions."""
 
     def __init__(self, dest: Path, listed: bool) -> None:
-        self.path = dest.with_name(dest.name + ".part")
+        self.path = f"{dest}.part"  # a string: a Path per file costs more than this loop can spare for small files
         self.etag: str | None = None  # the validator of the bytes in the .part
-        self.companions: set[Path] = set()  # files to delete with the .part (the sidecar once written)
+        self.companions: set[str] = set()  # files to delete with the .part (the sidecar once written)
         self.content: list[bytes] | None = None  # a verified body the committer writes (None: it is on disk)
         self._listed = listed  # the .part was in its folder's listing: worth a stat
         self._read = False
 
     @property
-    def etag_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".etag")
+    def etag_path(self) -> str:
+        return f"{self.path}.etag"
+
+    @property
+    def segments_path(self) -> str:
+        """Where a segmented download keeps its state (see segments.py): a .part with one has holes."""
+        return self.path + STATE_SUFFIX
 
     def resumable(self, size: int | None) -> int:
         """Bytes of the .part to resume from; one that cannot be trusted is deleted (0)."""
@@ -496,18 +501,17 @@ class _Part:
             self._listed = True
             return 0
         try:
-            have = self.path.stat().st_size
+            have = os.stat(self.path).st_size
         except FileNotFoundError:
             return 0
-        segments_state = self.path.with_name(self.path.name + ".segments.json")
-        if segments_state.exists():  # a segmented .part has its full size, with holes: only its segments resume it
-            self.companions.add(segments_state)
+        if os.path.exists(self.segments_path):  # a segmented .part has its full size, with holes: only its segments
+            self.companions.add(self.segments_path)  # resume it
             self.discard()
             return 0
         if not self._read:  # a .part from an earlier run: its sidecar, if any
             self._read = True
             try:
-                self.etag = self.etag_path.read_text()
+                self.etag = Path(self.etag_path).read_text()
                 self.companions.add(self.etag_path)
             except FileNotFoundError:
                 pass
@@ -524,16 +528,15 @@ class _Part:
 
     def keep_etag(self) -> None:
         if self.etag:
-            self.etag_path.write_text(self.etag)
+            Path(self.etag_path).write_text(self.etag)
             self.companions.add(self.etag_path)
         elif self.etag_path in self.companions:  # an older validator would claim these bytes
-            self.etag_path.unlink(missing_ok=True)
+            Path(self.etag_path).unlink(missing_ok=True)
             self.companions.discard(self.etag_path)
 
     def discard(self) -> None:
-        self.path.unlink(missing_ok=True)
-        for path in self.companions:
-            path.unlink(missing_ok=True)
+        for path in (self.path, *self.companions):
+            Path(path).unlink(missing_ok=True)
         self.companions.clear()
         self.etag = None
         self.content = None
@@ -685,7 +688,7 @@ class _Committer:
                 else:  # already on disk; a rename keeps the mtime
                     result.mtime_ns = os.stat(part.path).st_mtime_ns
             except OSError as exc:
-                result.error = f"writing {part.path.name}: {type(exc).__name__}: {exc}"
+                result.error = f"writing {os.path.basename(part.path)}: {type(exc).__name__}: {exc}"
                 result.mtime_ns = None
             with self._changed:
                 self._backlog -= held
@@ -724,11 +727,11 @@ def _commit(batch: list[tuple[FileResult, _Part, Path]]) -> None:
         try:
             os.replace(part.path, dest)
         except OSError as exc:
-            result.error = f"renaming {part.path.name} into place: {type(exc).__name__}: {exc}"
+            result.error = f"renaming {os.path.basename(part.path)} into place: {type(exc).__name__}: {exc}"
             result.mtime_ns = None
             continue
         for path in part.companions:
-            path.unlink(missing_ok=True)
+            Path(path).unlink(missing_ok=True)
         renamed.setdefault(os.path.dirname(dest), []).append(result)
     for folder, results in renamed.items():
         try:
@@ -749,11 +752,11 @@ class _Listing:
 
     def has(self, path: Path, suffix: str = "") -> bool:
         """Whether `path` (with `suffix` added to its name) was there when its folder was first looked at."""
-        folder, name = os.path.split(path)
+        folder, _, name = os.fspath(path).rpartition(os.sep)
         names = self._names.get(folder)
         if names is None:
             try:
-                names = set(os.listdir(folder))
+                names = set(os.listdir(folder or "."))
             except (FileNotFoundError, NotADirectoryError):
                 names = set()
             self._names[folder] = names
@@ -785,11 +788,11 @@ def _present(task: FileTask, known: Known | None) -> bool:
     return not (task.sha256 and known.sha256 != _hex(task.sha256))
 
 
-def _write(path: Path, blocks: list[bytes]) -> int:
+def _write(path: str, blocks: list[bytes]) -> int:
     """Creates `path` holding `blocks`; returns its mtime (ns)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        if os.writev(fd, blocks) != sum(len(block) for block in blocks):
+        if os.writev(fd, blocks) != sum(map(len, blocks)):
             raise OSError(f"short write to {path} (disk full?)")
         return os.fstat(fd).st_mtime_ns
     finally:

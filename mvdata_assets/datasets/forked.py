@@ -17,6 +17,7 @@ why, so that the caller can fail exactly that share's work. Plain Python: nothin
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import sys
@@ -111,6 +112,9 @@ def _child(work: Callable[[Share, Send], Result], share: Share, writer: Connecti
         _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the parent died before the line above took effect
             return
+        # the parent's objects (all of Dagster's, in a run) are never garbage here: the collector leaves them alone
+        # instead of walking them, and copying every page it touches, at each full collection
+        gc.freeze()
         result = work(share, lambda message: writer.send(("message", message)))
         writer.send(("result", result))
         code = 0

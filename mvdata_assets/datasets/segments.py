@@ -101,13 +101,16 @@ def _get(url: str, headers: dict[str, str], timeout_s: float) -> tuple[HTTPConne
     raise PermanentError(f"more than {MAX_REDIRECTS} redirects for {url}")
 
 
+STATE_SUFFIX = ".segments.json"  # added to the .part's name: where a segmented download keeps its progress
+
+
 class SegmentedTransfer:
     def __init__(
         self, url: str, headers: list[str], part: Path, size: int, etag: str | None, segments: int, timeout_s: float
     ) -> None:
         self.url, self.headers, self.part, self.size, self.etag = url, headers, part, size, etag
         self.timeout_s = timeout_s
-        self.state_path = part.with_name(part.name + ".segments.json")
+        self.state_path = part.with_name(part.name + STATE_SUFFIX)
         self.segments = self._resume_or_split(segments)
         self.stopped = False
         self.errors: list[BaseException] = []

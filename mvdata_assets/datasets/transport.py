@@ -76,9 +76,10 @@ class Request:
     last_seen: float = 0.0  # time.monotonic() of the last body block received (or of the start)
     _begun: bool = False
     _writer: Writer | None = None
-    # the header lines received, appended by libcurl itself (list.append: no Python call per line); once the body
-    # begins, those of the final answer only, parsed when asked for
+    # the header lines received, appended by libcurl itself (list.append: no Python call per line)
     _lines: list[bytes] = field(default_factory=list)
+    _head: bytes = b""  # the final answer's header lines, without its status line, once the answer began
+    _headers: dict[str, str] | None = None  # those parsed, when first asked for
     _gathered: bytearray | None = None  # the body so far, with `whole_up_to`
     _gathered_seen: int = 0  # its length when the stall timer last looked
 
@@ -90,24 +91,23 @@ class Request:
     @property
     def response_headers(self) -> dict[str, str]:
         """The final answer's headers, names in lower case."""
-        headers = {}
-        for line in self._lines:
-            name, colon, value = line.decode("latin-1").partition(":")
-            if colon:
-                headers[name.strip().lower()] = value.strip()
-        return headers
+        if self._headers is None:
+            self._headers = {}
+            for line in self._head.decode("latin-1").splitlines():
+                name, colon, value = line.partition(":")
+                if colon:
+                    self._headers[name.strip().lower()] = value.strip()
+        return self._headers
 
     def _begin(self, take: bool = True) -> None:
         """The final answer's headers are in: its status, and (when `take`) whether the sink takes its body."""
         self._begun = True
         try:
-            lines = self._lines
-            at = len(lines) - 1
-            while at >= 0 and not lines[at].startswith(b"HTTP/"):  # after redirects, the last answer counts
-                at -= 1
-            if at >= 0:
-                self.status = int(lines[at].split(None, 2)[1])
-                self._lines = lines[at + 1 :]
+            block = b"".join(self._lines)
+            at = block.rfind(b"\nHTTP/") + 1  # after redirects the last answer counts: the last status line
+            if block.startswith(b"HTTP/", at):
+                status_line, _, self._head = block[at:].partition(b"\n")
+                self.status = int(status_line.split(None, 2)[1])
             if take and self.sink is not None and self.status:
                 self._writer = self.sink.begin(self)
         except BaseException as exc:  # pycurl would only print it: kept to be raised in the job

@@ -101,3 +101,17 @@ def test_a_gathered_body_growing_past_its_limit_ends_the_transfer(server: FileSe
         loop.run([fetch(url, sink, done, whole_up_to=20_000)], at_once=1)
     assert done[0].error_code == BODY_TOO_BIG
     assert len(sink.body) <= 20_000
+
+
+def test_after_a_redirect_the_final_answer_gives_the_status_and_headers(server: FileServer) -> None:
+    target = server.add("target.bin", b"t" * 1000, headers={"X-Served-By": "target"})
+    url = server.redirect("moved.bin", target)
+    sink = Collect()
+    done: list[Request] = []
+    with CurlLoop(timeout_s=5) as loop:
+        loop.run([fetch(url, sink, done)], at_once=1)
+    (request,) = done
+    assert (request.status, sink.body) == (200, b"t" * 1000)
+    headers = request.response_headers
+    assert (headers["x-served-by"], headers["content-length"]) == ("target", "1000")
+    assert "location" not in headers  # the redirect's own headers are not the file's
