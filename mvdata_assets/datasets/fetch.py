@@ -452,7 +452,7 @@ class Downloader:
         body.close(complete=not (request.failure or request.error) and body.total in (None, body.written))
         if request.failure is not None:
             raise request.failure
-        if request.error_code == BODY_TOO_BIG:
+        if request.error_code == BODY_TOO_BIG and request.status == 200:  # an error page is refused by its status
             part.discard()
             raise PermanentError(f"the server sends more than {whole_up_to} bytes; the catalog says {task.size}")
         status = request.status

@@ -42,6 +42,7 @@ from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.catalog import Column, UrlList
 from mvdata_assets.datasets.digests import Digests, sha256_of
 from mvdata_assets.datasets.transport import (
+    BODY_TOO_BIG,
     CurlLoop,
     Job,
     Request,
@@ -335,32 +336,22 @@ def complete(ext: str, body: bytes) -> bool:
     return len(body) >= 8 + int.from_bytes(body[4:8], "little")  # webp: the RIFF size
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class _Body:
-    """Collects a 200 answer's body in memory (images are small), up to a limit."""
+    """Takes a 200 answer's body, gathered whole by libcurl up to the size limit (images are small)."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self) -> None:
         self.parts: list[bytes] = []
-        self.size = 0
-        self.limit = limit
 
     def begin(self, request: Request) -> Writer | None:
-        return self.write if request.status == 200 else None
-
-    def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > self.limit:
-            raise _TooLarge(f"larger than {self.limit} bytes")
-        self.parts.append(data)
+        return self.parts.append if request.status == 200 else None
 
 
 def classify(request: Request, body: bytes) -> tuple[str | None, str | None, str | None]:
     """(error kind, error, extension) of a finished transfer; the kind is None for an image."""
-    if isinstance(request.failure, _TooLarge):
-        return "too_large", str(request.failure), None
+    if request.error_code == BODY_TOO_BIG:  # libcurl stopped the body at the limit
+        if request.status != 200:
+            return f"http_{request.status}", f"HTTP {request.status}", None
+        return "too_large", f"larger than {request.whole_up_to} bytes", None
     if request.failure is not None:
         raise request.failure
     if request.error_code == pycurl.E_OPERATION_TIMEDOUT:
@@ -500,8 +491,8 @@ class _Shard:
 
     def _fetch(self, i: int, fetching: _Fetching) -> Job:
         for attempt in range(1, fetching.retries + 2):
-            body = _Body(fetching.max_bytes)
-            request = yield Request(self.outcomes[i]["url"], [], body)
+            body = _Body()
+            request = yield Request(self.outcomes[i]["url"], [], body, fetching.max_bytes)
             data = b"".join(body.parts)
             kind, error, ext = classify(request, data)
             if kind is None and fetching.decode:

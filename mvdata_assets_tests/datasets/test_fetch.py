@@ -394,6 +394,16 @@ def test_a_body_far_bigger_than_the_catalog_says_fails_at_once_and_keeps_nothing
     assert not task.dest.exists() and leftovers(task.dest) == []
 
 
+def test_an_error_page_bigger_than_the_file_fails_with_its_status(server: FileServer, tmp_path: Path) -> None:
+    url = server.add("gone.bin", blob(10_000, 22))
+    server.fault("gone.bin", "status", status=404, body=b"<html>" * 400_000)  # 2.4 MB of error page
+    task = FileTask(url, tmp_path / "gone.bin", 10_000, sha256(blob(10_000, 22)))
+    (result,) = downloader().fetch_all([task])
+    assert result.status == "failed"
+    assert result.error == f"HTTP 404 for {url}"
+    assert not task.dest.exists() and leftovers(task.dest) == []
+
+
 # -- a killed download resumes -------------------------------------------------------------------------------------
 
 CHILD = """

@@ -146,6 +146,32 @@ def test_every_outcome_recorded_and_link_rot_by_kind(tmp_path: Path, server: Fil
     assert not list((tmp_path / "shards").glob("*.part"))
 
 
+def test_images_over_the_size_limit_are_too_large_and_big_error_pages_keep_their_status(
+    tmp_path: Path, server: FileServer
+) -> None:
+    small, big = image("PNG", 40), image("PNG", 50) + bytes(30_000)  # trailing bytes: still PNG-typed, too big
+    urls = {
+        "small": server.add("small.png", small, content_type="image/png"),
+        "announced": server.add("announced.png", big, content_type="image/png"),
+        "unannounced": server.add("unannounced.png", big, content_type="image/png"),
+        "big_404": server.add("big_404.png", small, content_type="image/png"),
+    }
+    server.fault("unannounced.png", "no_length")  # counted as it arrives, not refused by its Content-Length
+    server.fault("big_404.png", "status", status=404, body=b"<p>gone</p>" * 5_000)
+    list_path = write_tsv(tmp_path / "list.tsv", [(caption, url) for caption, url in urls.items()])
+
+    run = fetch_url_list(list_path, tmp_path / "shards", CC3M, max_bytes=20_000, retries=0)
+
+    got = outcomes(tmp_path / "shards")
+    assert {c: (o["error_kind"], o["error"], o["bytes"]) for c, o in got.items()} == {
+        "small": (None, None, len(small)),
+        "announced": ("too_large", "larger than 20000 bytes", 0),
+        "unannounced": ("too_large", "larger than 20000 bytes", 0),
+        "big_404": ("http_404", "HTTP 404", 0),
+    }
+    assert run.error_kinds == {"too_large": 2, "http_404": 1}
+
+
 def test_finished_shards_are_skipped_and_retry_fetches_only_failures(tmp_path: Path, server: FileServer) -> None:
     png = image("PNG", 1)
     rows = [(f"img{i}", server.add(f"img{i}.png", png, content_type="image/png")) for i in range(6)]
