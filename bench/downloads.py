@@ -25,14 +25,15 @@ from it within its time, and their CPU counts in its CPU seconds); curl and aria
 The engine's time includes making its files durable (syncfs, renames from .part, a folder fsync); curl's does not.
 
 What bounds the engine on the small files (2-core VMs, per 2,000-file run): curl uses ~0.32-0.5 s of CPU (~0.12 user,
-the rest system) and nginx some more. In one process the engine takes ~0.85-0.95 s: its one loop thread ~0.45-0.55 s
-(libcurl ~0.13 s, sha256 ~0.1 s, the rest Python per file: starting and finishing transfers, the job generators,
-header parsing, ~4 body callbacks per file), its writer and syncer threads ~0.4 s, mostly system time. That loop
-thread is the wall (the bare loop, which does only the checks, is itself at ~0.75-0.9 of curl), and threads cannot
-share its work out, so the engine forks worker processes (--processes, MVDATA_DOWNLOAD_PROCESSES) that each run it on
-their share of the files: the "engine" row, against "engine, 1 process". The same total CPU then runs on both
-cores; curl's runs on one. Against curl given the same guarantees (`sha256sum -c`: coreutils hashes at ~175 MB/s;
-`sync -f`) the engine takes ~0.4-0.6x their time.
+the rest system) and nginx some more. In one process the engine takes ~0.8-0.9 s: its one loop thread ~0.45 s
+(sha256 ~0.09 s; the rest libcurl, the kernel's socket work and Python per file: starting and finishing transfers,
+the job generators, header parsing; a 64 KiB body reaches Python whole, in one call), its writer and syncer threads
+~0.3 s, mostly system time (creating, writing and renaming the files, syncfs). That loop thread is the wall (the bare
+loop, which does only the checks, is itself at ~0.7-0.9 of curl), and threads cannot share its work out, so the
+engine forks worker processes (--processes, MVDATA_DOWNLOAD_PROCESSES) that each run it on their share of the files:
+the "engine" row, against "engine, 1 process". The same total CPU (~0.7-0.8 s) then runs on both cores; curl's runs
+on one. Against curl given the same guarantees (`sha256sum -c`: coreutils hashes at ~175 MB/s; `sync -f`) the engine
+takes ~0.4 of their time.
 
 Needs nginx, curl, aria2c and coreutils: `apt-get install -y nginx curl aria2` (Debian). This script installs nothing.
 Usage: .venv/bin/python bench/downloads.py [--big-mib 1024] [--small 2000] [--small-kib 64] [--repeat 5]
