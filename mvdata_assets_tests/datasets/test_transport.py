@@ -58,6 +58,15 @@ def test_a_transfer_that_stalls_after_it_started_is_still_timed_out(server: File
     assert done[0].error is not None and "no data for 0.3 s" in done[0].error
 
 
+def gather(url: str, whole_up_to: int, timeout_s: float = 5) -> tuple[Request, Collect]:
+    """One transfer whose body is gathered whole: the finished request and what its sink got."""
+    sink = Collect()
+    done: list[Request] = []
+    with CurlLoop(timeout_s=timeout_s) as loop:
+        loop.run([fetch(url, sink, done, whole_up_to)], at_once=1)
+    return done[0], sink
+
+
 def test_a_body_asked_for_whole_reaches_the_sink_in_one_block(server: FileServer) -> None:
     data = bytes(range(256)) * 800  # 200 kB: libcurl hands it over in blocks of up to 16 KiB
     url = server.add("whole.bin", data)
@@ -73,11 +82,8 @@ def test_a_body_asked_for_whole_reaches_the_sink_in_one_block(server: FileServer
 def test_a_gathered_body_that_stalls_is_timed_out_with_the_bytes_received(server: FileServer) -> None:
     url = server.add("stuck.bin", b"x" * 5000)
     server.fault("stuck.bin", "stall", seconds=3, after=100)
-    sink = Collect()
-    done: list[Request] = []
-    with CurlLoop(timeout_s=0.3) as loop:
-        loop.run([fetch(url, sink, done, whole_up_to=10_000)], at_once=1)
-    assert done[0].error_code == pycurl.E_OPERATION_TIMEDOUT
+    request, sink = gather(url, 10_000, timeout_s=0.3)
+    assert request.error_code == pycurl.E_OPERATION_TIMEDOUT
     assert sink.parts == [b"x" * 100]  # handed over, so that a resume can start after them
 
 
@@ -85,21 +91,15 @@ def test_a_gathered_body_that_keeps_coming_slowly_is_not_timed_out(server: FileS
     # ~1.5 s of body, a block every 0.1 s, against a 0.5 s stall timer that only sees the body's length grow
     url = server.add("slow.bin", b"s" * 3000)
     server.fault("slow.bin", "drip", rate=2000, chunk=200)
-    sink = Collect()
-    done: list[Request] = []
-    with CurlLoop(timeout_s=0.5) as loop:
-        loop.run([fetch(url, sink, done, whole_up_to=10_000)], at_once=1)
-    assert (done[0].status, done[0].error, sink.parts) == (200, None, [b"s" * 3000])
+    request, sink = gather(url, 10_000, timeout_s=0.5)
+    assert (request.status, request.error, sink.parts) == (200, None, [b"s" * 3000])
 
 
 def test_a_gathered_body_growing_past_its_limit_ends_the_transfer(server: FileServer) -> None:
     url = server.add("big.bin", b"b" * 100_000)
     server.fault("big.bin", "no_length")  # no Content-Length to refuse it by: it has to be counted as it comes
-    sink = Collect()
-    done: list[Request] = []
-    with CurlLoop(timeout_s=5) as loop:
-        loop.run([fetch(url, sink, done, whole_up_to=20_000)], at_once=1)
-    assert done[0].error_code == BODY_TOO_BIG
+    request, sink = gather(url, 20_000)
+    assert request.error_code == BODY_TOO_BIG
     assert len(sink.body) <= 20_000
 
 
