@@ -241,7 +241,7 @@ def _json_rows(path: Path, spec: UrlList) -> Iterator[Row]:
         for record in doc:
             url = record.get(spec.url_column) if isinstance(record, dict) else None
             caption = record.get(spec.caption_column) if isinstance(record, dict) and spec.caption_column else None
-            yield (url or "").strip() if isinstance(url, str) else "", caption
+            yield _json_url(url), caption
         return
     if not isinstance(doc, dict):
         raise UrlListError(f"{path}: expected an object of arrays or an array of records, not {type(doc).__name__}")
@@ -253,7 +253,12 @@ def _json_rows(path: Path, spec: UrlList) -> Iterator[Row]:
     if captions is not None and len(captions) != len(urls):
         raise UrlListError(f"{path}: {len(urls)} {spec.url_column!r} but {len(captions)} {spec.caption_column!r}")
     for i, url in enumerate(urls):
-        yield (url or "").strip() if isinstance(url, str) else "", captions[i] if captions is not None else None
+        yield _json_url(url), captions[i] if captions is not None else None
+
+
+def _json_url(value: object) -> str:
+    """A JSON value where a URL should be: anything but a string (null, a number) counts as no URL."""
+    return value.strip() if isinstance(value, str) else ""
 
 
 def _count_lines(path: Path) -> int:
