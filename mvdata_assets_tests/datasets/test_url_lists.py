@@ -222,14 +222,19 @@ def test_each_shard_rename_is_made_durable_before_the_next_step(
         CC3M,
         on_shard=lambda shard: finished.append((shard.index, len(seen))),
     )
-    assert seen == [
-        ("_list.json",),
-        ("00000.tar", "_list.json"),
-        ("00000.parquet", "00000.tar", "_list.json"),
-        ("00000.parquet", "00000.tar", "00001.tar", "_list.json"),
-        ("00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "_list.json"),
-    ]
-    assert finished == [(0, 3), (1, 5)]
+    # one new name per fsync; the two shards are fetched at once, so either may finish first
+    assert [len(names) for names in seen] == [1, 2, 3, 4, 5] and seen[0] == ("_list.json",)
+    assert seen[-1] == ("00000.parquet", "00000.tar", "00001.parquet", "00001.tar", "_list.json")
+
+    def first_fsync_with(name: str) -> int:
+        return next(k for k, names in enumerate(seen) if name in names)
+
+    reported = dict(finished)
+    assert sorted(reported) == [0, 1]
+    for shard in (0, 1):
+        tar, parquet = first_fsync_with(f"{shard:05d}.tar"), first_fsync_with(f"{shard:05d}.parquet")
+        assert tar < parquet  # the tar's name was durable before the parquet was written
+        assert reported[shard] > parquet  # and the parquet's before the shard was reported
 
 
 KILLED_RUN = """
