@@ -135,7 +135,8 @@ class Downloader:
         hf_token: str | None = None,
         hf_endpoint: str | None = None,
         progress: Progress | None = None,
-        segments: int = 8,
+        segment_connections: int = 8,  # Range requests at once for one big file (see segments.py)
+        segment_bytes: int = 8 * 1024 * 1024,  # what each of them asks for
         segment_min_bytes: int = 64 * 1024 * 1024,  # smaller files gain nothing from several connections
         processes: int = 1,  # worker processes for many files (see forked.py); 1: all in this process
     ) -> None:
@@ -148,7 +149,8 @@ class Downloader:
         self.hf_token = hf_token
         self.hf_endpoint = hf_endpoint.rstrip("/") if hf_endpoint else None
         self.progress = progress
-        self.segments = segments
+        self.segment_connections = segment_connections
+        self.segment_bytes = segment_bytes
         self.segment_min_bytes = segment_min_bytes
         self._single_stream: set[str] = set()  # urls whose server refused segment ranges
 
@@ -401,7 +403,7 @@ class Downloader:
 
     def _segmentable(self, task: FileTask, part: _Part, probe: Probe | None) -> bool:
         """Big files go as parallel Range requests where the server allows (a single-stream .part stays single)."""
-        if self.segments < 2 or probe is None or not probe.ranges or probe.size is None:
+        if self.segment_connections < 2 or probe is None or not probe.ranges or probe.size is None:
             return False
         if probe.size < self.segment_min_bytes or (task.size is not None and task.size != probe.size):
             return False
@@ -415,7 +417,14 @@ class Downloader:
         url = self.resolve(task.url)
         size = probe.size or 0
         transfer = SegmentedTransfer(
-            url, self._headers(url), Path(part.path), size, probe.etag, self.segments, self.timeout_s
+            url,
+            self._headers(url),
+            Path(part.path),
+            size,
+            probe.etag,
+            connections=self.segment_connections,
+            segment_bytes=self.segment_bytes,
+            timeout_s=self.timeout_s,
         )
         part.companions.add(str(transfer.state_path))
         report = (lambda done: self.progress(task.url, done, size)) if self.progress else None

@@ -1,12 +1,16 @@
 """A big file fetched as several Range requests at once, hashed in order while the segments arrive.
 
-Each segment runs in a thread of its own, on a plain `http.client` connection, and writes its bytes at their offset
-in the `.part`: receiving and writing a GiB is most of the work, and threads spread it over the cores, where the one
-loop thread would do it all in turn. Why not libcurl here too: it hands a body over at most 16 KiB per Python call
-(~65,000 calls and GIL hand-overs per GiB, measured at 0.86x curl's throughput with sha256) where `readinto1` fills a
-MiB buffer with a few socket reads and no copy into Python objects (1.08x curl on the same machine). The file's job
-on the downloader's loop follows the segments in file order, reading back (from the page cache) what has arrived and
-feeding the sha256/md5, so the digest is ready when the last byte lands. Progress per segment is kept in
+The file is cut into segments of `segment_bytes` (8 MiB by default), fetched in file order by `connections` threads
+at once, each on a keep-alive `http.client` connection of its own, each writing its bytes at their offset in the
+`.part`: receiving and writing a GiB is most of the work, and threads spread it over the cores, where the one loop
+thread would do it all in turn. The file's job on the downloader's loop follows the segments in file order, reading
+back (from the page cache) what has arrived and feeding the sha256/md5, so the digest is ready when the last byte
+lands. Why many segments rather than one per connection: with one per connection the digest could only follow the
+first (an eighth of the rate) and had to take the other seven eighths alone after the last byte (~0.45 s per GiB,
+one core idle); segments taken in file order keep it a few segments behind the transfers.
+Why not libcurl here too: it hands a body over at most 16 KiB per Python call (~65,000 calls and GIL hand-overs per
+GiB, measured at 0.86x curl's throughput with sha256) where `readinto1` fills a MiB buffer with a few socket reads
+and no copy into Python objects (1.08x curl on the same machine). Progress per segment is kept in
 `<part>.segments.json`, written only after an fdatasync of the data it vouches for, so a killed download resumes
 every segment where it stood.
 """
@@ -17,11 +21,12 @@ import json
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
 from pathlib import Path
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.request import proxy_bypass_environment
 
 from mvdata_assets.datasets.digests import Digests
@@ -76,29 +81,72 @@ class Segment:
         return self.start + self.done >= self.end
 
 
-def _get(url: str, headers: dict[str, str], timeout_s: float) -> tuple[HTTPConnection, HTTPResponse]:
-    """A GET following redirects as libcurl does for the loop: Authorization goes to the first host only."""
-    origin = urlsplit(url)[:2]
-    for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PermanentError(f"unsupported URL {url}")
-        if parts[:2] != origin:
-            headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
-        kind = HTTPSConnection if parts.scheme == "https" else HTTPConnection
-        connection = kind(parts.hostname, parts.port, timeout=timeout_s)
+_Origin = tuple[str, str, "int | None"]  # scheme, host, port as the URL gives them
+
+
+class _Connections:
+    """One thread's keep-alive connections, one per origin: its segments after the first pay no new TCP (or TLS)
+    handshake, which on a distant HTTPS server would cost several round trips per segment."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._idle: dict[_Origin, HTTPConnection] = {}
+        self._origins: dict[HTTPConnection, _Origin] = {}  # of each connection open
+
+    def get(self, url: str, headers: dict[str, str]) -> tuple[HTTPConnection, HTTPResponse]:
+        """A GET following redirects as libcurl does for the loop: Authorization goes to the first host only."""
+        origin = urlsplit(url)[:2]
+        for _ in range(MAX_REDIRECTS + 1):
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise PermanentError(f"unsupported URL {url}")
+            if parts[:2] != origin:
+                headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
+            connection, response = self._request((parts.scheme, parts.hostname, parts.port), parts, headers)
+            location = response.getheader("location")
+            if response.status not in REDIRECTS or not location:
+                return connection, response
+            response.read()  # a redirect's short body: the connection stays usable
+            self.put_back(connection, response)
+            url = urljoin(url, location)
+        raise PermanentError(f"more than {MAX_REDIRECTS} redirects for {url}")
+
+    def _request(
+        self, origin: _Origin, parts: SplitResult, headers: dict[str, str]
+    ) -> tuple[HTTPConnection, HTTPResponse]:
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        kept = self._idle.pop(origin, None)
+        if kept is not None:
+            try:
+                kept.request("GET", target, headers=headers)
+                return kept, kept.getresponse()
+            except ConnectionError:  # the server closed it while it waited (RemoteDisconnected, a reset): a new one
+                self.discard(kept)
+        scheme, host, port = origin
+        connection = (HTTPSConnection if scheme == "https" else HTTPConnection)(host, port, timeout=self.timeout_s)
+        self._origins[connection] = origin
         try:
-            connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), headers=headers)
-            response = connection.getresponse()
+            connection.request("GET", target, headers=headers)
+            return connection, connection.getresponse()
         except BaseException:
-            connection.close()
+            self.discard(connection)
             raise
-        location = response.getheader("location")
-        if response.status not in REDIRECTS or not location:
-            return connection, response
+
+    def put_back(self, connection: HTTPConnection, response: HTTPResponse) -> None:
+        """A connection whose answer was read whole is kept for the next request to its origin."""
+        if response.isclosed() and not response.will_close:
+            self._idle[self._origins[connection]] = connection
+        else:
+            self.discard(connection)
+
+    def discard(self, connection: HTTPConnection) -> None:
         connection.close()
-        url = urljoin(url, location)
-    raise PermanentError(f"more than {MAX_REDIRECTS} redirects for {url}")
+        self._origins.pop(connection, None)
+
+    def close(self) -> None:
+        for connection in list(self._origins):
+            self.discard(connection)
+        self._idle.clear()
 
 
 STATE_SUFFIX = ".segments.json"  # added to the .part's name: where a segmented download keeps its progress
@@ -106,12 +154,21 @@ STATE_SUFFIX = ".segments.json"  # added to the .part's name: where a segmented 
 
 class SegmentedTransfer:
     def __init__(
-        self, url: str, headers: list[str], part: Path, size: int, etag: str | None, segments: int, timeout_s: float
+        self,
+        url: str,
+        headers: list[str],
+        part: Path,
+        size: int,
+        etag: str | None,
+        *,
+        connections: int,
+        segment_bytes: int,
+        timeout_s: float,
     ) -> None:
         self.url, self.headers, self.part, self.size, self.etag = url, headers, part, size, etag
-        self.timeout_s = timeout_s
+        self.connections, self.timeout_s = connections, timeout_s
         self.state_path = part.with_name(part.name + STATE_SUFFIX)
-        self.segments = self._resume_or_split(segments)
+        self.segments = self._resume_or_split(segment_bytes)
         self.stopped = False
         self.errors: list[BaseException] = []
         self._fd = -1
@@ -122,16 +179,16 @@ class SegmentedTransfer:
     def transferred(self) -> int:
         return sum(s.received for s in self.segments)
 
-    def _resume_or_split(self, count: int) -> list[Segment]:
+    def _resume_or_split(self, segment_bytes: int) -> list[Segment]:
         try:
             state = json.loads(self.state_path.read_text())
             if state["size"] == self.size and state["etag"] == self.etag and self.part.exists():
                 return [Segment(*s) for s in state["segments"]]
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        step = -(-self.size // count)
         with open(self.part, "wb") as f:
             f.truncate(self.size)
+        step = max(1, segment_bytes)
         return [Segment(start, min(start + step, self.size)) for start in range(0, self.size, step)]
 
     def checkpoint_due(self) -> bool:
@@ -153,32 +210,50 @@ class SegmentedTransfer:
         finally:
             self._saving.release()
 
-    def _fetch(self, segment: Segment) -> None:
-        """One segment's request, in its own thread; what went wrong is left in `errors`."""
+    def _work(self, todo: deque[Segment]) -> None:
+        """One connection's thread: the next segment in file order until none is left, or one has failed (the others
+        then finish the segments they hold, and the retry fetches only what is missing)."""
+        connections = _Connections(self.timeout_s)
+        buffer = memoryview(bytearray(RECEIVE_BYTES))  # one per thread, not per segment: fresh memory is dear here
+        try:
+            while not self.errors and not self.stopped:
+                try:
+                    segment = todo.popleft()
+                except IndexError:
+                    return
+                self._fetch(segment, connections, buffer)
+        finally:
+            connections.close()
+
+    def _fetch(self, segment: Segment, connections: _Connections, buffer: memoryview) -> None:
+        """One segment's request; what went wrong is left in `errors`."""
         headers = dict(line.split(": ", 1) for line in [*self.headers, *self._range(segment)])
         try:
-            connection, response = _get(self.url, {"User-Agent": USER_AGENT, **headers}, self.timeout_s)
+            connection, response = connections.get(self.url, {"User-Agent": USER_AGENT, **headers})
             try:
                 expected = f"bytes {segment.start + segment.done}-{segment.end - 1}/"
                 if response.status == 206 and (response.getheader("content-range") or "").startswith(expected):
-                    self._receive(segment, response)
+                    self._receive(segment, response, buffer)
                 elif response.status in (200, 206, 416):  # the whole file or another range: not read at all
                     raise RangesRefused(f"HTTP {response.status} to a segment's Range request")
                 else:
                     error = status_error(response.status, self.url, response.getheader("retry-after"))
                     raise error or TransientError(f"unexpected HTTP {response.status}")
-            finally:
-                connection.close()
+            except BaseException:
+                connections.discard(connection)
+                raise
             if not segment.finished:
+                connections.discard(connection)
                 raise TransientError("a segment's body ended early")
+            response.close()  # read to its end (through its buffer, bypassing its count): the connection is free
+            connections.put_back(connection, response)
         except (OSError, HTTPException) as exc:
             self.errors.append(TransientError(f"a segment broke: {type(exc).__name__}: {exc}"))
         except BaseException as exc:
             self.errors.append(exc)
 
-    def _receive(self, segment: Segment, response: HTTPResponse) -> None:
+    def _receive(self, segment: Segment, response: HTTPResponse, buffer: memoryview) -> None:
         """The body, a buffer at a time, each written at its offset; what came before a break is kept too."""
-        buffer = memoryview(bytearray(RECEIVE_BYTES))
         # one socket read per call, into the buffer (response.readinto would lose a partly filled buffer on a reset)
         read = response.readinto if response.chunked else response.fp.readinto1
         left = segment.end - segment.start - segment.done
@@ -207,21 +282,24 @@ class SegmentedTransfer:
     def run(self, digests: Digests, progress: Callable[[int], None] | None = None) -> Generator[float, None, Digests]:
         """Fetches the missing parts of every segment, feeding the whole file to `digests` (a job on the loop)."""
         self._fd = os.open(self.part, os.O_RDWR)
+        todo = deque(s for s in self.segments if not s.finished)  # popleft is atomic: no lock among the threads
         workers = [
-            threading.Thread(target=self._fetch, args=(s,), name="mvdata-segment", daemon=True)
-            for s in self.segments
-            if not s.finished
+            threading.Thread(target=self._work, args=(todo,), name="mvdata-segment", daemon=True)
+            for _ in range(min(self.connections, len(todo)))
         ]
         for worker in workers:
             worker.start()
         finished = False
+        read_buffer = memoryview(bytearray(READ_BYTES))  # reused: a new object per read would touch fresh memory
         try:
             position = 0
             for segment in self.segments:
                 while position < segment.end and not self.errors:
                     available = segment.start + segment.done
                     if position < available:
-                        block = os.pread(self._fd, min(READ_BYTES, available - position), position)
+                        block = read_buffer[: min(READ_BYTES, available - position)]
+                        if os.preadv(self._fd, [block], position) != len(block):
+                            raise OSError(f"{self.part} is shorter than its segments say")
                         digests.update(block)
                         position += len(block)
                         if progress:

@@ -27,7 +27,13 @@ SHA256 = hashlib.sha256(DATA).hexdigest()
 
 
 def segmented(**kwargs: object) -> Downloader:
-    options: dict = {"segments": 4, "segment_min_bytes": 1024 * 1024, "backoff_s": 0.01, "timeout_s": 5.0}
+    options: dict = {
+        "segment_connections": 4,
+        "segment_bytes": SIZE // 4,
+        "segment_min_bytes": 1024 * 1024,
+        "backoff_s": 0.01,
+        "timeout_s": 5.0,
+    }
     return Downloader(**(options | kwargs))
 
 
@@ -45,6 +51,45 @@ def test_big_file_goes_as_parallel_ranges_and_verifies(file_server: FileServer, 
     assert max(r.time for r in gets) < min(r.time + r.duration for r in gets)
     assert file_server.bytes_sent("big.bin") == SIZE
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]  # no .part, no .segments.json
+
+
+def test_segments_go_in_file_order_over_kept_connections_and_the_digest_keeps_up(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    """12 segments, 4 connections: each takes the next segment in file order on its keep-alive connection, so the
+    digest follows the transfers instead of starting on most of the file after the last byte."""
+    task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    file_server.fault("big.bin", "drip", rate=6_000_000, times=12)  # each 512 KiB segment takes ~90 ms
+    hashed: list[tuple[float, int]] = []
+    downloader = segmented(
+        segment_bytes=SIZE // 12, progress=lambda _, done, __: hashed.append((time.monotonic(), done))
+    )
+    [result] = downloader.fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 1, SHA256)
+    gets = sorted((r for r in file_server.requests_for("big.bin") if r.method == "GET"), key=lambda r: r.time)
+    step = SIZE // 12
+    starts = [int(r.range.removeprefix("bytes=").split("-")[0]) // step for r in gets if r.range]
+    assert sorted(starts) == list(range(12)) and len(gets) == 12
+    assert all(index < arrival + 4 for arrival, index in enumerate(starts))  # never more than 4 ahead of file order
+    for r in gets:  # never more than 4 at once
+        assert sum(o.time <= r.time < o.time + (o.duration or 0) for o in gets) <= 4
+    assert len({r.connection for r in gets}) == 4  # 12 requests over 4 kept connections
+    last_request = gets[-1].time
+    # the digest took at least two segments before the last was even asked for (one per connection: none)
+    assert any(done >= 2 * step for at, done in hashed if at < last_request)
+
+
+def test_a_kept_connection_the_server_closed_is_replaced_without_a_retry(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    file_server.fault("big.bin", "drip", rate=6_000_000, times=4)  # the first four, each on a new connection
+    file_server.fault("big.bin", "disconnect")  # the fifth comes on a kept connection: closed without an answer
+    [result] = segmented(segment_bytes=SIZE // 12).fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 1, SHA256)
+    gets = [r for r in file_server.requests_for("big.bin") if r.method == "GET"]
+    assert [r.fault for r in gets].count("disconnect") == 1
+    assert len(gets) == 13 and file_server.bytes_sent("big.bin") == SIZE
 
 
 def test_a_broken_segment_resumes_only_its_missing_bytes(file_server: FileServer, tmp_path: Path) -> None:
@@ -75,7 +120,8 @@ def test_killed_segmented_download_resumes_every_segment(file_server: FileServer
         [sys.executable, "-c", (
             "import sys; from pathlib import Path\n"
             "from mvdata_assets.datasets.fetch import Downloader, FileTask\n"
-            "Downloader(segments=4, segment_min_bytes=1 << 20).fetch_all("
+            "Downloader(segment_connections=4, segment_bytes=int(sys.argv[3]) // 4, segment_min_bytes=1 << 20)"
+            ".fetch_all("
             "[FileTask(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])])\n"
         ), url, str(dest), str(SIZE), SHA256],
     )  # fmt: skip
@@ -229,6 +275,6 @@ def test_a_segmented_part_is_never_resumed_as_one_stream(file_server: FileServer
     state = {"size": SIZE, "etag": None, "segments": [[0, SIZE // 2, SIZE // 2], [SIZE // 2, SIZE, 0]]}
     (tmp_path / "big.bin.part.segments.json").write_text(json.dumps(state))
     task = FileTask(file_server.add("big.bin", DATA), dest, SIZE)  # a size but no checksum: holes would pass
-    [result] = segmented(segments=1).fetch_all([task])
+    [result] = segmented(segment_connections=1).fetch_all([task])
     assert result.status == "downloaded" and dest.read_bytes() == DATA
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
