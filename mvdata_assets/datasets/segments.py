@@ -6,8 +6,8 @@ at once, each on a keep-alive `http.client` connection of its own, each writing 
 thread would do it all in turn. The file's job on the downloader's loop follows the segments in file order, reading
 back (from the page cache) what has arrived and feeding the sha256/md5, so the digest is ready when the last byte
 lands. Why many segments rather than one per connection: with one per connection the digest could only follow the
-first (an eighth of the rate) and had to take the other seven eighths alone after the last byte (~0.45 s per GiB,
-one core idle); segments taken in file order keep it a few segments behind the transfers.
+first (an eighth of the rate, with 8) and had to take the other seven eighths alone after the last byte (~0.45 s per
+GiB, one core idle); segments taken in file order keep it a few segments behind the transfers.
 Why not libcurl here too: it hands a body over at most 16 KiB per Python call (~65,000 calls and GIL hand-overs per
 GiB, measured at 0.86x curl's throughput with sha256) where `readinto1` fills a MiB buffer with a few socket reads
 and no copy into Python objects (1.08x curl on the same machine). Progress per segment is kept in
