@@ -44,6 +44,8 @@ SAVE_EVERY_BYTES = 64 * 1024 * 1024  # progress is made durable this often, or e
 SAVE_EVERY_S = 5.0
 MAX_REDIRECTS = 10
 REDIRECTS = {301, 302, 303, 307, 308}
+STALE_TARGET_STATUSES = {401, 403, 404, 410}  # from a redirect's target: asked again through the first URL
+MAX_SEGMENTS = 1024  # bigger files get bigger segments: fewer requests, and a state file that stays small
 
 
 def proxied(url: str) -> bool:
@@ -93,9 +95,12 @@ class _Connections:
         self._idle: dict[_Origin, HTTPConnection] = {}
         self._origins: dict[HTTPConnection, _Origin] = {}  # of each connection open
 
-    def get(self, url: str, headers: dict[str, str]) -> tuple[HTTPConnection, HTTPResponse]:
-        """A GET following redirects as libcurl does for the loop: Authorization goes to the first host only."""
-        origin = urlsplit(url)[:2]
+    def get(
+        self, url: str, headers: dict[str, str], first: str | None = None
+    ) -> tuple[HTTPConnection, HTTPResponse, str]:
+        """A GET following redirects as libcurl does for the loop: Authorization goes only to the host of `first` (by
+        default `url`'s). Also returns the URL that answered."""
+        origin = urlsplit(first or url)[:2]
         for _ in range(MAX_REDIRECTS + 1):
             parts = urlsplit(url)
             if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -105,7 +110,7 @@ class _Connections:
             connection, response = self._request((parts.scheme, parts.hostname, parts.port), parts, headers)
             location = response.getheader("location")
             if response.status not in REDIRECTS or not location:
-                return connection, response
+                return connection, response, url
             response.read()  # a redirect's short body: the connection stays usable
             self.put_back(connection, response)
             url = urljoin(url, location)
@@ -171,6 +176,7 @@ class SegmentedTransfer:
         self.segments = self._resume_or_split(segment_bytes)
         self.stopped = False
         self.errors: list[BaseException] = []
+        self._redirected_to: str | None = None  # where the redirects of a segment's request led
         self._fd = -1
         self._saving = threading.Lock()
         self._saved_at, self._saved_bytes = time.monotonic(), 0
@@ -188,7 +194,7 @@ class SegmentedTransfer:
             pass
         with open(self.part, "wb") as f:
             f.truncate(self.size)
-        step = max(1, segment_bytes)
+        step = max(1, segment_bytes, -(-self.size // MAX_SEGMENTS))
         return [Segment(start, min(start + step, self.size)) for start in range(0, self.size, step)]
 
     def checkpoint_due(self) -> bool:
@@ -227,9 +233,10 @@ class SegmentedTransfer:
 
     def _fetch(self, segment: Segment, connections: _Connections, buffer: memoryview) -> None:
         """One segment's request; what went wrong is left in `errors`."""
-        headers = dict(line.split(": ", 1) for line in [*self.headers, *self._range(segment)])
+        lines = [*self.headers, *self._range(segment)]
+        headers = {"User-Agent": USER_AGENT, **dict(line.split(": ", 1) for line in lines)}
         try:
-            connection, response = connections.get(self.url, {"User-Agent": USER_AGENT, **headers})
+            connection, response = self._get(connections, headers)
             try:
                 expected = f"bytes {segment.start + segment.done}-{segment.end - 1}/"
                 if response.status == 206 and (response.getheader("content-range") or "").startswith(expected):
@@ -251,6 +258,21 @@ class SegmentedTransfer:
             self.errors.append(TransientError(f"a segment broke: {type(exc).__name__}: {exc}"))
         except BaseException as exc:
             self.errors.append(exc)
+
+    def _get(self, connections: _Connections, headers: dict[str, str]) -> tuple[HTTPConnection, HTTPResponse]:
+        """A segment's GET, straight to where the first one's redirects led (a signed CDN address, say): a GiB in
+        segments would otherwise ask the first host (Hugging Face's resolver, with its rate limits) 128 times."""
+        direct = self._redirected_to
+        if direct is not None:
+            connection, response, _ = connections.get(direct, headers, first=self.url)
+            if response.status not in STALE_TARGET_STATUSES:
+                return connection, response
+            connections.discard(connection)  # a signed address may have expired: the first URL is asked again
+            self._redirected_to = None
+        connection, response, answered = connections.get(self.url, headers)
+        if answered != self.url:
+            self._redirected_to = answered
+        return connection, response
 
     def _receive(self, segment: Segment, response: HTTPResponse, buffer: memoryview) -> None:
         """The body, a buffer at a time, each written at its offset; what came before a break is kept too."""

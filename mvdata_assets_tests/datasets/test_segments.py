@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from mvdata_assets.datasets.fetch import Downloader, FileTask
+from mvdata_assets.datasets.segments import MAX_SEGMENTS, SegmentedTransfer
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 SIZE = 6 * 1024 * 1024
@@ -178,6 +179,50 @@ def test_segments_follow_a_redirect_and_keep_the_token_to_the_first_host(
     assert len(resolve) == len(cdn) == 4 and all(r.status == 206 and r.range for r in cdn)
     assert all(r.headers.get("authorization") == "Bearer hf_secret" for r in resolve)
     assert all("authorization" not in r.headers and r.headers.get("host", "").startswith("localhost") for r in cdn)
+
+
+def test_later_segments_go_straight_to_where_the_redirect_led(file_server: FileServer, tmp_path: Path) -> None:
+    """A GiB in 8 MiB segments would ask Hugging Face's resolver 128 times: only the first request of each connection
+    goes there."""
+    file_server.add("cdn/blob-9", DATA)
+    file_server.redirect("datasets/x/resolve/main/big.bin", f"http://localhost:{file_server.port}/cdn/blob-9")
+    task = FileTask("https://huggingface.co/datasets/x/resolve/main/big.bin", tmp_path / "big.bin", SIZE, SHA256)
+    downloader = segmented(hf_token="hf_secret", hf_endpoint=file_server.url, segment_bytes=SIZE // 12)
+    [result] = downloader.fetch_all([task])
+    assert (result.status, result.sha256) == ("downloaded", SHA256)
+    resolve = [r for r in file_server.requests_for("datasets/x/resolve/main/big.bin") if r.method == "GET"]
+    cdn = [r for r in file_server.requests_for("cdn/blob-9") if r.method == "GET"]
+    assert 1 <= len(resolve) <= 4 and len(cdn) == 12
+    assert all("authorization" not in r.headers for r in cdn)
+
+
+def test_a_redirect_target_that_stops_answering_is_reached_through_the_first_url_again(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    """A signed CDN address expires: its 403 sends the segment back through the resolver, with no retry counted."""
+    file_server.add("cdn/blob-9", DATA)
+    file_server.redirect("datasets/x/resolve/main/big.bin", f"http://localhost:{file_server.port}/cdn/blob-9")
+    file_server.fault("cdn/blob-9", "drip", rate=6_000_000, times=4)  # the first four, each reached by the redirect
+    file_server.fault("cdn/blob-9", "status", status=403)  # the fifth, asked for directly
+    task = FileTask("https://huggingface.co/datasets/x/resolve/main/big.bin", tmp_path / "big.bin", SIZE, SHA256)
+    downloader = segmented(hf_token="hf_secret", hf_endpoint=file_server.url, segment_bytes=SIZE // 12)
+    [result] = downloader.fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 1, SHA256)
+    resolve = [r for r in file_server.requests_for("datasets/x/resolve/main/big.bin") if r.method == "GET"]
+    cdn = [r for r in file_server.requests_for("cdn/blob-9") if r.method == "GET"]
+    assert [r.status for r in cdn].count(403) == 1 and len(cdn) == 13
+    # the four first requests, the one sent back, and those of the other connections until it answered again
+    assert 5 <= len(resolve) <= 8
+    assert all(r.headers.get("authorization") == "Bearer hf_secret" for r in resolve)
+    assert all("authorization" not in r.headers for r in cdn)
+
+
+def test_a_huge_file_is_cut_into_at_most_max_segments(tmp_path: Path) -> None:
+    transfer = SegmentedTransfer(
+        "http://127.0.0.1:9/x", [], tmp_path / "x.part", 10_000, None, connections=4, segment_bytes=1, timeout_s=1.0
+    )
+    assert len(transfer.segments) == 1000 and all(s.end - s.start == 10 for s in transfer.segments)
+    assert len(transfer.segments) <= MAX_SEGMENTS
 
 
 def test_a_stalled_segment_times_out_and_resumes(file_server: FileServer, tmp_path: Path) -> None:
