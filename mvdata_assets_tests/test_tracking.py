@@ -229,7 +229,10 @@ def test_steps_in_separate_processes_share_one_download_run(home: Path) -> None:
     ((first_number, first_dir),) = _children(home, [("one-dagster-run", "tiny_coco", "tiny_coco,tiny_vqa")])
     ((second_number, second_dir),) = _children(home, [("one-dagster-run", "tiny_vqa", "tiny_coco,tiny_vqa")])
     assert first_number == second_number == 1
-    assert first_dir != second_dir and first_dir.name.split("-")[-1] == second_dir.name.split("-")[-1]
+    # the same W&B run id: the SDK names each folder's file run-<id>.wandb (the folder's own name gets "-1" added when
+    # the second process starts within the same second as the first)
+    run_files = [[path.name for path in folder.glob("run-*.wandb")] for folder in (first_dir, second_dir)]
+    assert first_dir != second_dir and run_files[0] == run_files[1] and len(run_files[0]) == 1
     first = _read_back(first_dir)
     assert first.sql("SELECT max(value) FROM wandb.history WHERE key = 'progress/datasets_processed'").fetchone() == (
         1,
