@@ -8,6 +8,8 @@ file (verified), and then `sync -f` of the folder (verified and durable); a thir
 those guarantees need, in Python, and so shows the floor for any Python engine on this machine; a fourth,
 `bare_c_loop.c` (built here when libcurl's and OpenSSL's headers are installed), does the same in C in --processes
 forked processes, starting each file's writeback as it is written: the floor for any engine with these guarantees.
+For the big file `bare_c_stream.c` is the same kind of floor: one stream, the digest in a second thread from the same
+buffers, writeback started as the bytes are written, size and sha256 checked, fsync and rename.
 Each tool's CPU seconds (user + system, the engine's whole process with all its threads) are shown beside its times.
 
 The test data (random bytes, and their sha256) is written once into bench/.data/www and reused. nginx runs from a
@@ -43,7 +45,7 @@ the "engine" row, against "engine, 1 process". The same total CPU (~0.7-0.8 s) t
 on one. Against curl given the same guarantees (`sha256sum -c`: coreutils hashes at ~175 MB/s; `sync -f`) the engine
 takes ~0.4 of their time.
 
-Needs nginx, curl, aria2c and coreutils: `apt-get install -y nginx curl aria2` (Debian); the bare C loop's row also
+Needs nginx, curl, aria2c and coreutils: `apt-get install -y nginx curl aria2` (Debian); the bare C rows also need
 gcc, `libcurl4-openssl-dev` and `libssl-dev` (without them the row is left out, saying why). This script installs
 nothing.
 Usage: .venv/bin/python bench/downloads.py [--big-mib 1024] [--small 2000] [--small-kib 64] [--repeat 5]
@@ -91,6 +93,8 @@ ENGINE_ONE = "engine, 1 process"
 PYCURL_FLOOR = "bare pycurl loop, same checks"
 C_FLOOR = "bare C loop, same checks"  # bare_c_loop.c, with --processes processes
 C_FLOOR_SOURCE = HERE / "bare_c_loop.c"
+C_STREAM = "bare C stream, same checks"  # bare_c_stream.c: the big file's counterpart
+C_STREAM_SOURCE = HERE / "bare_c_stream.c"
 
 Timing = tuple[float, float]  # (wall seconds, CPU seconds)
 
@@ -297,7 +301,9 @@ ARIA2_QUIET = [
 ]
 
 
-def big_runs(tools: dict[str, str], base: str, big: dict) -> dict[str, Callable[[], Timing]]:
+def big_runs(
+    tools: dict[str, str], base: str, big: dict, c_stream_binary: str | None
+) -> dict[str, Callable[[], Timing]]:
     url = f"{base}/{big['rel']}"
     name = Path(big["rel"]).name
     expected = {name: big["size"]}
@@ -327,7 +333,23 @@ def big_runs(tools: dict[str, str], base: str, big: dict) -> dict[str, Callable[
         shutil.rmtree(out)
         return timing
 
-    return {"curl": curl, "aria2c -x16 -s16": aria2(16), "aria2c -x1": aria2(1), "engine": engine}
+    def c_stream(binary: str) -> Callable[[], Timing]:
+        def run() -> Timing:
+            out = fresh_dir("c-stream")
+            timing = timed([binary, url, str(out / name), str(big["size"]), big["sha256"]])
+            check_files(out, expected, C_STREAM)
+            shutil.rmtree(out)
+            return timing
+
+        return run
+
+    return {
+        "curl": curl,
+        "aria2c -x16 -s16": aria2(16),
+        "aria2c -x1": aria2(1),
+        **({C_STREAM: c_stream(c_stream_binary)} if c_stream_binary else {}),
+        "engine": engine,
+    }
 
 
 def small_runs(
@@ -405,11 +427,22 @@ def small_runs(
     }
 
 
-def build_c_floor() -> str | None:
-    """bare_c_loop.c built into bench/.data (again when the source changed); None, saying why, when it can't be."""
-    binary = DATA / "bare_c_loop"
-    if binary.exists() and binary.stat().st_mtime_ns >= C_FLOOR_SOURCE.stat().st_mtime_ns:
+def build_c_baseline(source: Path, row: str) -> str | None:
+    """A C baseline built into bench/.data (again when its source changed); None, saying why, when it can't be."""
+    binary = DATA / source.stem
+    if binary.exists() and binary.stat().st_mtime_ns >= source.stat().st_mtime_ns:
         return str(binary)
+    argv = ["gcc", "-O2", "-pthread", "-o", str(binary), str(source), "-lcurl", "-lcrypto"]
+    try:
+        built = subprocess.run(argv, capture_output=True, text=True)
+    except FileNotFoundError:
+        print(f"no {row} row: gcc is missing", file=sys.stderr)
+        return None
+    if built.returncode != 0:
+        print(f"no {row} row: it needs `apt-get install -y libcurl4-openssl-dev libssl-dev`:", file=sys.stderr)
+        print(built.stderr.strip()[-500:], file=sys.stderr)
+        return None
+    return str(binary)
     argv = ["gcc", "-O2", "-o", str(binary), str(C_FLOOR_SOURCE), "-lcurl", "-lcrypto"]
     try:
         built = subprocess.run(argv, capture_output=True, text=True)
@@ -582,14 +615,15 @@ def main() -> int:
 
     tools = require_tools()
     big, smalls = make_data(args.big_mib, args.small, args.small_kib)
-    c_floor_binary = build_c_floor()
+    c_floor_binary = build_c_baseline(C_FLOOR_SOURCE, C_FLOOR)
+    c_stream_binary = build_c_baseline(C_STREAM_SOURCE, C_STREAM)
     try:
         with nginx(tools["nginx"], WWW) as base:
             print(f"nginx on {base}, serving {WWW}; {os.cpu_count()} CPUs; best and median of {args.repeat} runs")
             warm(base, [big["rel"]])
             steal0, total0 = cpu_counters()
             create_before = create_cost()
-            big_times = measure(big_runs(tools, base, big), args.repeat, f"{args.big_mib} MiB")
+            big_times = measure(big_runs(tools, base, big, c_stream_binary), args.repeat, f"{args.big_mib} MiB")
             # read again just before their rounds: this VM pages out what has not been read for 60 s (see above)
             warm(base, [s["rel"] for s in smalls])
             small_times = measure(
@@ -619,6 +653,9 @@ def main() -> int:
         print(f"  {name:<30}{best:>9.3f}{med:>10.3f}{mb / best:>11.0f}{mb / med:>13.0f}{cpu:>14.2f}")
     big_ratio, big_ratio_med = ratios(big_times["curl"], big_times["engine"])  # throughput ratio = inverse time ratio
     print(f"  engine/curl throughput: {big_ratio:.2f}x best, {big_ratio_med:.2f}x median")
+    if C_STREAM in big_times:
+        best, med = ratios(big_times["curl"], big_times[C_STREAM])
+        print(f"  ({C_STREAM})/curl throughput: {best:.2f}x best, {med:.2f}x median")
 
     print()
     print(f"{args.small} x {args.small_kib} KiB files; {ENGINE_SMALL}: {args.processes} worker processes")
