@@ -443,17 +443,6 @@ def build_c_baseline(source: Path, row: str) -> str | None:
         print(built.stderr.strip()[-500:], file=sys.stderr)
         return None
     return str(binary)
-    argv = ["gcc", "-O2", "-o", str(binary), str(C_FLOOR_SOURCE), "-lcurl", "-lcrypto"]
-    try:
-        built = subprocess.run(argv, capture_output=True, text=True)
-    except FileNotFoundError:
-        print(f"no {C_FLOOR} row: gcc is missing", file=sys.stderr)
-        return None
-    if built.returncode != 0:
-        print(f"no {C_FLOOR} row: it needs `apt-get install -y libcurl4-openssl-dev libssl-dev`:", file=sys.stderr)
-        print(built.stderr.strip()[-500:], file=sys.stderr)
-        return None
-    return str(binary)
 
 
 def bare_pycurl_loop(pairs: list[tuple[str, dict]], out: Path, concurrency: int = 16) -> None:
