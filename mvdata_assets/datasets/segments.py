@@ -107,7 +107,7 @@ class _Connections:
                 raise PermanentError(f"unsupported URL {url}")
             if parts[:2] != origin:
                 headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
-            connection, response = self._request((parts.scheme, parts.hostname, parts.port), parts, headers)
+            connection, response = self._request(parts, headers)
             location = response.getheader("location")
             if response.status not in REDIRECTS or not location:
                 return connection, response, url
@@ -116,10 +116,9 @@ class _Connections:
             url = urljoin(url, location)
         raise PermanentError(f"more than {MAX_REDIRECTS} redirects for {url}")
 
-    def _request(
-        self, origin: _Origin, parts: SplitResult, headers: dict[str, str]
-    ) -> tuple[HTTPConnection, HTTPResponse]:
+    def _request(self, parts: SplitResult, headers: dict[str, str]) -> tuple[HTTPConnection, HTTPResponse]:
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        origin: _Origin = (parts.scheme, parts.hostname or "", parts.port)
         kept = self._idle.pop(origin, None)
         if kept is not None:
             try:
@@ -127,8 +126,8 @@ class _Connections:
                 return kept, kept.getresponse()
             except ConnectionError:  # the server closed it while it waited (RemoteDisconnected, a reset): a new one
                 self.discard(kept)
-        scheme, host, port = origin
-        connection = (HTTPSConnection if scheme == "https" else HTTPConnection)(host, port, timeout=self.timeout_s)
+        kind = HTTPSConnection if parts.scheme == "https" else HTTPConnection
+        connection = kind(origin[1], parts.port, timeout=self.timeout_s)
         self._origins[connection] = origin
         try:
             connection.request("GET", target, headers=headers)
@@ -138,7 +137,8 @@ class _Connections:
             raise
 
     def put_back(self, connection: HTTPConnection, response: HTTPResponse) -> None:
-        """A connection whose answer was read whole is kept for the next request to its origin."""
+        """A connection whose answer was read whole (and closed) is kept for the next request to its origin; any
+        other is closed."""
         if response.isclosed() and not response.will_close:
             self._idle[self._origins[connection]] = connection
         else:
@@ -246,14 +246,11 @@ class SegmentedTransfer:
                 else:
                     error = status_error(response.status, self.url, response.getheader("retry-after"))
                     raise error or TransientError(f"unexpected HTTP {response.status}")
-            except BaseException:
-                connections.discard(connection)
-                raise
-            if not segment.finished:
-                connections.discard(connection)
-                raise TransientError("a segment's body ended early")
-            response.close()  # read to its end (through its buffer, bypassing its count): the connection is free
-            connections.put_back(connection, response)
+                if not segment.finished:
+                    raise TransientError("a segment's body ended early")
+                response.close()  # read to its end (through its buffer, bypassing its count): the connection is free
+            finally:
+                connections.put_back(connection, response)  # closed unless its answer was read whole
         except (OSError, HTTPException) as exc:
             self.errors.append(TransientError(f"a segment broke: {type(exc).__name__}: {exc}"))
         except BaseException as exc:
