@@ -34,16 +34,14 @@ The engine runs in this process (no interpreter start-up or imports in its time;
 from it within its time, and their CPU counts in its CPU seconds); curl and aria2c include theirs.
 The engine's time includes making its files durable (syncfs, renames from .part, a folder fsync); curl's does not.
 
-What bounds the engine on the small files (2-core VMs, per 2,000-file run): curl uses ~0.32-0.5 s of CPU (~0.12 user,
-the rest system) and nginx some more. In one process the engine takes ~0.8-0.9 s: its one loop thread ~0.45 s
-(sha256 ~0.09 s; the rest libcurl, the kernel's socket work and Python per file: starting and finishing transfers,
-the job generators, header parsing; a 64 KiB body reaches Python whole, in one call), its writer and syncer threads
-~0.3 s, mostly system time (creating, writing and renaming the files, syncfs). That loop thread is the wall (the bare
-loop, which does only the checks, is itself at ~0.7-0.9 of curl), and threads cannot share its work out, so the
-engine forks worker processes (--processes, MVDATA_DOWNLOAD_PROCESSES) that each run it on their share of the files:
-the "engine" row, against "engine, 1 process". The same total CPU (~0.7-0.8 s) then runs on both cores; curl's runs
-on one. Against curl given the same guarantees (`sha256sum -c`: coreutils hashes at ~175 MB/s; `sync -f`) the engine
-takes ~0.4 of their time.
+What bounds the engine on the small files (2-core VMs, per 2,000-file run, warm memory, 2026-12-04): curl uses ~0.15 s
+of CPU and nginx some more; the engine ~0.35 s, in one process or two. In one process its loop thread is the wall
+(cProfile: libcurl and the kernel's socket work ~0.125 s, sha256 ~0.08 s, the rest Python per file: starting and
+finishing transfers, the job generators, header parsing), and threads cannot share its work out, so the engine
+forks worker processes (--processes, MVDATA_DOWNLOAD_PROCESSES) that each run it on their share of the files: the
+"engine" row, against "engine, 1 process". The bare pycurl loop, which does only the checks, is itself at ~0.6 of
+curl; the bare C loop, at ~0.25 CPU s, meets curl. Against curl given the same guarantees (`sha256sum -c`:
+coreutils hashes at ~175 MB/s; `sync -f`) the engine takes ~0.4-0.5 of their time.
 
 Needs nginx, curl, aria2c and coreutils: `apt-get install -y nginx curl aria2` (Debian); the bare C rows also need
 gcc, `libcurl4-openssl-dev` and `libssl-dev` (without them the row is left out, saying why). This script installs
