@@ -19,15 +19,17 @@ import threading
 import time
 from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mvdata_assets.datasets import durable, forked
+from mvdata_assets.datasets import _small_files, durable, forked
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.segments import STATE_SUFFIX, RangesRefused, SegmentedTransfer, proxied
 from mvdata_assets.datasets.transport import (
     BODY_TOO_BIG,
+    USER_AGENT,
     WRITE_BLOCKS,
     WRITE_BYTES,
     CurlLoop,
@@ -36,6 +38,7 @@ from mvdata_assets.datasets.transport import (
     Request,
     TransientError,
     Writer,
+    answer_error,
     refusal,
 )
 
@@ -51,6 +54,8 @@ BATCH_FILES = 500
 BATCH_WAIT_S = 0.25
 # files to fetch per worker process before another is worth its fork (~5-20 ms; a small file costs ~0.3 ms)
 FILES_PER_PROCESS = 64
+# files per thread of the C fast path (first attempts at small files) before another thread is worth starting
+FILES_PER_THREAD = 16
 PROGRESS_EVERY_S = 0.1  # a worker process sends its files' progress at most this often
 WRITERS = 2  # threads creating the `.part` files of a run, shared out among its worker processes (see _Committer)
 
@@ -107,6 +112,18 @@ class Probe:
     size: int | None
     etag: str | None
     ranges: bool
+
+
+@dataclass(frozen=True)
+class _Checked:
+    """The checksums of a body the C fast path received (what `Digests` tells once done)."""
+
+    sha256: str
+    md5: str | None
+
+
+# how a file's first attempt, made by the C fast path, ended: the body's size and checksums, or the error it raised
+Attempt = tuple[int, Digests | _Checked] | Exception
 
 
 @dataclass
@@ -271,12 +288,136 @@ class Downloader:
             todo += [pair for pair, keep in zip(on_disk, kept, strict=True) if not keep]
         for folder in {os.path.dirname(task.dest) for task, _ in todo}:  # strings: a Path's hash is dear
             os.makedirs(folder, exist_ok=True)
+        firsts: dict[str, Attempt] = {}  # by destination, of the files whose first attempt was made in C
+        small = [pair for pair in todo if self._small(pair[0], listing)]
+        if small:
+            taken = {id(result) for _, result in small}
+            todo = [pair for pair in todo if id(pair[1]) not in taken] + self._run_small(small, firsts)
         workers = min(self.processes, len(todo) // FILES_PER_PROCESS) if forked.available() else 1
         if workers > 1:
-            self._run_forked(todo, probes, listing, workers)
-        else:
-            self._run(loop, todo, probes, listing, self.concurrency, WRITERS)
+            self._run_forked(todo, probes, listing, firsts, workers)
+        elif todo:
+            self._run(loop, todo, probes, listing, firsts, self.concurrency, WRITERS)
         return results
+
+    def _small(self, task: FileTask, listing: _Listing) -> bool:
+        """A file the C fast path can try first: small, of known size, with no .part to resume, over HTTP(S)."""
+        return (
+            task.size is not None
+            and task.size < WRITE_BYTES
+            and self.resolve(task.url).startswith(("http://", "https://"))
+            and not listing.has(task.dest, ".part")
+        )
+
+    def _run_small(
+        self, todo: list[tuple[FileTask, FileResult]], firsts: dict[str, Attempt]
+    ) -> list[tuple[FileTask, FileResult]]:
+        """First attempts in C (see _small_files.c), `processes` threads of it without the GIL.
+
+        Files that arrived whole and matched go to a committer; the others are returned, each with its first
+        attempt's outcome in `firsts`, for the Python engine to go on from (a retry after a pause, a fresh download
+        after a mismatch, a failure that needs no second request).
+        """
+        workers = max(1, min(self.processes, len(todo) // FILES_PER_THREAD))
+        shares = [todo[i::workers] for i in range(workers)]
+        again: list[tuple[FileTask, FileResult]] = []
+        cancel = bytearray(1)
+        headers_seen: dict[tuple[str, ...], tuple[str, ...]] = {}  # one object per distinct header set: C shares it
+
+        def tasks(share: list[tuple[FileTask, FileResult]]) -> list[tuple[str, str, int, int, tuple[str, ...], bool]]:
+            out = []
+            for task, _ in share:
+                url = self.resolve(task.url)
+                headers = tuple(self._headers(url))
+                size = task.size or 0
+                out.append(
+                    (
+                        url,
+                        f"{task.dest}.part",
+                        size,
+                        size + WRITE_BYTES,
+                        headers_seen.setdefault(headers, headers),
+                        bool(task.md5),
+                    )
+                )
+            return out
+
+        def on_done(share: list[tuple[FileTask, FileResult]]) -> Callable[[int, tuple], None]:
+            def done(index: int, outcome: tuple) -> None:
+                task, result = share[index]
+                (
+                    kind,
+                    status,
+                    code,
+                    message,
+                    retry_after_header,
+                    received,
+                    sha256,
+                    md5,
+                    mtime_ns,
+                    seconds,
+                    partial,
+                    etag,
+                ) = outcome
+                if kind == _small_files.CANCELLED:
+                    return
+                result.bytes_transferred += received
+                result.seconds = seconds
+                first: Attempt
+                if kind == _small_files.COMPLETE:
+                    checked = _Checked(sha256, md5)
+                    if _mismatch(task, received, checked) is None:
+                        result.attempts, result.bytes, result.sha256, result.mtime_ns = 1, received, sha256, mtime_ns
+                        committer.add_written(result, _Part(task.dest, listed=False), task.dest)
+                        if self.progress:
+                            self.progress(task.url, received, task.size)
+                        return
+                    first = (received, checked)
+                elif kind == _small_files.WRITE_FAILED:
+                    first = OSError(code, message, f"{task.dest}.part")
+                elif kind == _small_files.TOO_BIG:
+                    limit = (task.size or 0) + WRITE_BYTES
+                    first = PermanentError(f"the server sends more than {limit} bytes; the catalog says {task.size}")
+                else:
+                    if (
+                        partial is not None
+                    ):  # a 200 that broke: its bytes kept for a resume, as the Python path keeps them
+                        message = f"connection broke after {received} of {task.size} bytes: {message}"
+                        part = _Part(task.dest, listed=False)
+                        with suppress(OSError):  # then the retry starts from byte 0
+                            _write(part.path, [partial])
+                            part.etag = etag
+                            part.keep_etag()
+                    first = answer_error(status, task.url, retry_after_header, code, message)
+                firsts[os.fspath(task.dest)] = first
+                again.append((task, result))
+
+            return done
+
+        committer = _Committer(writers=0)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [
+                    pool.submit(
+                        _small_files.fetch,
+                        tasks(share),
+                        on_done(share),
+                        transfers=-(-self.concurrency // workers),
+                        timeout_s=self.timeout_s,
+                        user_agent=USER_AGENT,
+                        cancel=cancel,
+                    )
+                    for share in shares
+                ]
+                try:
+                    for future in futures:
+                        future.result()
+                except BaseException:  # interrupted, or a bug: the other threads stop soon, dropping what they hold
+                    cancel[0] = 1
+                    raise
+        finally:
+            committer.close()
+        return again
 
     def _run(
         self,
@@ -284,13 +425,22 @@ class Downloader:
         todo: list[tuple[FileTask, FileResult]],
         probes: dict[str, Probe | str],
         listing: _Listing,
+        firsts: dict[str, Attempt],
         at_once: int,
         writers: int,
     ) -> None:
         committer = _Committer(writers)
         try:
             jobs = (
-                self._job(task, result, probes.get(task.url), listing.has(task.dest, ".part"), committer)
+                self._job(
+                    task,
+                    result,
+                    probes.get(task.url),
+                    listing.has(task.dest, ".part")
+                    or os.fspath(task.dest) in firsts,  # its first attempt may leave one
+                    committer,
+                    firsts.get(os.fspath(task.dest)) if firsts else None,
+                )
                 for task, result in todo
             )
             loop.run(jobs, at_once)
@@ -302,6 +452,7 @@ class Downloader:
         todo: list[tuple[FileTask, FileResult]],
         probes: dict[str, Probe | str],
         listing: _Listing,
+        firsts: dict[str, Attempt],
         workers: int,
     ) -> None:
         """The files in `workers` child processes, `concurrency` transfers in all; their outcomes copied back here.
@@ -319,7 +470,7 @@ class Downloader:
             batched = _BatchedProgress(send) if self.progress else None
             self.progress = batched
             with self._loop() as loop:
-                self._run(loop, share, probes, listing, at_once, writers)
+                self._run(loop, share, probes, listing, firsts, at_once, writers)
             if batched:
                 batched.flush()
             return [vars(result) for _, result in share]  # plain dicts: several times quicker to unpickle
@@ -356,13 +507,20 @@ class Downloader:
         return True
 
     def _job(
-        self, task: FileTask, result: FileResult, probe: Probe | str | None, part_listed: bool, committer: _Committer
+        self,
+        task: FileTask,
+        result: FileResult,
+        probe: Probe | str | None,
+        part_listed: bool,
+        committer: _Committer,
+        first: Attempt | None,
     ) -> Job:
         """One file's download on the loop, until it is verified and handed to the committer, or failed for good."""
-        started = time.monotonic()
+        started = time.monotonic() - result.seconds  # the first attempt's time, when it was made in C
         part = None
         try:
-            part = yield from self._download(task, result, probe if isinstance(probe, Probe) else None, part_listed)
+            probe_or_none = probe if isinstance(probe, Probe) else None
+            part = yield from self._download(task, result, probe_or_none, part_listed, first)
         except PermanentError as exc:
             result.error = str(exc)
         except TransientError as exc:
@@ -374,15 +532,21 @@ class Downloader:
             committer.add(result, part, task.dest)
 
     def _download(
-        self, task: FileTask, result: FileResult, probe: Probe | None, part_listed: bool
+        self, task: FileTask, result: FileResult, probe: Probe | None, part_listed: bool, first: Attempt | None
     ) -> Generator[Any, Any, _Part]:
+        """Attempts until the file is verified in its .part; `first`: how an attempt made before (in C) ended."""
         part = _Part(task.dest, part_listed)
         fresh_retry_done = False
         delay = self.backoff_s
         while True:
             result.attempts += 1
             try:
-                if self._segmentable(task, part, probe):
+                if first is not None:
+                    attempt, first = first, None
+                    if isinstance(attempt, Exception):
+                        raise attempt
+                    size, digests = attempt
+                elif self._segmentable(task, part, probe):
                     assert probe is not None and probe.size is not None
                     size, digests = yield from self._transfer_segmented(task, part, result, probe)
                 else:
@@ -677,6 +841,10 @@ class _Committer:
                 self._backlog += result.bytes
         self._to_write.put((result, part, dest))
 
+    def add_written(self, result: FileResult, part: _Part, dest: Path) -> None:
+        """Queues a verified file already in its .part, its mtime in `result`: straight to the next batch."""
+        self._written_one((result, part, dest))
+
     def close(self) -> None:
         """Returns once every file added has been committed (or failed with the reason)."""
         for _ in self._writers:
@@ -701,13 +869,16 @@ class _Committer:
             except OSError as exc:
                 result.error = f"writing {os.path.basename(part.path)}: {type(exc).__name__}: {exc}"
                 result.mtime_ns = None
-            with self._changed:
-                self._backlog -= held
-                if result.error is None:
-                    self._to_sync.append(item)
-                # a wake-up per file kept the loop thread waiting for the GIL: only when a waiter would act on it
-                if len(self._to_sync) in (1, BATCH_FILES) or self._held_up:
-                    self._changed.notify_all()
+            self._written_one(item, held)
+
+    def _written_one(self, item: tuple[FileResult, _Part, Path], held: int = 0) -> None:
+        with self._changed:
+            self._backlog -= held
+            if item[0].error is None:
+                self._to_sync.append(item)
+            # a wake-up per file kept the loop thread waiting for the GIL: only when a waiter would act on it
+            if len(self._to_sync) in (1, BATCH_FILES) or self._held_up:
+                self._changed.notify_all()
 
     def _sync(self) -> None:
         while True:
@@ -774,7 +945,7 @@ class _Listing:
         return name + suffix in names
 
 
-def _mismatch(task: FileTask, size: int, digests: Digests) -> str | None:
+def _mismatch(task: FileTask, size: int, digests: Digests | _Checked) -> str | None:
     if task.size is not None and size != task.size:
         return f"size {size} but the catalog says {task.size}"
     if task.sha256 and digests.sha256 != _hex(task.sha256):

@@ -159,14 +159,22 @@ def status_error(status: int, url: str, retry_after_header: str | None) -> Perma
 
 def refusal(request: Request, url: str) -> PermanentError | TransientError:
     """What a finished request that delivered no body means for its file."""
-    status = request.status
-    error = status_error(status, url, request.response_headers.get("retry-after"))
-    if error is not None:
-        return error
-    if request.error_code in PERMANENT_CURL_ERRORS:
-        return PermanentError(f"{request.error} for {url}")
-    if request.error:
-        return TransientError(request.error)
+    return answer_error(
+        request.status, url, request.response_headers.get("retry-after"), request.error_code, request.error
+    )
+
+
+def answer_error(
+    status: int, url: str, retry_after_header: str | None, error_code: int, error: str | None
+) -> PermanentError | TransientError:
+    """What an answer that brought no usable body means for its file: its status first, then how libcurl ended it."""
+    status_problem = status_error(status, url, retry_after_header)
+    if status_problem is not None:
+        return status_problem
+    if error_code in PERMANENT_CURL_ERRORS:
+        return PermanentError(f"{error} for {url}")
+    if error:
+        return TransientError(error)
     return TransientError(f"unexpected HTTP {status}")
 
 
