@@ -30,18 +30,20 @@ order without this, curl took 0.14 s for the small files right after the big fil
 later rounds, and the same engine run of 1 GiB took 1.3 to 3.8 CPU s (2026-12-04). Warm memory is also what a
 machine without a balloon gives every run. The table shows the best (fastest) of --repeat runs, which the targets
 are judged on, and the median beside it.
-The engine runs in this process (no interpreter start-up or imports in its time; its worker processes are forked
-from it within its time, and their CPU counts in its CPU seconds); curl and aria2c include theirs.
+The engine runs in this process (no interpreter start-up or imports in its time; its worker threads, or the worker
+processes it forks for files of unknown size, run within its time and their CPU counts in its CPU seconds); curl and
+aria2c include theirs.
 The engine's time includes making its files durable (syncfs, renames from .part, a folder fsync); curl's does not.
 
 What bounds the engine on the small files (2-core VMs, per 2,000-file run, warm memory, 2026-12-04): curl uses ~0.15 s
-of CPU and nginx some more; the engine ~0.35 s, in one process or two. In one process its loop thread is the wall
-(cProfile: libcurl and the kernel's socket work ~0.125 s, sha256 ~0.08 s, the rest Python per file: starting and
-finishing transfers, the job generators, header parsing), and threads cannot share its work out, so the engine
-forks worker processes (--processes, MVDATA_DOWNLOAD_PROCESSES) that each run it on their share of the files: the
-"engine" row, against "engine, 1 process". The bare pycurl loop, which does only the checks, is itself at ~0.6 of
-curl; the bare C loop, at ~0.25 CPU s, meets curl. Against curl given the same guarantees (`sha256sum -c`:
-coreutils hashes at ~175 MB/s; `sync -f`) the engine takes ~0.4-0.5 of their time.
+of CPU and nginx some more; the bare C loop, with the engine's guarantees, ~0.25 s, and it meets curl. The engine's
+Python loop spent ~0.35 s (cProfile: libcurl and the kernel's socket work ~0.125 s, sha256 ~0.08 s, the rest Python
+per file: starting and finishing transfers, the job generators, header parsing) and reached ~0.65 of curl even in two
+forked processes; the bare pycurl loop, which does only the checks, is itself at ~0.6. So first attempts at small
+files of known size are made in C (mvdata_assets/datasets/_small_files.c: fetched, hashed and written without the
+GIL, in --processes threads, MVDATA_DOWNLOAD_PROCESSES), ~0.28 CPU s per run: the "engine" row, against "engine, 1
+worker" (one such thread). Against curl given the same guarantees (`sha256sum -c`: coreutils hashes at ~175 MB/s;
+`sync -f`) the engine takes ~0.3 of their time.
 
 Needs nginx, curl, aria2c and coreutils: `apt-get install -y nginx curl aria2` (Debian); the bare C rows also need
 gcc, `libcurl4-openssl-dev` and `libssl-dev` (without them the row is left out, saying why). This script installs
@@ -86,8 +88,8 @@ WRITE_CHUNK = 8 * 1024 * 1024
 CURL_SMALL = "curl -Z --parallel-max 16"
 CURL_SUM = "curl -Z, sha256sum -c"
 CURL_SUM_SYNC = "curl -Z, sha256sum -c, sync"
-ENGINE_SMALL = "engine"  # with --processes worker processes (the default: MVDATA_DOWNLOAD_PROCESSES's)
-ENGINE_ONE = "engine, 1 process"
+ENGINE_SMALL = "engine"  # with --processes workers (the default: MVDATA_DOWNLOAD_PROCESSES's)
+ENGINE_ONE = "engine, 1 worker"
 PYCURL_FLOOR = "bare pycurl loop, same checks"
 C_FLOOR = "bare C loop, same checks"  # bare_c_loop.c, with --processes processes
 C_FLOOR_SOURCE = HERE / "bare_c_loop.c"
@@ -596,7 +598,7 @@ def main() -> int:
         "--processes",
         type=int,
         default=default_processes,
-        help=f"the engine's worker processes for many files (default {default_processes}: MVDATA_DOWNLOAD_PROCESSES)",
+        help=f"the engine's workers for many files (default {default_processes}: MVDATA_DOWNLOAD_PROCESSES)",
     )
     args = parser.parse_args()
 
@@ -645,7 +647,7 @@ def main() -> int:
         print(f"  ({C_STREAM})/curl throughput: {best:.2f}x best, {med:.2f}x median")
 
     print()
-    print(f"{args.small} x {args.small_kib} KiB files; {ENGINE_SMALL}: {args.processes} worker processes")
+    print(f"{args.small} x {args.small_kib} KiB files; {ENGINE_SMALL}: {args.processes} workers (C threads)")
     print(f"  {'tool':<30}{'best s':>9}{'median s':>10}{'best files/s':>14}{'median CPU s':>14}")
     for name, ts in small_times.items():
         walls = [t[0] for t in ts]

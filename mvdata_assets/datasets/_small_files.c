@@ -315,11 +315,15 @@ static Task *read_tasks(PyObject *sequence, Py_ssize_t *count, struct curl_slist
         Py_ssize_t known = 0;
         while (known < *list_count && header_objects[known] != headers) known++;
         if (known == *list_count) {
-            PyObject *lines = PySequence_Fast(headers, "headers must be a sequence of strings");
+            PyObject *lines = PySequence_Fast(headers, "a task's headers must be a sequence of strings");
             if (!lines) goto failed;
             struct curl_slist *list = NULL;
             for (Py_ssize_t j = 0; j < PySequence_Fast_GET_SIZE(lines); j++) {
-                const char *line = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(lines, j));
+                PyObject *item = PySequence_Fast_GET_ITEM(lines, j);
+                if (!PyUnicode_Check(item))
+                    PyErr_Format(PyExc_TypeError, "task %zd: header %zd is %.50s, not a string", i, j,
+                                 Py_TYPE(item)->tp_name);
+                const char *line = PyErr_Occurred() ? NULL : PyUnicode_AsUTF8(item);
                 struct curl_slist *longer = line ? curl_slist_append(list, line) : NULL;
                 if (!longer) {
                     Py_DECREF(lines);
