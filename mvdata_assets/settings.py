@@ -46,7 +46,7 @@ class Settings:
     data_root: Path
     catalog: Path | None  # None: the bundled catalog
     download_concurrency: int
-    download_processes: int  # worker processes sharing many files' transfers (see datasets/forked.py)
+    download_processes: int  # workers sharing many files' transfers: C threads for small files, else forked processes
     image_concurrency: int  # URL-list images in flight at once
     image_host_connections: int  # ... of which at most this many to one host
     image_timeout_s: float  # an image transfer that receives nothing for this long fails as `timeout`

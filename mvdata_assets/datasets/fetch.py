@@ -4,9 +4,11 @@ A file is `downloaded` only once its size and checksum matched and it was made d
 into place. A killed download resumes from the bytes of its `.part` (Range + If-Range; a 200 answer to a Range
 request restarts the file, never appends). Transient errors (timeouts, resets, 5xx, 429 with Retry-After) retry
 with backoff; permanent ones (404, 410, 403, a checksum mismatch after a fresh retry) fail the file with the reason
-and leave the other files going. The transfers run on one `CurlLoop` (see transport.py for why); each file is a
-generator job on it. A run with many files shares them out among forked worker processes, each with a loop of its
-own (see forked.py for why). Plain Python: nothing here imports Dagster.
+and leave the other files going. First attempts at small files of known size are made in C (_small_files.c says
+why), in threads; a file that did not arrive whole and matching there goes on here, that attempt counted as its
+first. The other transfers run on one `CurlLoop` (see transport.py for why); each file is a generator job on it. A
+run with many such files shares them out among forked worker processes, each with a loop of its own (see forked.py
+for why). Plain Python (but for that C module): nothing here imports Dagster.
 """
 
 from __future__ import annotations
