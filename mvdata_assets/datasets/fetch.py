@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mvdata_assets.datasets import _small_files, durable, forked
 from mvdata_assets.datasets.digests import Digests
@@ -126,6 +126,23 @@ class _Checked:
 
 # how a file's first attempt, made by the C fast path, ended: the body's size and checksums, or the error it raised
 Attempt = tuple[int, Digests | _Checked] | Exception
+
+
+class _Outcome(NamedTuple):
+    """What the C fast path reports of a file (see _small_files.c)."""
+
+    kind: int  # _small_files.COMPLETE, REFUSED, BROKEN, TOO_BIG, WRITE_FAILED or CANCELLED
+    status: int  # of the final answer; 0 when none came
+    code: int  # libcurl's error code; with WRITE_FAILED, the errno
+    message: str | None  # libcurl's error message; with WRITE_FAILED, the errno's
+    retry_after: str | None  # the answer's Retry-After header
+    received: int  # body bytes
+    sha256: str | None  # of a complete body
+    md5: str | None  # of a complete body, when the task asked for it
+    mtime_ns: int | None  # of the .part written
+    seconds: float
+    partial: bytes | None  # the bytes a 200 brought before it broke
+    etag: str | None  # that answer's ETag
 
 
 @dataclass
@@ -345,52 +362,26 @@ class Downloader:
             return out
 
         def on_done(share: list[tuple[FileTask, FileResult]]) -> Callable[[int, tuple], None]:
-            def done(index: int, outcome: tuple) -> None:
+            def done(index: int, reported: tuple) -> None:
                 task, result = share[index]
-                (
-                    kind,
-                    status,
-                    code,
-                    message,
-                    retry_after_header,
-                    received,
-                    sha256,
-                    md5,
-                    mtime_ns,
-                    seconds,
-                    partial,
-                    etag,
-                ) = outcome
-                if kind == _small_files.CANCELLED:
+                outcome = _Outcome(*reported)
+                if outcome.kind == _small_files.CANCELLED:
                     return
-                result.bytes_transferred += received
-                result.seconds = seconds
+                result.bytes_transferred += outcome.received
+                result.seconds = outcome.seconds
                 first: Attempt
-                if kind == _small_files.COMPLETE:
-                    checked = _Checked(sha256, md5)
-                    if _mismatch(task, received, checked) is None:
-                        result.attempts, result.bytes, result.sha256, result.mtime_ns = 1, received, sha256, mtime_ns
+                if outcome.kind == _small_files.COMPLETE:
+                    checked = _Checked(outcome.sha256, outcome.md5)
+                    if _mismatch(task, outcome.received, checked) is None:
+                        result.attempts, result.bytes, result.sha256 = 1, outcome.received, outcome.sha256
+                        result.mtime_ns = outcome.mtime_ns
                         committer.add_written(result, _Part(task.dest, listed=False), task.dest)
                         if self.progress:
-                            self.progress(task.url, received, task.size)
+                            self.progress(task.url, outcome.received, task.size)
                         return
-                    first = (received, checked)
-                elif kind == _small_files.WRITE_FAILED:
-                    first = OSError(code, message, f"{task.dest}.part")
-                elif kind == _small_files.TOO_BIG:
-                    limit = (task.size or 0) + WRITE_BYTES
-                    first = PermanentError(f"the server sends more than {limit} bytes; the catalog says {task.size}")
+                    first = (outcome.received, checked)
                 else:
-                    if (
-                        partial is not None
-                    ):  # a 200 that broke: its bytes kept for a resume, as the Python path keeps them
-                        message = f"connection broke after {received} of {task.size} bytes: {message}"
-                        part = _Part(task.dest, listed=False)
-                        with suppress(OSError):  # then the retry starts from byte 0
-                            _write(part.path, [partial])
-                            part.etag = etag
-                            part.keep_etag()
-                    first = answer_error(status, task.url, retry_after_header, code, message)
+                    first = _failed_attempt(task, outcome)
                 firsts[os.fspath(task.dest)] = first
                 again.append((task, result))
 
@@ -438,8 +429,7 @@ class Downloader:
                     task,
                     result,
                     probes.get(task.url),
-                    listing.has(task.dest, ".part")
-                    or os.fspath(task.dest) in firsts,  # its first attempt may leave one
+                    listing.has(task.dest, ".part"),
                     committer,
                     firsts.get(os.fspath(task.dest)) if firsts else None,
                 )
@@ -537,7 +527,7 @@ class Downloader:
         self, task: FileTask, result: FileResult, probe: Probe | None, part_listed: bool, first: Attempt | None
     ) -> Generator[Any, Any, _Part]:
         """Attempts until the file is verified in its .part; `first`: how an attempt made before (in C) ended."""
-        part = _Part(task.dest, part_listed)
+        part = _Part(task.dest, part_listed or first is not None)  # that attempt may have left a .part to resume
         fresh_retry_done = False
         delay = self.backoff_s
         while True:
@@ -945,6 +935,26 @@ class _Listing:
                 names = set()
             self._names[folder] = names
         return name + suffix in names
+
+
+def _failed_attempt(task: FileTask, outcome: _Outcome) -> Exception:
+    """The error a first attempt in C ended with, as the Python engine's own attempt would have raised it."""
+    if outcome.kind == _small_files.WRITE_FAILED:
+        return OSError(outcome.code, outcome.message, f"{task.dest}.part")
+    if outcome.kind == _small_files.TOO_BIG:
+        limit = (task.size or 0) + WRITE_BYTES
+        return PermanentError(f"the server sends more than {limit} bytes; the catalog says {task.size}")
+    message = outcome.message
+    if (
+        outcome.partial is not None
+    ):  # a 200 that broke: its bytes are kept for a resume, as the Python engine keeps them
+        message = f"connection broke after {outcome.received} of {task.size} bytes: {message}"
+        part = _Part(task.dest, listed=False)
+        with suppress(OSError):  # the retry then starts from byte 0
+            _write(part.path, [outcome.partial])
+            part.etag = outcome.etag
+            part.keep_etag()
+    return answer_error(outcome.status, task.url, outcome.retry_after, outcome.code, message)
 
 
 def _mismatch(task: FileTask, size: int, digests: Digests | _Checked) -> str | None:
