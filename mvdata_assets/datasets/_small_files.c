@@ -81,8 +81,8 @@ static size_t on_header(char *data, size_t size, size_t count, void *user) {
     return size * count;
 }
 
-/* The body of a 200 goes to memory, never past the expected size (more ends the transfer); other answers' bodies
- * are read and dropped, so that their connection stays usable. */
+/* The body of a 200 goes to memory, never past the task's limit (more ends the transfer); other answers' bodies are
+ * read and dropped, so that their connection stays usable. */
 static size_t on_body(char *data, size_t size, size_t count, void *user) {
     Transfer *transfer = user;
     Task *task = NULL;
@@ -115,37 +115,36 @@ static void hex(const unsigned char *digest, unsigned int length, char *out) {
     out[2 * length] = '\0';
 }
 
-/* Creates the .part holding the body and starts its writeback (the committer's syncfs then finds little left). */
+/* Creates the .part holding the body and starts its writeback (the committer's syncfs then finds little left); on
+ * failure nothing is left of it. */
 static int write_part(const Task *task, const Transfer *transfer, Outcome *outcome) {
     int fd = open(task->path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    if (fd < 0) goto failed;
+    if (fd < 0) {
+        outcome->errno_value = errno;
+        return -1;
+    }
     long long done = 0;
+    struct stat st;
     while (done < transfer->received) {
         ssize_t wrote = write(fd, transfer->body + done, transfer->received - done);
         if (wrote < 0 && errno == EINTR) continue;
         if (wrote <= 0) {
             if (wrote == 0) errno = ENOSPC;
-            goto failed_open;
+            goto failed;
         }
         done += wrote;
     }
     sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE);
-    struct stat st;
-    if (fstat(fd, &st) != 0) goto failed_open;
-    if (close(fd) != 0) goto failed_closed;
+    if (fstat(fd, &st) != 0) goto failed;
+    int closed = close(fd);
+    fd = -1;
+    if (closed != 0) goto failed;
     outcome->mtime_ns = (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec;
     return 0;
-failed_open:
-    outcome->errno_value = errno;
-    close(fd);
-    unlink(task->path);
-    return -1;
-failed_closed:
-    outcome->errno_value = errno;
-    unlink(task->path);
-    return -1;
 failed:
     outcome->errno_value = errno;
+    if (fd >= 0) close(fd);
+    unlink(task->path);
     return -1;
 }
 

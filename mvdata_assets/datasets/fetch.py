@@ -308,10 +308,11 @@ class Downloader:
         for folder in {os.path.dirname(task.dest) for task, _ in todo}:  # strings: a Path's hash is dear
             os.makedirs(folder, exist_ok=True)
         firsts: dict[str, Attempt] = {}  # by destination, of the files whose first attempt was made in C
-        small = [pair for pair in todo if self._small(pair[0], listing)]
-        if small:
-            taken = {id(result) for _, result in small}
-            todo = [pair for pair in todo if id(pair[1]) not in taken] + self._run_small(small, firsts)
+        small: list[tuple[FileTask, FileResult]] = []
+        rest: list[tuple[FileTask, FileResult]] = []
+        for pair in todo:
+            (small if self._small(pair[0], listing) else rest).append(pair)
+        todo = rest + self._run_small(small, firsts) if small else rest
         workers = min(self.processes, len(todo) // FILES_PER_PROCESS) if forked.available() else 1
         if workers > 1:
             self._run_forked(todo, probes, listing, firsts, workers)
