@@ -17,13 +17,16 @@ every segment where it stood.
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
 from pathlib import Path
 from urllib.parse import SplitResult, urljoin, urlsplit
@@ -32,13 +35,15 @@ from urllib.request import proxy_bypass_environment
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.transport import USER_AGENT, PermanentError, TransientError, status_error
 
-RECEIVE_BYTES = 1024 * 1024  # a segment's buffer: written to the .part each time it is full
-# ... in writes of this size. A 1 MiB write makes the page cache take 1 MiB folios, which on a VM returning free
-# memory to its host (virtio-balloon free page reporting) come from memory the host must fault in again on first
-# touch: copying into them ran at ~0.4 GB/s, and 1 GiB took 3-6 s and ~5 CPU s instead of ~2 s and ~2.5 CPU s
-# (bench/downloads.py, right after aria2c's runs had left the page cache in small folios)
+RECEIVE_BYTES = 1024 * 1024  # a receive buffer: written to the .part, then hashed, each time it is full
+BUFFERS_PER_CONNECTION = 8  # how far (in buffers) a connection may run ahead of the digest before it waits
+ALIGN = 4096  # O_DIRECT writes start, end and sit in memory on such boundaries
+# Writes that go through the page cache (heads and tails off those boundaries, or all of them where O_DIRECT is
+# refused) are cut into pieces of this size. A 1 MiB write makes the page cache take 1 MiB folios, which on a VM
+# returning free memory to its host (virtio-balloon free page reporting) come from memory the host must fault in
+# again on first touch: copying into them ran at ~0.4 GB/s (bench/downloads.py, after aria2c's runs).
 WRITE_PIECE_BYTES = 64 * 1024
-READ_BYTES = 4 * 1024 * 1024  # hashed per step of the job, between which the loop serves the other files
+READ_BYTES = 4 * 1024 * 1024  # what a resumed download re-reads (and hashes) per step of the job
 POLL_S = 0.005  # how often the job looks for new bytes when it has hashed all there was
 SAVE_EVERY_BYTES = 64 * 1024 * 1024  # progress is made durable this often, or every SAVE_EVERY_S
 SAVE_EVERY_S = 5.0
@@ -71,16 +76,46 @@ class Stopped(Exception):
     """The download was abandoned (the loop stopped): a segment's transfer ends here."""
 
 
+# a received buffer waiting for the digest: its file offset, the buffer, how much of it was filled, whose it is
+_Block = tuple[int, memoryview, int, "_Buffers"]
+
+
 @dataclass
 class Segment:
     start: int
     end: int  # exclusive
     done: int = 0  # bytes of this segment on disk
     received: int = 0  # body bytes that crossed the network in this attempt
+    earlier: int = 0  # bytes on disk before this attempt: the digest reads them back
+    blocks: deque[_Block] = field(default_factory=deque)  # appended by its connection's thread, taken by the digest
 
     @property
     def finished(self) -> bool:
         return self.start + self.done >= self.end
+
+
+class _Buffers:
+    """One connection's receive buffers, page-aligned for O_DIRECT. A buffer comes back once the digest has read it,
+    so a connection runs at most BUFFERS_PER_CONNECTION buffers ahead of the digest. This cannot deadlock: the
+    connection holding the segment the digest waits for has no older bytes left unread, so its buffers keep
+    coming back."""
+
+    def __init__(self, count: int, size: int) -> None:
+        memory = memoryview(mmap.mmap(-1, count * size))  # anonymous maps start on a page
+        self._free: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
+        for at in range(0, count * size, size):
+            self._free.put(memory[at : at + size])
+
+    def take(self, stopped: Callable[[], bool]) -> memoryview:
+        while True:
+            try:
+                return self._free.get(timeout=POLL_S * 10)
+            except queue.Empty:
+                if stopped():
+                    raise Stopped from None
+
+    def give_back(self, buffer: memoryview) -> None:
+        self._free.put(buffer)
 
 
 _Origin = tuple[str, str, "int | None"]  # scheme, host, port as the URL gives them
@@ -178,6 +213,7 @@ class SegmentedTransfer:
         self.errors: list[BaseException] = []
         self._redirected_to: str | None = None  # where the redirects of a segment's request led
         self._fd = -1
+        self._direct_fd = -1  # the .part opened with O_DIRECT, where the file system allows it
         self._saving = threading.Lock()
         self._saved_at, self._saved_bytes = time.monotonic(), 0
 
@@ -220,18 +256,18 @@ class SegmentedTransfer:
         """One connection's thread: the next segment in file order until none is left, or one has failed (the others
         then finish the segments they hold, and the retry fetches only what is missing)."""
         connections = _Connections(self.timeout_s)
-        buffer = memoryview(bytearray(RECEIVE_BYTES))  # one per thread, not per segment: fresh memory is dear here
+        buffers = _Buffers(BUFFERS_PER_CONNECTION, RECEIVE_BYTES)  # per thread, not per segment: fresh memory is dear
         try:
             while not self.errors and not self.stopped:
                 try:
                     segment = todo.popleft()
                 except IndexError:
                     return
-                self._fetch(segment, connections, buffer)
+                self._fetch(segment, connections, buffers)
         finally:
             connections.close()
 
-    def _fetch(self, segment: Segment, connections: _Connections, buffer: memoryview) -> None:
+    def _fetch(self, segment: Segment, connections: _Connections, buffers: _Buffers) -> None:
         """One segment's request; what went wrong is left in `errors`."""
         lines = [*self.headers, *self._range(segment)]
         headers = {"User-Agent": USER_AGENT, **dict(line.split(": ", 1) for line in lines)}
@@ -240,7 +276,7 @@ class SegmentedTransfer:
             try:
                 expected = f"bytes {segment.start + segment.done}-{segment.end - 1}/"
                 if response.status == 206 and (response.getheader("content-range") or "").startswith(expected):
-                    self._receive(segment, response, buffer)
+                    self._receive(segment, response, buffers)
                 elif response.status in (200, 206, 416):  # the whole file or another range: not read at all
                     raise RangesRefused(f"HTTP {response.status} to a segment's Range request")
                 else:
@@ -271,13 +307,17 @@ class SegmentedTransfer:
             self._redirected_to = answered
         return connection, response
 
-    def _receive(self, segment: Segment, response: HTTPResponse, buffer: memoryview) -> None:
-        """The body, a buffer at a time, each written at its offset; what came before a break is kept too."""
+    def _receive(self, segment: Segment, response: HTTPResponse, buffers: _Buffers) -> None:
+        """The body, a buffer at a time, each written at its offset and handed to the digest; what came before a break
+        is kept too."""
         # one socket read per call, into the buffer (response.readinto would lose a partly filled buffer on a reset)
         read = response.readinto if response.chunked else response.fp.readinto1
         left = segment.end - segment.start - segment.done
         while left:
-            want, filled = min(RECEIVE_BYTES, left), 0
+            offset = segment.start + segment.done
+            buffer = buffers.take(lambda: self.stopped)
+            # a resumed segment may start off an O_DIRECT boundary: a short first fill reaches the next one
+            want, filled = min(RECEIVE_BYTES, left, -offset % ALIGN or RECEIVE_BYTES), 0
             try:
                 while filled < want:
                     if self.stopped:
@@ -288,19 +328,42 @@ class SegmentedTransfer:
                     filled += got
             finally:
                 if filled:
-                    for at in range(0, filled, WRITE_PIECE_BYTES):
-                        piece = buffer[at : min(at + WRITE_PIECE_BYTES, filled)]
-                        if os.pwrite(self._fd, piece, segment.start + segment.done + at) != len(piece):
-                            raise OSError(f"short write to {self.part} (disk full?)")
-                    segment.done += filled  # read by the hashing job: only ever covers bytes written
+                    self._write(buffer[:filled], offset)
+                    segment.blocks.append((offset, buffer, filled, buffers))
+                    segment.done += filled
                     segment.received += filled
+                else:
+                    buffers.give_back(buffer)
             left -= filled
             if self.checkpoint_due():
                 self.checkpoint()
 
+    def _write(self, data: memoryview, offset: int) -> None:
+        """Whole pages at a page boundary go with O_DIRECT: no copy into the page cache, and the final fsync finds
+        them on disk already (on this VM's disk 1 GiB took 0.47-0.64 s that way, 0.8-2.3 s through the cache); what
+        is left over goes through the cache."""
+        direct = len(data) - len(data) % ALIGN if self._direct_fd >= 0 and offset % ALIGN == 0 else 0
+        if direct:
+            try:
+                self._pwrite(self._direct_fd, data[:direct], offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                self._direct_fd = -1  # opened, yet refused (a file system's limits): the cache from here on
+                direct = 0
+        for at in range(direct, len(data), WRITE_PIECE_BYTES):
+            self._pwrite(self._fd, data[at : at + WRITE_PIECE_BYTES], offset + at)
+
+    def _pwrite(self, fd: int, data: memoryview, offset: int) -> None:
+        if os.pwrite(fd, data, offset) != len(data):
+            raise OSError(f"short write to {self.part} (disk full?)")
+
     def run(self, digests: Digests, progress: Callable[[int], None] | None = None) -> Generator[float, None, Digests]:
         """Fetches the missing parts of every segment, feeding the whole file to `digests` (a job on the loop)."""
         self._fd = os.open(self.part, os.O_RDWR)
+        self._direct_fd = _open_direct(self.part)
+        for segment in self.segments:
+            segment.earlier = segment.done
         todo = deque(s for s in self.segments if not s.finished)  # popleft is atomic: no lock among the threads
         workers = [
             threading.Thread(target=self._work, args=(todo,), name="mvdata-segment", daemon=True)
@@ -309,18 +372,21 @@ class SegmentedTransfer:
         for worker in workers:
             worker.start()
         finished = False
-        read_buffer = memoryview(bytearray(READ_BYTES))  # reused: a new object per read would touch fresh memory
+        read_buffer = memoryview(bytearray(READ_BYTES)) if any(s.earlier for s in self.segments) else None
         try:
             position = 0
             for segment in self.segments:
+                if segment.earlier:
+                    assert read_buffer is not None
+                    position = yield from self._hash_earlier(segment, read_buffer, digests, progress)
                 while position < segment.end and not self.errors:
-                    available = segment.start + segment.done
-                    if position < available:
-                        block = read_buffer[: min(READ_BYTES, available - position)]
-                        if os.preadv(self._fd, [block], position) != len(block):
-                            raise OSError(f"{self.part} is shorter than its segments say")
-                        digests.update(block)
-                        position += len(block)
+                    if segment.blocks:
+                        offset, buffer, filled, owner = segment.blocks.popleft()
+                        if offset != position:
+                            raise AssertionError(f"bytes at {offset} arrived where {position} was expected")
+                        digests.update(buffer[:filled])
+                        owner.give_back(buffer)
+                        position += filled
                         if progress:
                             progress(position)
                         yield 0  # the other files' turn
@@ -343,8 +409,39 @@ class SegmentedTransfer:
             if not finished:
                 self.checkpoint(wait=True)
             os.close(self._fd)
+            if self._direct_fd >= 0:
+                os.close(self._direct_fd)
         return digests
+
+    def _hash_earlier(
+        self, segment: Segment, buffer: memoryview, digests: Digests, progress: Callable[[int], None] | None
+    ) -> Generator[float, None, int]:
+        """The bytes an earlier attempt left of a segment, read back from the .part."""
+        position, end = segment.start, segment.start + segment.earlier
+        while position < end:
+            block = buffer[: min(len(buffer), end - position)]
+            if os.preadv(self._fd, [block], position) != len(block):
+                raise OSError(f"{self.part} is shorter than its segments say")
+            digests.update(block)
+            position += len(block)
+            if progress:
+                progress(position)
+            yield 0
+        return position
 
     def _range(self, segment: Segment) -> list[str]:
         headers = [f"Range: bytes={segment.start + segment.done}-{segment.end - 1}"]
         return [*headers, f"If-Range: {self.etag}"] if self.etag else headers
+
+
+def _open_direct(path: Path) -> int:
+    """`path` opened for O_DIRECT writes, or -1 where the file system (tmpfs, some FUSE) or the platform has none."""
+    flag = getattr(os, "O_DIRECT", 0)
+    if not flag:
+        return -1
+    try:
+        return os.open(path, os.O_WRONLY | flag)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return -1
