@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import random
@@ -18,6 +19,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from mvdata_assets.datasets import segments
+from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.fetch import Downloader, FileTask
 from mvdata_assets.datasets.segments import MAX_SEGMENTS, SegmentedTransfer
 from mvdata_assets_tests.datasets.fileserver import FileServer
@@ -323,3 +326,92 @@ def test_a_segmented_part_is_never_resumed_as_one_stream(file_server: FileServer
     [result] = segmented(segment_connections=1).fetch_all([task])
     assert result.status == "downloaded" and dest.read_bytes() == DATA
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.bin"]
+
+
+def test_a_resume_off_page_boundaries_completes_the_file(file_server: FileServer, tmp_path: Path) -> None:
+    # O_DIRECT writes need page boundaries: a segment resumed mid-page writes up to the next one through the cache
+    dest, part = tmp_path / "big.bin", tmp_path / "big.bin.part"
+    half, kept = SIZE // 2, (12_345, 7)
+    part.write_bytes(DATA[: kept[0]] + bytes(half - kept[0]) + DATA[half : half + kept[1]] + bytes(half - kept[1]))
+    state = {"size": SIZE, "etag": '"v1"', "segments": [[0, half, kept[0]], [half, SIZE, kept[1]]]}
+    (tmp_path / "big.bin.part.segments.json").write_text(json.dumps(state))
+    task = FileTask(file_server.add("big.bin", DATA, etag="v1"), dest, SIZE, SHA256)
+    [result] = segmented(segment_bytes=half).fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 1, SHA256)
+    assert dest.read_bytes() == DATA
+    gets = [r for r in file_server.requests_for("big.bin") if r.method == "GET"]
+    assert sorted(r.range for r in gets) == [f"bytes={kept[0]}-{half - 1}", f"bytes={half + kept[1]}-{SIZE - 1}"]
+    assert file_server.bytes_sent("big.bin") == SIZE - sum(kept)
+
+
+def test_without_o_direct_the_segments_go_through_the_page_cache(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(segments, "_open_direct", lambda path: -1)  # as on tmpfs, which refuses O_DIRECT
+    task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    [result] = segmented(segment_bytes=SIZE // 12).fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 1, SHA256)
+    assert task.dest.read_bytes() == DATA
+
+
+def test_an_o_direct_write_refused_midway_goes_through_the_page_cache(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused: list[int] = []
+    real_pwrite = SegmentedTransfer._pwrite
+
+    def pwrite(self: SegmentedTransfer, fd: int, data: memoryview, offset: int) -> None:
+        if fd == self._direct_fd and offset >= SIZE // 2:  # the file system takes some direct writes, not these
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        real_pwrite(self, fd, data, offset)
+
+    monkeypatch.setattr(SegmentedTransfer, "_pwrite", pwrite)
+    task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    [result] = segmented().fetch_all([task])
+    assert (result.status, result.attempts, result.sha256) == ("downloaded", 1, SHA256)
+    assert task.dest.read_bytes() == DATA
+    assert refused  # the direct path was taken, then left, with no retry
+
+
+def test_an_o_direct_write_failing_otherwise_fails_the_attempt(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def pwrite(self: SegmentedTransfer, fd: int, data: memoryview, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(SegmentedTransfer, "_pwrite", pwrite)
+    task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
+    [result] = segmented(retries=1).fetch_all([task])
+    assert result.status == "failed" and "No space left on device" in (result.error or "")
+    assert not task.dest.exists()
+
+
+def test_connections_wait_for_the_digest_and_run_only_their_buffers_ahead(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow digest holds the transfers back, and with one buffer per connection nothing deadlocks: the connection
+    the digest waits for always gets its buffer back."""
+    monkeypatch.setattr(segments, "BUFFERS_PER_CONNECTION", 1)
+    monkeypatch.setattr(segments, "RECEIVE_BYTES", 64 * 1024)
+    url = file_server.add("big.bin", DATA)
+    transfer = SegmentedTransfer(
+        url, [], tmp_path / "big.bin.part", SIZE, None, connections=4, segment_bytes=SIZE // 12, timeout_s=5.0
+    )
+    ahead: list[int] = []
+
+    def progress(hashed: int) -> None:
+        ahead.append(transfer.transferred - hashed)
+        time.sleep(0.002)  # a digest slower than loopback
+
+    steps, deadline = transfer.run(Digests(), progress), time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(next(steps))
+        raise AssertionError("the transfer did not end within 30 s: a connection waits for a buffer forever")
+    except StopIteration as stop:
+        digests = stop.value
+    assert digests.sha256 == SHA256 and (tmp_path / "big.bin.part").read_bytes() == DATA
+    assert len(ahead) == SIZE // (64 * 1024)  # one step per buffer
+    assert max(ahead) <= 4 * 64 * 1024  # never more than a buffer per connection past the digest
+    assert max(ahead) > 64 * 1024  # and the connections did run ahead of it
