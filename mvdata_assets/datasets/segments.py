@@ -39,8 +39,12 @@ from urllib.request import proxy_bypass_environment
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.transport import USER_AGENT, PermanentError, TransientError, status_error
 
-RECEIVE_BYTES = 1024 * 1024  # a receive buffer: written to the .part, then hashed, each time it is full
-BUFFERS_PER_CONNECTION = 8  # how far (in buffers) a connection may run ahead of the digest before it waits
+# A receive buffer is written to the .part, then hashed, each time it is full; a connection may run this many buffers
+# ahead of the digest before it waits. 4 x 4 MiB against 8 x 1 MiB: 1.27 CPU s per GiB instead of 1.47, 0.98 s instead
+# of 1.07 (medians of 9 interleaved rounds; an O_DIRECT write of 4 MiB costs little more than one of 1 MiB here).
+RECEIVE_BYTES = 4 * 1024 * 1024
+BUFFERS_PER_CONNECTION = 4
+FILL_S = 1.0  # a buffer filling longer than this is written (and its bytes can be saved) before it is full
 ALIGN = 4096  # O_DIRECT writes start, end and sit in memory on such boundaries
 # Writes that go through the page cache (heads and tails off those boundaries, or all of them where O_DIRECT is
 # refused) are cut into pieces of this size. A 1 MiB write makes the page cache take 1 MiB folios, which on a VM
@@ -322,6 +326,7 @@ class SegmentedTransfer:
             buffer = buffers.take(lambda: self.stopped)
             # a resumed segment may start off an O_DIRECT boundary: a short first fill reaches the next one
             want, filled = min(RECEIVE_BYTES, left, -offset % ALIGN or RECEIVE_BYTES), 0
+            began = time.monotonic()
             try:
                 while filled < want:
                     if self.stopped:
@@ -330,6 +335,8 @@ class SegmentedTransfer:
                     if not got:
                         return
                     filled += got
+                    if time.monotonic() - began > FILL_S:  # a slow link: the buffer goes at the next page boundary
+                        want = min(want, -(-filled // ALIGN) * ALIGN)
             finally:
                 if filled:
                     self._write(buffer[:filled], offset)
