@@ -11,7 +11,7 @@
  * (a retry, a resume, an error status, a mismatch) is only reported: the Python engine (fetch.py) decides and goes
  * on from there with its own attempts. The renames into place and the durability batch are Python's too.
  *
- * fetch(tasks, on_done, transfers, timeout_s, user_agent, cancel)
+ * fetch(tasks, on_done, transfers, timeout_s, user_agent, cancel, claim=None)
  *   tasks: sequence of (url: str, part_path: str, size: int, limit: int, headers: tuple[str, ...], md5: bool), where
  *   a 200's body growing past `limit` bytes ends its transfer (TOO_BIG); one of another size than `size` is hashed
  *   but not written
@@ -19,6 +19,10 @@
  *   (kind, http_status, curl_code, message, retry_after, received, sha256, md5, mtime_ns, seconds, partial, etag),
  *   where `partial` holds the bytes a 200 brought before it broke (kept for a resume) and `etag` its ETag
  *   cancel: a writable buffer of at least one byte; a non-zero first byte ends the call soon (CANCELLED outcomes).
+ *   claim: a writable, 8-byte aligned buffer of at least 8 bytes holding the index of the next task to start (0 at
+ *   first): threads calling fetch with the same tasks and the same claim share them out as they go, so that none
+ *   idles while another still has files queued (split in fixed halves, one thread ended 10-30 ms after the other in
+ *   a 0.17 s run of 2,000 files). Without it, this call takes every task itself.
  */
 #define PY_SSIZE_T_CLEAN
 #define _GNU_SOURCE
@@ -27,6 +31,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <openssl/evp.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -349,26 +354,39 @@ failed:
     return NULL;
 }
 
+/* The index of the next task this call starts: from the buffer shared with other threads, or its own count. */
+static Py_ssize_t claim_next(long long *shared, long long *own) {
+    return (Py_ssize_t)(shared ? __atomic_fetch_add(shared, 1, __ATOMIC_RELAXED) : (*own)++);
+}
+
 static PyObject *fetch(PyObject *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"tasks", "on_done", "transfers", "timeout_s", "user_agent", "cancel", NULL};
+    static char *keywords[] = {"tasks", "on_done", "transfers", "timeout_s", "user_agent", "cancel", "claim", NULL};
     PyObject *task_objects, *on_done;
     int transfer_count;
     double timeout_s;
     const char *user_agent;
-    Py_buffer cancel;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOidsw*", keywords, &task_objects, &on_done, &transfer_count,
-                                     &timeout_s, &user_agent, &cancel))
+    Py_buffer cancel, claim = {0};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOidsw*|w*", keywords, &task_objects, &on_done, &transfer_count,
+                                     &timeout_s, &user_agent, &cancel, &claim))
         return NULL;
-    if (cancel.len < 1 || transfer_count < 1 || timeout_s <= 0) {
+    const char *wrong = cancel.len < 1 || transfer_count < 1 || timeout_s <= 0
+                            ? "need a cancel buffer, transfers >= 1 and timeout_s > 0"
+                        : claim.buf && (claim.len < 8 || (uintptr_t)claim.buf % 8)
+                            ? "claim must be a buffer of at least 8 bytes, 8-byte aligned"
+                            : NULL;
+    if (wrong) {
         PyBuffer_Release(&cancel);
-        return PyErr_Format(PyExc_ValueError, "need a cancel buffer, transfers >= 1 and timeout_s > 0");
+        if (claim.buf) PyBuffer_Release(&claim);
+        return PyErr_Format(PyExc_ValueError, "%s", wrong);
     }
     volatile char *cancelled = cancel.buf;
+    long long *shared_claim = claim.buf, own_claim = 0;
     Py_ssize_t count, list_count;
     struct curl_slist **lists;
     Task *tasks = read_tasks(task_objects, &count, &lists, &list_count);
     if (!tasks) {
         PyBuffer_Release(&cancel);
+        if (claim.buf) PyBuffer_Release(&claim);
         return NULL;
     }
     if (transfer_count > count) transfer_count = count ? (int)count : 1;
@@ -385,19 +403,22 @@ static PyObject *fetch(PyObject *self, PyObject *args, PyObject *kwargs) {
     }
     if (failed) PyErr_NoMemory();
 
-    Py_ssize_t next = 0;
-    int running = 0;
+    int more = 1, running = 0; /* more: tasks may be left to claim */
     double next_scan = now_s() + STALL_SCAN_S;
     PyThreadState *thread = PyEval_SaveThread();
-    while (!failed && (next < count || running)) {
+    while (!failed && (more || running)) {
         int stopping = *cancelled != 0, ended = 0;
-        for (int i = 0; i < transfer_count && next < count && !stopping; i++) {
+        for (int i = 0; i < transfer_count && more && !stopping; i++) {
             if (transfers[i].index >= 0) continue;
+            Py_ssize_t next = claim_next(shared_claim, &own_claim);
+            if (next >= count) {
+                more = 0;
+                break;
+            }
             if (start(multi, &transfers[i], tasks, next, errors[i]) != 0) {
                 failed = 1;
                 break;
             }
-            next++;
             running++;
         }
         int active;
@@ -438,10 +459,7 @@ static PyObject *fetch(PyObject *self, PyObject *args, PyObject *kwargs) {
             thread = PyEval_SaveThread();
             if (failed) break;
         }
-        if (stopping && !running) {
-            next = count; /* the tasks not started are left out: the caller knows it cancelled */
-            break;
-        }
+        if (stopping && !running) break; /* the tasks not started are left out: the caller knows it cancelled */
         if (running && !ended) curl_multi_poll(multi, NULL, 0, (int)(STALL_SCAN_S * 1000), NULL);
     }
     for (int i = 0; transfers && i < transfer_count; i++) { /* after an error in on_done: the rest is dropped */
@@ -458,6 +476,7 @@ static PyObject *fetch(PyObject *self, PyObject *args, PyObject *kwargs) {
     PyMem_Free(outcomes);
     free_tasks(tasks, count, lists, list_count);
     PyBuffer_Release(&cancel);
+    if (claim.buf) PyBuffer_Release(&claim);
     if (failed) {
         if (!PyErr_Occurred()) PyErr_NoMemory();
         return NULL;
@@ -467,7 +486,8 @@ static PyObject *fetch(PyObject *self, PyObject *args, PyObject *kwargs) {
 
 static PyMethodDef methods[] = {
     {"fetch", (PyCFunction)(void (*)(void))fetch, METH_VARARGS | METH_KEYWORDS,
-     "fetch(tasks, on_done, transfers, timeout_s, user_agent, cancel): first attempts at small files (see the source)"},
+     "fetch(tasks, on_done, transfers, timeout_s, user_agent, cancel, claim=None): first attempts at small files (see "
+     "the source)"},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_small_files", NULL, -1, methods};

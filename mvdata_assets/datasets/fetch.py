@@ -13,6 +13,7 @@ for why). Plain Python (but for that C module): nothing here imports Dagster.
 
 from __future__ import annotations
 
+import array
 import os
 import queue
 import random
@@ -339,54 +340,48 @@ class Downloader:
         after a mismatch, a failure that needs no second request).
         """
         workers = max(1, min(self.processes, len(todo) // FILES_PER_THREAD))
-        shares = [todo[i::workers] for i in range(workers)]
         again: list[tuple[FileTask, FileResult]] = []
         cancel = bytearray(1)
+        claim = array.array("q", [0])  # the next task to start, shared by the threads (C takes it atomically)
         headers_seen: dict[tuple[str, ...], tuple[str, ...]] = {}  # one object per distinct header set: C shares it
-
-        def tasks(share: list[tuple[FileTask, FileResult]]) -> list[tuple[str, str, int, int, tuple[str, ...], bool]]:
-            out = []
-            for task, _ in share:
-                url = self.resolve(task.url)
-                headers = tuple(self._headers(url))
-                size = task.size or 0
-                out.append(
-                    (
-                        url,
-                        f"{task.dest}.part",
-                        size,
-                        size + WRITE_BYTES,
-                        headers_seen.setdefault(headers, headers),
-                        bool(task.md5),
-                    )
+        tasks = []
+        for task, _ in todo:
+            url = self.resolve(task.url)
+            headers = tuple(self._headers(url))
+            size = task.size or 0
+            tasks.append(
+                (
+                    url,
+                    f"{task.dest}.part",
+                    size,
+                    size + WRITE_BYTES,
+                    headers_seen.setdefault(headers, headers),
+                    bool(task.md5),
                 )
-            return out
+            )
 
-        def on_done(share: list[tuple[FileTask, FileResult]]) -> Callable[[int, tuple], None]:
-            def done(index: int, reported: tuple) -> None:
-                task, result = share[index]
-                outcome = _Outcome(*reported)
-                if outcome.kind == _small_files.CANCELLED:
+        def on_done(index: int, reported: tuple) -> None:
+            task, result = todo[index]
+            outcome = _Outcome(*reported)
+            if outcome.kind == _small_files.CANCELLED:
+                return
+            result.bytes_transferred += outcome.received
+            result.seconds = outcome.seconds
+            first: Attempt
+            if outcome.kind == _small_files.COMPLETE:
+                checked = _Checked(outcome.sha256, outcome.md5)
+                if _mismatch(task, outcome.received, checked) is None:
+                    result.attempts, result.bytes, result.sha256 = 1, outcome.received, outcome.sha256
+                    result.mtime_ns = outcome.mtime_ns
+                    committer.add_written(result, _Part(task.dest, listed=False), task.dest)
+                    if self.progress:
+                        self.progress(task.url, outcome.received, task.size)
                     return
-                result.bytes_transferred += outcome.received
-                result.seconds = outcome.seconds
-                first: Attempt
-                if outcome.kind == _small_files.COMPLETE:
-                    checked = _Checked(outcome.sha256, outcome.md5)
-                    if _mismatch(task, outcome.received, checked) is None:
-                        result.attempts, result.bytes, result.sha256 = 1, outcome.received, outcome.sha256
-                        result.mtime_ns = outcome.mtime_ns
-                        committer.add_written(result, _Part(task.dest, listed=False), task.dest)
-                        if self.progress:
-                            self.progress(task.url, outcome.received, task.size)
-                        return
-                    first = (outcome.received, checked)
-                else:
-                    first = _failed_attempt(task, outcome)
-                firsts[os.fspath(task.dest)] = first
-                again.append((task, result))
-
-            return done
+                first = (outcome.received, checked)
+            else:
+                first = _failed_attempt(task, outcome)
+            firsts[os.fspath(task.dest)] = first
+            again.append((task, result))
 
         committer = _Committer(writers=0)
         try:
@@ -394,14 +389,15 @@ class Downloader:
                 futures = [
                     pool.submit(
                         _small_files.fetch,
-                        tasks(share),
-                        on_done(share),
+                        tasks,
+                        on_done,
                         transfers=-(-self.concurrency // workers),
                         timeout_s=self.timeout_s,
                         user_agent=USER_AGENT,
                         cancel=cancel,
+                        claim=claim,
                     )
-                    for share in shares
+                    for _ in range(workers)
                 ]
                 try:
                     for future in futures:

@@ -42,11 +42,17 @@ def test_many_small_files_go_through_c_in_threads_and_never_through_the_python_l
 ) -> None:
     tasks, datas = many_files(server, tmp_path, 300)
     calls: list[tuple[int, int, int]] = []  # (thread, files, transfers) of each C call
+    ended: list[tuple[int, int]] = []  # (thread, task index) of each file reported
     original = _small_files.fetch
 
     def counting(tasks: list, on_done: Any, **options: Any) -> None:
         calls.append((threading.get_ident(), len(tasks), options["transfers"]))
-        original(tasks, on_done, **options)
+
+        def done(index: int, outcome: tuple) -> None:
+            ended.append((threading.get_ident(), index))
+            on_done(index, outcome)
+
+        original(tasks, done, **options)
 
     monkeypatch.setattr(_small_files, "fetch", counting)
     monkeypatch.setattr(Downloader, "_run", lambda *args: pytest.fail("a file went through the Python loop"))
@@ -61,8 +67,11 @@ def test_many_small_files_go_through_c_in_threads_and_never_through_the_python_l
         assert_downloaded(result, task, data)
         assert (result.attempts, result.bytes_transferred) == (1, len(data))
         assert result.mtime_ns == task.dest.stat().st_mtime_ns  # what the warehouse records to skip it next time
-    assert sorted((files, transfers) for _, files, transfers in calls) == [(150, 8), (150, 8)]
+    # both threads see every task and claim them one at a time from a shared counter: each file goes once
+    assert sorted((files, transfers) for _, files, transfers in calls) == [(300, 8), (300, 8)]
     assert len({thread for thread, _, _ in calls} | {threading.get_ident()}) == 3  # two threads besides this one
+    assert sorted(index for _, index in ended) == list(range(300))
+    assert all(any(thread == t for t, _ in ended) for thread, _, _ in calls)  # and both took a share
     assert progress == {task.url: (len(data), len(data)) for task, data in zip(tasks, datas, strict=True)}
     assert len(gets_all(server)) == len(tasks)  # one GET each, no HEAD: the catalog's sizes suffice
 
@@ -133,4 +142,8 @@ def test_no_transfer_options_are_refused(tmp_path: Path) -> None:
         _small_files.fetch([], lambda *_: None, transfers=0, timeout_s=1, user_agent="t", cancel=bytearray(1))
     with pytest.raises(TypeError):  # the cancel flag must be writable
         _small_files.fetch([], lambda *_: None, transfers=1, timeout_s=1, user_agent="t", cancel=b"\0")
+    with pytest.raises(ValueError, match="claim must be a buffer of at least 8 bytes"):
+        _small_files.fetch(
+            [], lambda *_: None, transfers=1, timeout_s=1, user_agent="t", cancel=bytearray(1), claim=bytearray(4)
+        )
     assert os.listdir(tmp_path) == []
