@@ -106,7 +106,7 @@ class _Buffers:
     """One connection's receive buffers, page-aligned for O_DIRECT. A buffer comes back once the digest has read it,
     so a connection runs at most BUFFERS_PER_CONNECTION buffers ahead of the digest. This cannot deadlock: the
     connection holding the segment the digest waits for has no older bytes left unread, so its buffers keep
-    coming back."""
+    coming back; once a segment has failed the digest stops, and a connection waiting for a buffer gives up."""
 
     def __init__(self, count: int, size: int) -> None:
         memory = memoryview(mmap.mmap(-1, count * size))  # anonymous maps start on a page
@@ -323,7 +323,8 @@ class SegmentedTransfer:
         left = segment.end - segment.start - segment.done
         while left:
             offset = segment.start + segment.done
-            buffer = buffers.take(lambda: self.stopped)
+            # the digest stops taking buffers once a segment has failed: this one then ends here, its bytes so far kept
+            buffer = buffers.take(lambda: self.stopped or bool(self.errors))
             # a resumed segment may start off an O_DIRECT boundary: a short first fill reaches the next one
             want, filled = min(RECEIVE_BYTES, left, -offset % ALIGN or RECEIVE_BYTES), 0
             began = time.monotonic()
@@ -405,7 +406,7 @@ class SegmentedTransfer:
                         yield POLL_S
                     else:
                         break
-            # a segment kept going when another broke: the retry then fetches only the broken one's rest
+            # when a segment broke, the others go on until they need a buffer back: the retry fetches what is missing
             while any(worker.is_alive() for worker in workers):
                 yield POLL_S
             if self.errors:

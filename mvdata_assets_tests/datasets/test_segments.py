@@ -23,6 +23,7 @@ from mvdata_assets.datasets import segments
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.fetch import Downloader, FileTask
 from mvdata_assets.datasets.segments import MAX_SEGMENTS, SegmentedTransfer
+from mvdata_assets.datasets.transport import TransientError
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 SIZE = 6 * 1024 * 1024
@@ -415,3 +416,40 @@ def test_connections_wait_for_the_digest_and_run_only_their_buffers_ahead(
     assert len(ahead) == SIZE // (64 * 1024)  # one step per buffer
     assert max(ahead) <= 4 * 64 * 1024  # never more than a buffer per connection past the digest
     assert max(ahead) > 64 * 1024  # and the connections did run ahead of it
+
+
+def test_connections_waiting_for_the_digest_give_up_when_a_segment_breaks(
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digest stops at the first broken segment; connections waiting for a buffer it would have given back end
+    too (they would otherwise wait forever), their bytes kept for the retry."""
+    monkeypatch.setattr(segments, "BUFFERS_PER_CONNECTION", 1)
+    monkeypatch.setattr(segments, "RECEIVE_BYTES", 64 * 1024)
+    url = file_server.add("big.bin", DATA, etag="v1")
+    file_server.fault("big.bin", "reset", after=300_000)
+    part = tmp_path / "big.bin.part"
+
+    def transfer() -> SegmentedTransfer:
+        return SegmentedTransfer(url, [], part, SIZE, '"v1"', connections=4, segment_bytes=SIZE // 12, timeout_s=5.0)
+
+    def run(transfer: SegmentedTransfer, hash_s: float) -> Digests:
+        steps, deadline = transfer.run(Digests(), lambda _: time.sleep(hash_s)), time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(next(steps))
+            raise AssertionError("the transfer did not end within 30 s: a connection waits for a buffer forever")
+        except StopIteration as stop:
+            return stop.value
+
+    first = transfer()
+    with pytest.raises(TransientError, match="a segment broke"):
+        run(first, 0.05)  # a slow digest: the connections soon wait for their one buffer
+    assert any(isinstance(e, segments.Stopped) for e in first.errors)  # at least one gave up waiting
+    kept = sum(s.done for s in first.segments)
+    assert 0 < kept < SIZE
+    again = transfer()  # resumes from the state the failed attempt saved
+    assert sum(s.done for s in again.segments) == kept
+    asked_before = len(file_server.requests_for("big.bin"))
+    assert run(again, 0).sha256 == SHA256 and part.read_bytes() == DATA
+    resumed = file_server.requests_for("big.bin")[asked_before:]
+    assert sum(r.bytes_sent for r in resumed) == SIZE - kept  # what was kept did not travel again
