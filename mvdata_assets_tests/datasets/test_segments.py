@@ -215,8 +215,9 @@ def test_a_redirect_target_that_stops_answering_is_reached_through_the_first_url
     resolve = [r for r in file_server.requests_for("datasets/x/resolve/main/big.bin") if r.method == "GET"]
     cdn = [r for r in file_server.requests_for("cdn/blob-9") if r.method == "GET"]
     assert [r.status for r in cdn].count(403) == 1 and len(cdn) == 13
-    # the four first requests, the one sent back, and those of the other connections until it answered again
-    assert 5 <= len(resolve) <= 8
+    # the first request (and those the other connections sent before it answered), the one sent back, and those of
+    # the other connections until it answered again
+    assert 2 <= len(resolve) <= 8
     assert all(r.headers.get("authorization") == "Bearer hf_secret" for r in resolve)
     assert all("authorization" not in r.headers for r in cdn)
 
