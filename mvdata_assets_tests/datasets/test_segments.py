@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -369,6 +370,8 @@ def test_an_o_direct_write_refused_midway_goes_through_the_page_cache(
         real_pwrite(self, fd, data, offset)
 
     monkeypatch.setattr(SegmentedTransfer, "_pwrite", pwrite)
+    # a descriptor of its own, so that this holds where tmp_path's file system refuses O_DIRECT (tmpfs before 6.6)
+    monkeypatch.setattr(segments, "_open_direct", lambda path: os.open(path, os.O_WRONLY))
     task = FileTask(file_server.add("big.bin", DATA), tmp_path / "big.bin", SIZE, SHA256)
     [result] = segmented().fetch_all([task])
     assert (result.status, result.attempts, result.sha256) == ("downloaded", 1, SHA256)
