@@ -7,13 +7,13 @@ thread would do it all in turn. Each thread receives into its own few page-align
 O_DIRECT (no copy into the page cache, nothing left for the final fsync), then hands them to the file's job on the
 downloader's loop, which follows the segments in file order, feeds each buffer to the sha256/md5 and gives it back,
 so the digest is ready when the last byte lands and no byte is read twice. On this 2-core VM that took 1 GiB from
-1.53-1.61 CPU s to 1.30 and from 0.84-0.90x curl's throughput to 0.95x (bench/downloads.py): a copy costs here
-about what sha256 does.
+1.33-2.50 CPU s to 1.16-1.20 and from 0.63-0.90x curl's throughput (best of 5) to 0.95-1.13x in most runs
+(bench/downloads.py): a copy costs here about what sha256 does.
 Why many segments rather than one per connection: with one per connection the digest could only follow the first
 (an eighth of the rate, with 8) and had to take the other seven eighths alone after the last byte (~0.45 s per GiB,
 one core idle); segments taken in file order keep it a few segments behind the transfers.
 Why not libcurl here too: it hands a body over at most 16 KiB per Python call (~65,000 calls and GIL hand-overs per
-GiB, measured at 0.86x curl's throughput with sha256) where `readinto1` fills a MiB buffer with a few socket reads
+GiB, measured at 0.86x curl's throughput with sha256) where `readinto1` fills a 4 MiB buffer with a few socket reads
 and no copy into Python objects (1.08x curl on the same machine). Progress per segment is kept in
 `<part>.segments.json`, written only after an fdatasync of the data it vouches for, so a killed download resumes
 every segment where it stood.

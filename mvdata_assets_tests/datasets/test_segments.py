@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -392,13 +392,30 @@ def test_an_o_direct_write_failing_otherwise_fails_the_attempt(
     assert not task.dest.exists()
 
 
+@pytest.fixture
+def one_small_buffer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each connection gets one buffer of 64 KiB: it soon waits for the digest to give it back."""
+    monkeypatch.setattr(segments, "BUFFERS_PER_CONNECTION", 1)
+    monkeypatch.setattr(segments, "RECEIVE_BYTES", 64 * 1024)
+
+
+def run_to_end(transfer: SegmentedTransfer, progress: Callable[[int], None]) -> Digests:
+    """Drives the transfer's job as the downloader's loop would, failing if it never ends."""
+    steps, deadline = transfer.run(Digests(), progress), time.monotonic() + 30
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(next(steps))
+        raise AssertionError("the transfer did not end within 30 s: a connection waits for a buffer forever")
+    except StopIteration as stop:
+        return stop.value
+
+
+@pytest.mark.usefixtures("one_small_buffer")
 def test_connections_wait_for_the_digest_and_run_only_their_buffers_ahead(
-    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    file_server: FileServer, tmp_path: Path
 ) -> None:
     """A slow digest holds the transfers back, and with one buffer per connection nothing deadlocks: the connection
     the digest waits for always gets its buffer back."""
-    monkeypatch.setattr(segments, "BUFFERS_PER_CONNECTION", 1)
-    monkeypatch.setattr(segments, "RECEIVE_BYTES", 64 * 1024)
     url = file_server.add("big.bin", DATA)
     transfer = SegmentedTransfer(
         url, [], tmp_path / "big.bin.part", SIZE, None, connections=4, segment_bytes=SIZE // 12, timeout_s=5.0
@@ -409,26 +426,19 @@ def test_connections_wait_for_the_digest_and_run_only_their_buffers_ahead(
         ahead.append(transfer.transferred - hashed)
         time.sleep(0.002)  # a digest slower than loopback
 
-    steps, deadline = transfer.run(Digests(), progress), time.monotonic() + 30
-    try:
-        while time.monotonic() < deadline:
-            time.sleep(next(steps))
-        raise AssertionError("the transfer did not end within 30 s: a connection waits for a buffer forever")
-    except StopIteration as stop:
-        digests = stop.value
+    digests = run_to_end(transfer, progress)
     assert digests.sha256 == SHA256 and (tmp_path / "big.bin.part").read_bytes() == DATA
     assert len(ahead) == SIZE // (64 * 1024)  # one step per buffer
     assert max(ahead) <= 4 * 64 * 1024  # never more than a buffer per connection past the digest
     assert max(ahead) > 64 * 1024  # and the connections did run ahead of it
 
 
+@pytest.mark.usefixtures("one_small_buffer")
 def test_connections_waiting_for_the_digest_give_up_when_a_segment_breaks(
-    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    file_server: FileServer, tmp_path: Path
 ) -> None:
     """The digest stops at the first broken segment; connections waiting for a buffer it would have given back end
     too (they would otherwise wait forever), their bytes kept for the retry."""
-    monkeypatch.setattr(segments, "BUFFERS_PER_CONNECTION", 1)
-    monkeypatch.setattr(segments, "RECEIVE_BYTES", 64 * 1024)
     url = file_server.add("big.bin", DATA, etag="v1")
     file_server.fault("big.bin", "reset", after=300_000)
     part = tmp_path / "big.bin.part"
@@ -436,24 +446,15 @@ def test_connections_waiting_for_the_digest_give_up_when_a_segment_breaks(
     def transfer() -> SegmentedTransfer:
         return SegmentedTransfer(url, [], part, SIZE, '"v1"', connections=4, segment_bytes=SIZE // 12, timeout_s=5.0)
 
-    def run(transfer: SegmentedTransfer, hash_s: float) -> Digests:
-        steps, deadline = transfer.run(Digests(), lambda _: time.sleep(hash_s)), time.monotonic() + 30
-        try:
-            while time.monotonic() < deadline:
-                time.sleep(next(steps))
-            raise AssertionError("the transfer did not end within 30 s: a connection waits for a buffer forever")
-        except StopIteration as stop:
-            return stop.value
-
     first = transfer()
     with pytest.raises(TransientError, match="a segment broke"):
-        run(first, 0.05)  # a slow digest: the connections soon wait for their one buffer
+        run_to_end(first, lambda _: time.sleep(0.05))  # a slow digest: the connections soon wait for their one buffer
     assert any(isinstance(e, segments.Stopped) for e in first.errors)  # at least one gave up waiting
     kept = sum(s.done for s in first.segments)
     assert 0 < kept < SIZE
     again = transfer()  # resumes from the state the failed attempt saved
     assert sum(s.done for s in again.segments) == kept
     asked_before = len(file_server.requests_for("big.bin"))
-    assert run(again, 0).sha256 == SHA256 and part.read_bytes() == DATA
+    assert run_to_end(again, lambda _: None).sha256 == SHA256 and part.read_bytes() == DATA
     resumed = file_server.requests_for("big.bin")[asked_before:]
     assert sum(r.bytes_sent for r in resumed) == SIZE - kept  # what was kept did not travel again
