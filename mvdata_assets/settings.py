@@ -58,6 +58,7 @@ class Settings:
     api_tags: tuple[str, ...]
     api_created_since: str | None
     api_concurrency: int
+    api_timeout_s: float  # one W&B request, retries included
     leaderboard_metrics: tuple[str, ...]  # glob patterns of the main metrics
     leaderboard_config: tuple[str, ...]  # config keys to show; none: those that differ between runs
 
@@ -100,6 +101,7 @@ def load_settings() -> Settings:
         api_tags=_list("MVDATA_WANDB_API_TAGS", ""),
         api_created_since=os.environ.get("MVDATA_WANDB_API_CREATED_SINCE") or None,
         api_concurrency=_count("MVDATA_WANDB_API_CONCURRENCY", 8),
+        api_timeout_s=_float("MVDATA_WANDB_API_TIMEOUT_S", 60.0),
         leaderboard_metrics=_list("MVDATA_LEADERBOARD_METRICS", "*loss*,*acc,*accuracy*,*f1*,*bleu*,*cider*"),
         leaderboard_config=_list("MVDATA_LEADERBOARD_CONFIG", ""),
     )

@@ -1,5 +1,7 @@
 """Dagster wiring for the W&B half: tables filled by the offline sync engine, and parquet exports."""
 
+from functools import partial
+
 from dagster import (
     AssetCheckResult,
     AssetCheckSeverity,
@@ -20,7 +22,7 @@ from dagster import (
 
 from mvdata_assets import charts
 from mvdata_assets.runs import exports, leaderboard
-from mvdata_assets.runs.api import ApiFilters, ApiSyncReport, sync_api
+from mvdata_assets.runs.api import ApiFilters, ApiSyncReport, Client, sync_api
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
 from mvdata_assets.settings import load_settings
@@ -106,6 +108,7 @@ def wandb_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: 
             filters=ApiFilters(settings.api_states, settings.api_tags, settings.api_created_since),
             force_refresh=config.force_refresh,
             concurrency=settings.api_concurrency,
+            client_factory=partial(Client, settings.api_timeout_s),
             log=context.log.info,
         )
         for problem in offline.problems + api.problems:

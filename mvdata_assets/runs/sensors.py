@@ -13,7 +13,7 @@ from dagster import (
     sensor,
 )
 
-from mvdata_assets.runs.api import ApiSourceError, Client, poll
+from mvdata_assets.runs.api import ApiSourceError, Client, poll_project, without_secrets
 from mvdata_assets.runs.assets import GROUP
 from mvdata_assets.runs.offline import file_states
 from mvdata_assets.settings import load_settings
@@ -57,22 +57,40 @@ def wandb_offline_runs(context: SensorEvaluationContext) -> SensorResult | SkipR
     if _settings.sensor_enabled and _settings.wandb_projects
     else DefaultSensorStatus.STOPPED,
     asset_selection=AssetSelection.groups(GROUP),
-    description="Polls MVDATA_WANDB_PROJECTS (runs created or heartbeating since the last tick, and the live ones) "
-    "and syncs when a run is new or changed.",
+    description="Polls MVDATA_WANDB_PROJECTS (one light query a project: new runs, and the runs live now or at the "
+    "last tick) and syncs when a run is new or changed.",
 )
 def wandb_api_runs(context: SensorEvaluationContext) -> SensorResult | SkipReason:
-    projects = load_settings().wandb_projects
-    if not projects:
+    settings = load_settings()
+    if not settings.wandb_projects:
         return SkipReason("MVDATA_WANDB_PROJECTS is not set")
+    cursor = json.loads(context.cursor) if context.cursor else {}
     try:
-        changed, cursor = poll(Client(), projects, json.loads(context.cursor) if context.cursor else {})
-    except ApiSourceError as exc:
-        return SkipReason(str(exc))
-    if not changed:
-        return SensorResult(skip_reason=f"no run new or changed in {', '.join(projects)}", cursor=json.dumps(cursor))
-    run_key = hashlib.sha256(json.dumps([changed, cursor], sort_keys=True).encode()).hexdigest()[:16]
-    context.log.info(f"{len(changed)} runs new or changed: {', '.join(changed[:10])}")
+        client = Client(timeout_s=settings.api_timeout_s)
+    except ApiSourceError as exc:  # the next tick tries again from the same cursor
+        return SensorResult(skip_reason=str(exc), cursor=context.cursor)
+    changed, new, failed = [], 0, []
+    for path in settings.wandb_projects:
+        try:
+            project_changed, project_new, cursor[path] = poll_project(client, path, cursor.get(path))
+        except Exception as exc:  # noqa: BLE001 - one project's error never stops the others; its cursor stays
+            failed.append(path)
+            context.log.warning(f"{path}: {type(exc).__name__}: {without_secrets(str(exc))}")
+            continue
+        changed += project_changed
+        new += project_new
+    state = json.dumps(cursor, sort_keys=True)
+    if not changed and not new:
+        failures = f"; could not poll {', '.join(failed)} (see the tick's log)" if failed else ""
+        return SensorResult(skip_reason=f"no run new or changed in {', '.join(settings.wandb_projects)}{failures}",
+                            cursor=state)  # fmt: skip
+    run_key = hashlib.sha256(state.encode()).hexdigest()[:16]  # names this exact change: a retried tick is a no-op
+    context.log.info(f"{new} new runs and {len(changed)} changed: {', '.join(changed[:10])}")
     return SensorResult(
-        run_requests=[RunRequest(run_key=run_key, tags={"mvdata/changed_api_runs": str(len(changed))})],
-        cursor=json.dumps(cursor),
+        run_requests=[
+            RunRequest(
+                run_key=run_key, tags={"mvdata/new_api_runs": str(new), "mvdata/changed_api_runs": str(len(changed))}
+            )
+        ],
+        cursor=state,
     )

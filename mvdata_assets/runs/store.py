@@ -62,12 +62,14 @@ DDL = [
         problem VARCHAR, config_state VARCHAR, summary_state VARCHAR, metadata_state VARCHAR,
         synced_at TIMESTAMPTZ DEFAULT now()
     )""",
-    # per API run: what the last sync saw (to find changed runs) and which export files it read
+    # per API run: what the last sync listed (to find changed runs), the highest step it stored (last_step) and
+    # W&B's last step then (listed_last_step): a run whose history is behind W&B's is read again
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._api_runs (
         entity VARCHAR NOT NULL, project VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
-        fingerprint VARCHAR, last_step BIGINT, history_rows BIGINT, export_files VARCHAR[],
-        deleted_at TIMESTAMPTZ, synced_at TIMESTAMPTZ, PRIMARY KEY (entity, project, run_id)
+        fingerprint VARCHAR, last_step BIGINT, history_rows BIGINT,
+        deleted_at TIMESTAMPTZ, synced_at TIMESTAMPTZ, listed_last_step BIGINT, PRIMARY KEY (entity, project, run_id)
     )""",
+    f"ALTER TABLE {SCHEMA}._api_runs ADD COLUMN IF NOT EXISTS listed_last_step BIGINT",  # warehouses from before it
     # bumped by every sync that changed something; exports compare it to skip rewriting
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._generation (
         id INTEGER PRIMARY KEY, generation BIGINT NOT NULL, changed_at TIMESTAMPTZ

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import random
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,14 +15,16 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+import wandb
 from dagster import DagsterInstance, build_sensor_context, materialize
 
-from mvdata_assets.runs.api import ApiFilters, ApiSourceError, sync_api
+from mvdata_assets.runs import api
+from mvdata_assets.runs.api import DOCUMENTS, ApiFilters, ApiSourceError, Client, sync_api
 from mvdata_assets.runs.assets import wandb_assets
 from mvdata_assets.runs.sensors import wandb_api_runs
 from mvdata_assets.runs.values import leaf_paths, split_value
 from mvdata_assets.warehouse import WarehouseResource
-from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer
+from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer, check_document
 
 E = "mvlm"
 BASE = datetime(2025, 3, 1, 12, 0, 0)
@@ -276,6 +280,11 @@ def test_both_sources_side_by_side_in_dagster(
     assert sorted(row["run_id"] for row in exported) == sorted(["run0", "run1", sdk_runs["long"].run_id])
 
 
+def tick(instance: DagsterInstance, cursor: str | None) -> tuple[list, str | None, str | None]:
+    result = wandb_api_runs(build_sensor_context(instance=instance, cursor=cursor))
+    return result.run_requests or [], result.cursor, result.skip_reason and result.skip_reason.skip_message
+
+
 def test_the_api_sensor_asks_once_per_change(sdk: WandbServer, monkeypatch: pytest.MonkeyPatch) -> None:
     sdk.add_run(E, "watched", "done", state="finished", created_at=BASE, heartbeat_at=BASE + timedelta(hours=1),
                 history=history(0, 30))  # fmt: skip
@@ -283,26 +292,167 @@ def test_the_api_sensor_asks_once_per_change(sdk: WandbServer, monkeypatch: pyte
                 heartbeat_at=BASE + timedelta(hours=3), history=history(1, 30))  # fmt: skip
     monkeypatch.setenv("MVDATA_WANDB_PROJECTS", f"{E}/watched")
     instance = DagsterInstance.ephemeral()
-
-    def tick(cursor: str | None):
-        result = wandb_api_runs(build_sensor_context(instance=instance, cursor=cursor))
-        return result.run_requests or [], result.cursor, result.skip_reason
-
-    first, cursor, _ = tick(None)
-    assert len(first) == 1 and first[0].tags["mvdata/changed_api_runs"] == "2"
+    first, cursor, _ = tick(instance, None)
+    assert len(first) == 1 and first[0].tags["mvdata/new_api_runs"] == "2"
     sdk.clear_requests()
-    nothing, cursor, skip = tick(cursor)
-    assert not nothing and "no run new or changed" in skip.skip_message
-    assert sdk.graphql_ops() == ["Viewer", "Runs"]  # the poll is one light query
-    sdk.append_history(E, "watched", "live", [{"train/loss": 0.1}])  # still training: its heartbeat moves
-    grown, cursor, _ = tick(cursor)
+    nothing, cursor, skip = tick(instance, cursor)
+    assert not nothing and "no run new or changed" in skip
+    assert sdk.graphql_ops() == ["Viewer", "RunsPoll"]  # the poll is one light query
+    sdk.append_history(E, "watched", "live", [{"train/loss": 0.1}])  # still training: its history grows
+    grown, cursor, _ = tick(instance, cursor)
     assert len(grown) == 1 and grown[0].tags["mvdata/changed_api_runs"] == "1"
     sdk.update_run(E, "watched", "live", state="crashed")  # stopped without a heartbeat
-    crashed, cursor, _ = tick(cursor)
-    sdk.add_run(E, "watched", "newer", state="running", created_at=BASE + timedelta(hours=5),
-                heartbeat_at=BASE + timedelta(hours=5), history=history(2, 10))  # fmt: skip
-    new, cursor, _ = tick(cursor)
-    assert len(crashed) == len(new) == 1
-    assert len({r.run_key for r in [*first, *grown, *crashed, *new]}) == 4  # each change its own key
-    again, _, _ = tick(cursor)
+    crashed, cursor, _ = tick(instance, cursor)
+    assert len(crashed) == 1 and crashed[0].tags["mvdata/changed_api_runs"] == "1"
+    sdk.add_run(
+        E, "watched", "synced-late", state="finished", created_at=BASE - timedelta(days=3), history=history(2, 10)
+    )  # fmt: skip - an offline run synced days later: old createdAt
+    late, cursor, _ = tick(instance, cursor)
+    sdk.update_run(E, "watched", "done", state="running")  # resumed
+    resumed, cursor, _ = tick(instance, cursor)
+    assert late[0].tags["mvdata/new_api_runs"] == "1" and resumed[0].tags["mvdata/changed_api_runs"] == "1"
+    assert len({r.run_key for r in [*first, *grown, *crashed, *late, *resumed]}) == 5  # each change its own key
+    again, _, _ = tick(instance, cursor)
     assert not again
+    assert not sdk.invalid_documents
+
+
+def test_the_api_sensor_never_sticks(sdk: WandbServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    sdk.add_project(E, "empty")
+    sdk.add_run(E, "busy", "b1", state="running", history=history(0, 10))
+    monkeypatch.setenv("MVDATA_WANDB_PROJECTS", f"{E}/empty,{E}/missing,{E}/busy")
+    monkeypatch.setenv("MVDATA_WANDB_API_TIMEOUT_S", "3")
+    instance = DagsterInstance.ephemeral()
+    first, cursor, _ = tick(instance, None)  # the missing project fails; the others are polled
+    assert len(first) == 1 and first[0].tags["mvdata/new_api_runs"] == "1"
+    for _ in range(2):  # an empty project's cursor holds nothing a server could refuse, tick after tick
+        nothing, cursor, skip = tick(instance, cursor)
+        assert not nothing and f"could not poll {E}/missing" in skip
+    sdk.add_run(E, "empty", "e1", state="running", history=history(1, 5))
+    sdk.fault(op="RunsPoll", status=503, times=None)  # W&B down for a while: each tick ends within the timeout
+    started = time.monotonic()
+    down, down_cursor, skip = tick(instance, cursor)
+    assert not down and down_cursor == cursor and "could not poll" in skip and time.monotonic() - started < 30
+    sdk.clear_faults()
+    back, cursor, _ = tick(instance, down_cursor)  # recovers by itself, and sees what happened meanwhile
+    assert len(back) == 1 and back[0].tags["mvdata/new_api_runs"] == "1"
+    assert not sdk.invalid_documents and not sdk.requests(where=lambda r: '"$gte": ""' in str(r.variables))
+
+
+def test_every_document_the_project_sends_is_valid_against_w_and_b_schema() -> None:
+    for document in DOCUMENTS:
+        parsed, problems = check_document(document)
+        assert parsed is not None and not problems, (document, problems)
+    assert {op.name.value for doc in DOCUMENTS for op in check_document(doc)[0].definitions} == {
+        "Runs", "RunsPoll", "RunParquetHistory", "HistoryPage", "RunFiles", "Sweep"}  # fmt: skip
+
+
+def test_an_active_run_with_neither_exports_nor_live_data(sdk: WandbServer, tmp_path: Path) -> None:
+    rows = history(5, 2500)
+    sdk.add_run(E, "active", "a1", state="running", history=rows, exported_steps=0, live_data=False)
+    sdk.add_run(E, "active", "lagging", state="finished", history=rows, exported_steps=1500, live_data=False)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    report = sync_api(conn, [f"{E}/active"])
+    assert not report.problems and report.count("new") == 2
+    for run_id in ("a1", "lagging"):
+        assert not mismatches(expected_rows(rows), stored_rows(conn, run_id)), run_id
+    pages = {run: [(r.variables["minStep"], r.variables["maxStep"]) for r in sdk.requests("HistoryPage", run=run)]
+             for run in ("a1", "lagging")}  # fmt: skip
+    assert pages == {"a1": [(0, 1000), (1000, 2000), (2000, 2500)], "lagging": [(1500, 2500)]}
+    steps = dict(conn.execute("SELECT run_id, last_step FROM wandb._api_runs").fetchall())
+    assert steps == {"a1": 2499, "lagging": 2499}
+
+
+def test_a_step_w_and_b_has_not_served_yet_is_asked_for_again(sdk: WandbServer, tmp_path: Path) -> None:
+    rows = history(6, 1000)
+    sdk.add_run(E, "lag", "l1", state="running", history=rows, exported_steps=0, live_data=False, unserved=100)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    sync_api(conn, [f"{E}/lag"])
+    assert conn.execute("SELECT last_step, listed_last_step FROM wandb._api_runs").fetchone() == (899, 999)
+    assert conn.execute("SELECT last_step FROM wandb.runs").fetchone() == (899,)
+    sdk.update_run(E, "lag", "l1", unserved=0)  # the listing is the same: only the history caught up
+    sdk.clear_requests()
+    report = sync_api(conn, [f"{E}/lag"])
+    assert report.count("updated") == 1
+    assert [(r.variables["minStep"], r.variables["maxStep"]) for r in sdk.requests("HistoryPage")] == [(900, 1000)]
+    assert not mismatches(expected_rows(rows), stored_rows(conn, "l1"))
+    sdk.clear_requests()
+    assert sync_api(conn, [f"{E}/lag"]).count("unchanged") == 1 and sdk.count("HistoryPage") == 0
+
+
+def test_a_live_run_synced_while_it_grows_ends_with_every_step_once(sdk: WandbServer, tmp_path: Path) -> None:
+    rows = history(7, 3000)
+    sdk.add_run(E, "growing", "g1", state="running", history=rows[:100], exported_steps=50)
+    stop = threading.Event()
+
+    def train() -> None:  # logs steps, and W&B exports some of them now and then, live data on and off
+        for start in range(100, 3000, 100):
+            if stop.is_set():
+                return
+            sdk.append_history(E, "growing", "g1", rows[start : start + 100])
+            sdk.update_run(E, "growing", "g1", live_data=start % 300 != 0, unserved=(start // 100) % 3 * 10)
+            if start % 500 == 0:
+                sdk.export_history(E, "growing", "g1", upto=start - 200)
+            time.sleep(0.02)
+
+    trainer = threading.Thread(target=train)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    trainer.start()
+    try:
+        syncs = 0
+        while trainer.is_alive() and syncs < 40:
+            assert not sync_api(conn, [f"{E}/growing"]).problems
+            syncs += 1
+    finally:
+        stop.set()
+        trainer.join()
+    sdk.update_run(E, "growing", "g1", state="finished", unserved=0, live_data=True)
+    sync_api(conn, [f"{E}/growing"])
+    assert syncs >= 3
+    assert not mismatches(expected_rows(rows), stored_rows(conn, "g1"))  # stored_rows fails on any duplicate
+
+
+def test_nulls_where_w_and_b_may_send_them(sdk: WandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = history(8, 300)
+    nullable = {"files", "heartbeatAt", "config", "summaryMetrics", "systemMetrics", "historyKeys", "user", "tags",
+                "sweepName", "displayName", "state", "group", "jobType", "notes", "historyLineCount"}  # fmt: skip
+    sdk.add_run(E, "nulls", "n1", history=rows, nulls=nullable)
+    sdk.add_run(E, "nulls", "n2", history=rows, nulls={"historyKeys"}, config={"_lr": 0.1, "_wandb": {"x": 1},
+                "wandb_version": "0.31.0", "lr": 0.2})  # fmt: skip
+    for i in range(3, 8):
+        sdk.add_run(E, "nulls", f"n{i}", history=rows[:5])
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    monkeypatch.setattr(api, "PAGE_RUNS", 2)
+    sdk.empty_page_claims_more = True  # ... and the last page is an empty one that says there is more
+    try:
+        report = sync_api(conn, [f"{E}/nulls"])
+        assert sdk.count("Runs") < 20  # the listing ended
+    finally:
+        sdk.empty_page_claims_more = False
+    assert not report.problems and report.count("new") == 7
+    row = conn.execute("""SELECT state, heartbeat_at, tags, "user", host, last_step FROM wandb.runs
+                          WHERE run_id = 'n1'""")
+    assert row.fetchone() == (None, None, [], None, None, 299)  # history read from the exports all the same
+    assert not mismatches(expected_rows(rows), stored_rows(conn, "n2"))
+    config = dict(conn.execute("SELECT key, value FROM wandb.config WHERE run_id = 'n2'").fetchall())
+    assert config == {"_lr": 0.1, "lr": 0.2}  # W&B's own entries left out, the user's underscored key kept
+    assert conn.execute("SELECT count(*) FROM wandb.metadata WHERE run_id = 'n1'").fetchone() == (0,)
+
+
+def test_run_links_follow_the_sdk_app_url(sdk: WandbServer, tmp_path: Path) -> None:
+    from wandb.apis.public.service_api import ServiceApi
+
+    expected = {
+        "https://api.wandb.ai": "https://forge.coreweave.com/wandb/e%2Fx/p/runs/r1",
+        "https://api.forge.coreweave.com": "https://forge.coreweave.com/wandb/e%2Fx/p/runs/r1",
+        "https://wandb.mycorp.com": "https://wandb.mycorp.com/e%2Fx/p/runs/r1",
+        "https://api.mycorp.com": "https://app.mycorp.com/e%2Fx/p/runs/r1",
+    }
+    for base, url in expected.items():
+        client = Client.__new__(Client)  # no login: only the settings' app URL is read
+        client.service = ServiceApi(settings=wandb.Settings(base_url=base))
+        assert client.run_url(("e/x", "p", "r1")) == url, base
+    add_project(sdk, "links", runs=1, steps=5)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    sync_api(conn, [f"{E}/links"])
+    assert conn.execute("SELECT url FROM wandb.runs").fetchone() == (f"{sdk.url}/{E}/links/runs/run0",)

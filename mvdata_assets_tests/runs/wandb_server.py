@@ -2,7 +2,10 @@
 
 Since wandb 0.27 every `wandb.Api` request is made by the Go sidecar `wandb-core`, so mocking Python HTTP does
 nothing: tests point `WANDB_BASE_URL` at this server instead. It speaks enough GraphQL for the listing and history
-flows of wandb 0.31 (a small parser and executor, so any field selection the SDK sends is answered as W&B would),
+flows of wandb 0.31: every document is validated against W&B's schema (`wandb_schema.graphql`, rebuilt from the code
+W&B generates from it) and refused with a GraphQL server's errors when it asks for a field, argument or variable type
+W&B does not have. It answers as W&B does where W&B's answers surprise: null `endCursor` on an empty page, null
+`files`, active runs with neither exports nor live data, YAML sweep configs, run files that need the API key. It
 serves run files and parquet history exports over GET, injects faults and logs every request.
 
     with WandbServer() as server:
@@ -28,271 +31,64 @@ import tempfile
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
+import graphql
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import yaml
 
 logger = logging.getLogger(__name__)
 
 API_KEY = "0123456789abcdef0123456789abcdef01234567"
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S"
 STEP = "_step"
-# The operations wandb 0.31 (Python and wandb-core) sends for listing runs, history, files and sweeps; others are
-# still answered field by field, but their names are logged in `unknown_operations` so gaps are visible.
-KNOWN_OPERATIONS = frozenset(
-    {
-        "Viewer",
-        "GetViewer",
-        "GetDefaultEntity",
-        "ServerFeaturesQuery",
-        "GetProject",
-        "GetProjects",
-        "Runs",
-        "Run",
-        "RunState",
-        "RunHistoryKeys",
-        "RunParquetHistory",
-        "HistoryPage",
-        "SampledHistoryPage",
-        "RunSampledHistory",
-        "RunFullHistory",
-        "RunFiles",
-        "GetSweep",
-        "GetSweepLegacy",
-        "GetSweepState",
-    }
-)
 _BASE_TIME = datetime(2024, 1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# GraphQL: a parser and executor for the executable subset of the language (no schema, no validation).
+# GraphQL: every document is validated against W&B's schema (the reference subset in wandb_schema.graphql, plus
+# the fields of wandb-core's own login query), then executed by graphql-core with the resolvers below.
+
+SCHEMA_FILE = Path(__file__).with_name("wandb_schema.graphql")
+# wandb-core's `Viewer` query (core/internal/gql/gql_gen.go, ViewerViewerUser), sent by `wandb.Api()` at login;
+# the reference subset covers only what the project asks for itself.
+_LOGIN_FIELDS = """
+extend type User { entity: String  email: String  flags: JSONString  teams: EntityConnection }
+type EntityConnection { edges: [EntityEdge!]! }
+type EntityEdge { node: Entity }
+type Entity { name: String! }
+"""
+SCHEMA = graphql.build_schema(SCHEMA_FILE.read_text(encoding="utf-8") + _LOGIN_FIELDS)
 
 
 class GraphQLError(Exception):
     """An error reported to the client in the GraphQL `errors` list (HTTP 200), which wandb-core does not retry."""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Var:
-    name: str
+_DOCUMENTS: dict[str, tuple[graphql.DocumentNode | None, list[str]]] = {}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Field:
-    alias: str | None
-    name: str
-    args: tuple[tuple[str, Any], ...]
-    directives: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
-    selections: tuple | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Spread:
-    name: str
-    directives: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class _Inline:
-    type_condition: str | None
-    directives: tuple
-    selections: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class _Operation:
-    kind: str
-    name: str
-    defaults: dict[str, Any]
-    selections: tuple
-
-
-@dataclasses.dataclass(frozen=True)
-class _Document:
-    operations: tuple[_Operation, ...]
-    fragments: dict[str, _Inline]
-
-    def operation(self, name: str | None) -> _Operation:
-        for op in self.operations:
-            if not name or op.name == name:
-                return op
-        raise GraphQLError(f"unknown operation {name!r}")
-
-
-_TOKEN = re.compile(
-    r'(?P<skip>[\s,\ufeff]+|#[^\n\r]*)|(?P<block>"""(?:\\"""|(?!""")[\s\S])*""")|(?P<str>"(?:\\.|[^"\\\n])*")'
-    r"|(?P<num>-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)|(?P<name>[_A-Za-z][_0-9A-Za-z]*)|(?P<punct>\.\.\.|[!$&():=@\[\]{}|])"
-)
-
-
-class _Parser:
-    def __init__(self, text: str) -> None:
-        self.tokens: list[tuple[str, str]] = []
-        pos = 0
-        while pos < len(text):
-            m = _TOKEN.match(text, pos)
-            if not m:
-                raise GraphQLError(f"syntax error at offset {pos}: {text[pos : pos + 20]!r}")
-            pos = m.end()
-            if m.lastgroup != "skip":
-                self.tokens.append((m.lastgroup, m.group()))
-        self.i = 0
-
-    def peek(self, value: str | None = None, kind: str | None = None) -> bool:
-        if self.i >= len(self.tokens):
-            return False
-        k, v = self.tokens[self.i]
-        return (value is None or v == value) and (kind is None or k == kind)
-
-    def take(self, value: str | None = None, kind: str | None = None) -> str:
-        if not self.peek(value, kind):
-            got = self.tokens[self.i][1] if self.i < len(self.tokens) else "end of document"
-            raise GraphQLError(f"syntax error: expected {value or kind}, got {got!r}")
-        self.i += 1
-        return self.tokens[self.i - 1][1]
-
-    def document(self) -> _Document:
-        operations, fragments = [], {}
-        while self.i < len(self.tokens):
-            if self.peek("{"):
-                operations.append(_Operation("query", "", {}, self.selection_set()))
-            elif self.peek("fragment"):
-                self.take()
-                name = self.take(kind="name")
-                self.take("on")
-                cond = self.take(kind="name")
-                fragments[name] = _Inline(cond, self.directives(), self.selection_set())
-            else:
-                kind = self.take(kind="name")
-                name = self.take(kind="name") if self.peek(kind="name") else ""
-                defaults = self.variable_definitions()
-                self.directives()
-                operations.append(_Operation(kind, name, defaults, self.selection_set()))
-        return _Document(tuple(operations), fragments)
-
-    def variable_definitions(self) -> dict[str, Any]:
-        defaults: dict[str, Any] = {}
-        if not self.peek("("):
-            return defaults
-        self.take("(")
-        while not self.peek(")"):
-            self.take("$")
-            name = self.take(kind="name")
-            self.take(":")
-            self.type_ref()
-            if self.peek("="):
-                self.take()
-                defaults[name] = self.value()
-            self.directives()
-        self.take(")")
-        return defaults
-
-    def type_ref(self) -> None:
-        if self.peek("["):
-            self.take()
-            self.type_ref()
-            self.take("]")
+def check_document(text: str) -> tuple[graphql.DocumentNode | None, list[str]]:
+    """The parsed document and the errors a GraphQL server gives for it (syntax, unknown fields and arguments,
+    wrong variable types); cached, as the SDK sends the same few documents again and again."""
+    found = _DOCUMENTS.get(text)
+    if found is None:
+        try:
+            document = graphql.parse(text)
+        except graphql.GraphQLError as error:
+            found = (None, [error.message])
         else:
-            self.take(kind="name")
-        if self.peek("!"):
-            self.take()
-
-    def directives(self) -> tuple:
-        out = []
-        while self.peek("@"):
-            self.take()
-            out.append((self.take(kind="name"), self.arguments()))
-        return tuple(out)
-
-    def arguments(self) -> tuple[tuple[str, Any], ...]:
-        if not self.peek("("):
-            return ()
-        self.take("(")
-        args = []
-        while not self.peek(")"):
-            name = self.take(kind="name")
-            self.take(":")
-            args.append((name, self.value()))
-        self.take(")")
-        return tuple(args)
-
-    def value(self) -> Any:
-        kind, text = self.tokens[self.i] if self.i < len(self.tokens) else ("", "")
-        if text == "$":
-            self.take()
-            return _Var(self.take(kind="name"))
-        if text == "[":
-            self.take()
-            items = []
-            while not self.peek("]"):
-                items.append(self.value())
-            self.take("]")
-            return items
-        if text == "{":
-            self.take()
-            obj = {}
-            while not self.peek("}"):
-                key = self.take(kind="name")
-                self.take(":")
-                obj[key] = self.value()
-            self.take("}")
-            return obj
-        self.take()
-        if kind == "num":
-            return float(text) if any(c in text for c in ".eE") else int(text)
-        if kind == "str":
-            return json.loads(text)
-        if kind == "block":
-            return text[3:-3].replace('\\"""', '"""')
-        return {"true": True, "false": False, "null": None}.get(text, text)  # enum values stay names
-
-    def selection_set(self) -> tuple:
-        self.take("{")
-        out: list[Any] = []
-        while not self.peek("}"):
-            if self.peek("..."):
-                self.take()
-                if self.peek("on"):
-                    self.take()
-                    cond = self.take(kind="name")
-                    out.append(_Inline(cond, self.directives(), self.selection_set()))
-                elif self.peek(kind="name"):
-                    out.append(_Spread(self.take(), self.directives()))
-                else:
-                    out.append(_Inline(None, self.directives(), self.selection_set()))
-                continue
-            name = self.take(kind="name")
-            alias = None
-            if self.peek(":"):
-                self.take()
-                alias, name = name, self.take(kind="name")
-            args = self.arguments()
-            directives = self.directives()
-            selections = self.selection_set() if self.peek("{") else None
-            out.append(_Field(alias, name, args, directives, selections))
-        self.take("}")
-        return tuple(out)
-
-
-_PARSED: dict[str, _Document] = {}
-
-
-def parse_document(text: str) -> _Document:
-    """Parses (and caches: the SDK sends the same few documents again and again) a GraphQL document."""
-    doc = _PARSED.get(text)
-    if doc is None:
-        doc = _Parser(text).document()
-        if len(_PARSED) < 1000:
-            _PARSED[text] = doc
-    return doc
+            found = (document, [error.message for error in graphql.validate(SCHEMA, document)])
+        if len(_DOCUMENTS) < 1000:
+            _DOCUMENTS[text] = found
+    return found
 
 
 def operation_name(body: Mapping[str, Any]) -> str:
@@ -304,77 +100,13 @@ def operation_name(body: Mapping[str, Any]) -> str:
     return m.group(1) if m else ""
 
 
-class _Executor:
-    def __init__(self, doc: _Document, op: _Operation, variables: Mapping[str, Any], unknown: set[str]) -> None:
-        self.doc = doc
-        self.variables = {
-            **{k: self.evaluate(v, {}) for k, v in op.defaults.items()},
-            **{k: v for k, v in variables.items() if v is not None or k not in op.defaults},
-        }
-        self.unknown = unknown
-
-    def evaluate(self, value: Any, variables: Mapping[str, Any] | None = None) -> Any:
-        variables = self.variables if variables is None else variables
-        if isinstance(value, _Var):
-            return variables.get(value.name)
-        if isinstance(value, list):
-            return [self.evaluate(v, variables) for v in value]
-        if isinstance(value, dict):
-            return {k: self.evaluate(v, variables) for k, v in value.items()}
-        return value
-
-    def included(self, directives: tuple) -> bool:
-        for name, args in directives:
-            cond = bool(self.evaluate(dict(args).get("if")))
-            if (name == "include" and not cond) or (name == "skip" and cond):
-                return False
-        return True
-
-    def fields(self, selections: tuple, typename: str | None) -> Iterator[_Field]:
-        for sel in selections:
-            if not self.included(sel.directives):
-                continue
-            if isinstance(sel, _Field):
-                yield sel
-            elif isinstance(sel, _Spread):
-                frag = self.doc.fragments.get(sel.name)
-                if frag is None:
-                    raise GraphQLError(f"unknown fragment {sel.name!r}")
-                yield from self.fields(frag.selections, typename)
-            elif sel.type_condition in (None, typename) or typename is None:
-                yield from self.fields(sel.selections, typename)
-
-    def select(self, selections: tuple, obj: Any) -> dict[str, Any]:
-        typename = obj.get("__typename") if isinstance(obj, dict) else getattr(obj, "typename", None)
-        out: dict[str, Any] = {}
-        for field in self.fields(selections, typename):
-            key = field.alias or field.name
-            if field.name == "__typename":
-                out[key] = typename
-                continue
-            args = {name: self.evaluate(value) for name, value in field.args}
-            if isinstance(obj, dict):
-                value = obj.get(field.name)
-            else:
-                resolver = getattr(obj, "gql_" + field.name, None)
-                if resolver is None:
-                    self.unknown.add(f"{typename}.{field.name}")
-                    value = None
-                else:
-                    value = resolver(**args)
-            done = self.complete(field.selections, value)
-            if isinstance(out.get(key), dict) and isinstance(done, dict):
-                out[key] = {**out[key], **done}
-            else:
-                out[key] = done
-        return out
-
-    def complete(self, selections: tuple | None, value: Any) -> Any:
-        if value is None or selections is None:
-            return value
-        if isinstance(value, list | tuple):
-            return [self.complete(selections, v) for v in value]
-        return self.select(selections, value)
+def _resolve(source: Any, info: graphql.GraphQLResolveInfo, **args: Any) -> Any:
+    """Plain data answers from its keys; the node classes below from their `gql_<field>` methods."""
+    if isinstance(source, dict):
+        return source.get(info.field_name)
+    if isinstance(source, _RunNode) and info.field_name in source.run.nulls:
+        return None  # graphql-core refuses this for a field the schema says is never null
+    return getattr(source, "gql_" + info.field_name)(**args)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -638,6 +370,9 @@ class RunRecord:
     events: tuple[dict[str, Any], ...]
     files: dict[str, tuple[bytes, datetime]]
     history: History
+    live_data: bool = True  # False: parquetHistory's liveData is empty, as W&B often answers for an active run
+    unserved: int = 0  # the newest rows W&B counts (historyKeys, historyLineCount) but serves no page of yet
+    nulls: frozenset[str] = frozenset()  # GraphQL fields of this run answered null (those the schema allows)
 
     @property
     def storage_id(self) -> str:
@@ -780,6 +515,49 @@ def _match_condition(value: Any, cond: Any) -> bool:
     return True
 
 
+_OPERATORS = {
+    "$eq",
+    "$ne",
+    "$gt",
+    "$gte",
+    "$lt",
+    "$lte",
+    "$in",
+    "$nin",
+    "$all",
+    "$exists",
+    "$regex",
+    "$options",
+    "$not",
+}
+_TIME_FIELDS = {"createdAt", "heartbeatAt"}
+
+
+def check_filters(filters: Any, field: str | None = None) -> None:
+    """Refuses a filter as W&B's parser does before looking at any run: unknown operators, and times that don't
+    parse (an empty `createdAt` bound is an error even in a project with no runs)."""
+    if isinstance(filters, list):
+        for item in filters:
+            check_filters(item, field)
+        return
+    if not isinstance(filters, dict):
+        if field in _TIME_FIELDS and filters is not None:
+            try:
+                _timestamp(filters, _BASE_TIME)
+            except (ValueError, TypeError):
+                raise GraphQLError(f"invalid timestamp {filters!r} in filters") from None
+        return
+    for key, value in filters.items():
+        if key in ("$and", "$or", "$nor"):
+            check_filters(value)
+        elif key.startswith("$"):
+            if key not in _OPERATORS or field is None:
+                raise GraphQLError(f"unsupported filter operator {key!r}")
+            check_filters(value, field)
+        else:
+            check_filters(value, _FIELD_ALIASES.get(key, key))
+
+
 def run_matches(run: RunRecord, filters: Mapping[str, Any]) -> bool:
     """Whether a run passes W&B run filters: `$and`/`$or`/`$nor` and field conditions."""
     for key, cond in filters.items():
@@ -832,41 +610,21 @@ class _QueryRoot:
     def __init__(self, server: WandbServer) -> None:
         self.server = server
 
-    def _viewer(self) -> dict[str, Any]:
+    def gql_viewer(self) -> dict[str, Any]:
         s = self.server
         return {
-            "__typename": "User",
             "id": _b64(f"User:{s.username}"),
             "name": s.username,
             "username": s.username,
             "entity": s.default_entity,
             "email": f"{s.username}@example.com",
-            "admin": False,
             "flags": "{}",
-            "deletedAt": None,
-            "apiKeys": {"edges": []},
             "teams": {"edges": [{"node": {"name": t}} for t in s.teams]},
         }
-
-    def gql_viewer(self) -> dict[str, Any]:
-        return self._viewer()
-
-    def gql_serverInfo(self) -> dict[str, Any]:
-        return {"features": [], "cliVersionInfo": {}, "latestLocalVersionInfo": None, "availableBucketProviders": []}
 
     def gql_project(self, name: str | None = None, entityName: str | None = None) -> _ProjectNode | None:
         project = self.server.project_record(entityName or self.server.default_entity, name or "")
         return _ProjectNode(self.server, project) if project else None
-
-    def gql_models(self, entityName: str | None = None, first: int = 50, after: str | None = None, **_: Any) -> dict:
-        """An entity's projects by name (`api.projects()`)."""
-        entity = entityName or self.server.default_entity
-        with self.server.lock:
-            projects = sorted((p for (e, _), p in self.server.projects.items() if e == entity), key=lambda p: p.name)
-        if after:
-            projects = [p for p in projects if p.name > _uncursor(after)]
-        items = [(_ProjectNode(self.server, p), _cursor(p.name)) for p in projects[:first]]
-        return _page(items, len(projects) > first)
 
 
 class _ProjectNode:
@@ -888,30 +646,18 @@ class _ProjectNode:
     def gql_entityName(self) -> str:
         return self.project.entity
 
-    def gql_entity(self) -> dict[str, Any]:
-        return {"__typename": "Entity", "id": _b64(f"Entity:{self.project.entity}"), "name": self.project.entity}
-
-    def gql_createdAt(self) -> str:
-        return _format_time(self.project.created_at)
-
-    def gql_isBenchmark(self) -> bool:
-        return False
-
     def gql_readOnly(self) -> bool:
         return False
 
-    def gql_description(self) -> None:
-        return None
-
-    def gql_user(self) -> dict[str, Any]:
-        return _QueryRoot(self.server)._viewer()
-
-    def _runs(self, filters: Any) -> list[RunRecord]:
-        if isinstance(filters, str):
-            filters = json.loads(filters or "{}")
+    def _runs(self, filters: str | None) -> list[RunRecord]:
+        try:
+            parsed = json.loads(filters or "{}")
+        except ValueError as e:
+            raise GraphQLError(f"invalid filters: {e}") from None
+        check_filters(parsed)  # as W&B: the whole filter is parsed, whether or not any run is there to match
         with self.server.lock:
             runs = list(self.project.runs.values())
-        return [r for r in runs if run_matches(r, filters or {})]
+        return [r for r in runs if run_matches(r, parsed)]
 
     def gql_runCount(self, filters: Any = None) -> int:
         return len(self._runs(filters))
@@ -930,7 +676,7 @@ class _ProjectNode:
         first = 50 if first is None else first
         page = keyed[:first]
         items = [(_RunNode(self.server, r), _cursor(k)) for k, r in page]
-        return _page(items, len(keyed) > first)
+        return _page(items, len(keyed) > first or (not page and self.server.empty_page_claims_more))
 
     def gql_run(self, name: str | None = None, **_: Any) -> _RunNode | None:
         with self.server.lock:
@@ -973,7 +719,7 @@ class _SweepNode:
         return self.sweep.best_loss
 
     def gql_config(self) -> str:
-        return _dumps(self.sweep.config)  # JSON is YAML: the SDK parses this with a YAML loader
+        return yaml.safe_dump(self.sweep.config, sort_keys=False)  # the user's YAML text, as W&B keeps it
 
     def gql_createdAt(self) -> str:
         return _format_time(self.sweep.created_at)
@@ -1005,9 +751,6 @@ class _RunNode:
 
     def gql_projectId(self) -> int:
         return self.server.project_record(self.run.entity, self.run.project).internal_id
-
-    def gql_project(self) -> dict[str, Any]:
-        return {"__typename": "Project", "name": self.run.project, "entity": {"name": self.run.entity}}
 
     def gql_tags(self) -> list[str]:
         return list(self.run.tags)
@@ -1057,31 +800,23 @@ class _RunNode:
     def gql_historyLineCount(self) -> int:
         return len(self.run.history)
 
-    def gql_eventsLineCount(self) -> int:
-        return len(self.run.events)
-
     def gql_historyKeys(self, **_: Any) -> dict[str, Any]:
         return _json_safe(self.run.history.key_info())
 
     def gql_user(self) -> dict[str, Any]:
         return {
-            "__typename": "User",
             "id": _b64(f"User:{self.run.user}"),
             "name": self.run.user,
             "username": self.run.user,
         }
 
-    def gql_sweep(self) -> _SweepNode | None:
-        project = self.server.project_record(self.run.entity, self.run.project)
-        sweep = project.sweeps.get(self.run.sweep or "") if project else None
-        return _SweepNode(self.server, project, sweep) if sweep else None
-
     def gql_history(
         self, minStep: int | None = None, maxStep: int | None = None, samples: int | None = 500, **_: Any
     ) -> list[str]:
         history = self.run.history
-        start = 0 if minStep is None else history.index(int(minStep))
-        stop = len(history) if maxStep is None else history.index(int(maxStep))
+        served = len(history) - self.run.unserved
+        start = min(served, 0 if minStep is None else history.index(int(minStep)))
+        stop = min(served, len(history) if maxStep is None else history.index(int(maxStep)))
         picks = _sample(stop - start, 500 if samples is None else int(samples))
         if len(picks) == stop - start:
             rows = history.rows(start, stop)
@@ -1120,7 +855,8 @@ class _RunNode:
     def gql_parquetHistory(self, liveKeys: list[str] | None = None, **_: Any) -> dict[str, Any]:
         history = self.run.history
         urls = self.server.parquet_urls(self.run, history)
-        live = history.rows(history.exported, len(history), liveKeys or [STEP])
+        served = len(history) - self.run.unserved
+        live = history.rows(history.exported, served, liveKeys or [STEP]) if self.run.live_data else []
         return {"parquetUrls": urls, "liveData": _json_safe(live)}
 
     def _files(self) -> list[tuple[str, bytes, datetime]]:
@@ -1153,11 +889,10 @@ class _RunNode:
     def _file(self, name: str, data: bytes, when: datetime) -> dict[str, Any]:
         url = self.server.file_url(self.run, name)
         return {
-            "__typename": "File",
             "id": _b64(f"File:{self.run.storage_id}:{name}"),
             "name": name,
             "url": url,
-            "directUrl": url,
+            "directUrl": url,  # W&B's may need the key too: the SDK downloads `url` through wandb-core
             "sizeBytes": len(data),
             "mimetype": "application/json" if name.endswith(".json") else "application/octet-stream",
             "updatedAt": _format_time(when),
@@ -1307,6 +1042,8 @@ class _Handler(BaseHTTPRequestHandler):
         if op == "otel":
             return self._send(200, b"", "application/x-protobuf")
         if op in ("file", "parquet") and method in ("GET", "HEAD"):
+            if op == "file" and not self._authorized():  # run files are W&B's, behind the API key
+                return self._send(401, b"unauthorized", "text/plain")
             found = wb.download(path)
             if found is None:
                 return self._send(404, b"not found", "text/plain")
@@ -1409,8 +1146,8 @@ class WandbServer:
         self.teams = tuple(teams)
         self.lock = threading.RLock()
         self.projects: dict[tuple[str, str], ProjectRecord] = {}
-        self.unknown_operations: set[str] = set()
-        self.unknown_fields: set[str] = set()
+        self.invalid_documents: list[tuple[str, list[str]]] = []  # (operation, errors) of every refused document
+        self.empty_page_claims_more = False  # an empty runs page with hasNextPage true and a null endCursor
         self._host, self._port = host, port
         self._data_dir_arg = Path(data_dir) if data_dir else None
         self._data_dir: Path | None = None
@@ -1517,10 +1254,16 @@ class WandbServer:
         events: Iterable[Mapping[str, Any]] = (),
         exported_steps: int | None = None,
         export_files: int = 1,
+        live_data: bool = True,
+        unserved: int = 0,
+        nulls: Iterable[str] = (),
     ) -> RunRecord:
         """Adds (or replaces) a run. History rows are dicts (`_step` defaults to the row's index; None or a missing
         key = not logged) or a pyarrow Table for bulk data. The first `exported_steps` rows are in the parquet
-        export (split into `export_files` files), the rest are live (default: everything exported)."""
+        export (split into `export_files` files), the rest are live (default: everything exported); with
+        `live_data=False` parquetHistory names no live steps, as W&B often answers for an active run; the newest
+        `unserved` rows are counted but in no answer yet (W&B's history lagging its listing). `nulls` names
+        GraphQL fields of the run answered null (`files`, `config`, `historyKeys`, `heartbeatAt`, `user`, ...)."""
         project_record = self.add_project(entity, project)
         with self.lock:
             self._seq += 1
@@ -1559,6 +1302,9 @@ class WandbServer:
             events=tuple(dict(e) for e in events),
             files=run_files,
             history=hist,
+            live_data=live_data,
+            unserved=unserved,
+            nulls=frozenset(nulls),
         )
         with self.lock:
             project_record.runs[run_id] = record
@@ -1580,8 +1326,8 @@ class WandbServer:
                 field = renames.get(key, key)
                 if field in ("created_at", "heartbeat_at"):
                     value = _timestamp(value, run.created_at)
-                elif field == "tags":
-                    value = tuple(value)
+                elif field in ("tags", "nulls"):
+                    value = (tuple if field == "tags" else frozenset)(value)
                 elif field in ("config", "summary", "system_metrics"):
                     value = dict(value)
                 elif field not in {f.name for f in dataclasses.fields(RunRecord)} or field in ("history", "seq"):
@@ -1697,7 +1443,8 @@ class WandbServer:
         return f"{self.url}/files/{_q(run.entity)}/{_q(run.project)}/{_q(run.name)}/{_q(name)}"
 
     def download(self, path: str) -> tuple[bytes | Path, str] | None:
-        """The body for a GET of a file or parquet URL (no auth: W&B's are signed URLs)."""
+        """The body for a GET of a run file (the handler asks for the API key) or of a parquet export (a signed
+        URL: no key)."""
         parts = [unquote(p) for p in path.split("/") if p]
         if parts[0] == "parquet":
             with self.lock:
@@ -1714,28 +1461,30 @@ class WandbServer:
     # -- GraphQL
 
     def execute(self, payload: Mapping[str, Any], op_name: str) -> dict[str, Any]:
-        """Runs one GraphQL request; errors become GraphQL `errors` (HTTP 200), which fail fast in wandb-core."""
-        if op_name not in KNOWN_OPERATIONS and op_name not in self.unknown_operations:
-            logger.warning("wandb_server: operation %r is not one the server was written for", op_name)
-            self.unknown_operations.add(op_name)
-        try:
-            doc = parse_document(str(payload.get("query") or ""))
-            op = doc.operation(payload.get("operationName") or None)
-            if op.kind != "query":
-                logger.warning("wandb_server: mutation %r is not supported; answering null", op.name)
-                self.unknown_operations.add(op.name)
-            variables = payload.get("variables") or {}
-            unknown: set[str] = set()
-            data = _Executor(doc, op, variables, unknown).select(op.selections, _QueryRoot(self))
-            if unknown - self.unknown_fields:
-                logger.warning("wandb_server: unknown fields answered null: %s", sorted(unknown - self.unknown_fields))
-                self.unknown_fields |= unknown
-            return {"data": data}
-        except GraphQLError as e:
-            return {"data": None, "errors": [{"message": str(e)}]}
-        except Exception as e:  # a server bug must fail the client fast, not look like a retryable 5xx
-            logger.exception("wandb_server: error executing %s", op_name)
-            return {"data": None, "errors": [{"message": f"internal server error: {e!r}"}]}
+        """Validates and runs one GraphQL request. As a GraphQL server answers: an invalid document gets `errors`
+        and no `data`; an error while executing (a resolver refusing an argument, a null where the schema forbids
+        one) gets `errors` beside the partial `data`. Both come with HTTP 200, which wandb-core does not retry."""
+        document, problems = check_document(str(payload.get("query") or ""))
+        if document is None or problems:
+            with self.lock:
+                self.invalid_documents.append((op_name, problems))
+            logger.warning("wandb_server: %s is not valid against W&B's schema: %s", op_name, problems)
+            return {"errors": [{"message": message} for message in problems]}
+        result = graphql.execute(
+            SCHEMA,
+            document,
+            root_value=_QueryRoot(self),
+            variable_values=payload.get("variables") or {},
+            operation_name=payload.get("operationName") or None,
+            field_resolver=_resolve,
+        )
+        answer: dict[str, Any] = {"data": result.data}
+        if result.errors:
+            answer["errors"] = [{"message": error.message, "path": error.path} for error in result.errors]
+            unexpected = [e for e in result.errors if not isinstance(e.original_error, GraphQLError | type(None))]
+            for error in unexpected:  # a server bug, not an answer W&B would give: say so in the test's log
+                logger.error("wandb_server: %s failed", op_name, exc_info=error.original_error)
+        return answer
 
     # -- faults
 
