@@ -37,6 +37,7 @@ SQL_KEY = "x'); DROP TABLE wandb.runs; --"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WandbServer]:
     with WandbServer() as server:
         yield server
+        assert not server.invalid_documents, server.invalid_documents  # nothing W&B would refuse was sent
 
 
 @pytest.fixture
@@ -148,6 +149,7 @@ def test_a_project_lands_exactly(sdk: WandbServer, tmp_path: Path) -> None:
     assert summary == {"train/loss": logged["run1"][-1]["train/loss"], "best.acc": 0.6}
     metadata = dict(conn.execute("SELECT key, value_json FROM wandb.metadata WHERE run_id = 'run0'").fetchall())
     assert metadata == {"host": '"gpu0"', "os": '"Linux"', "python": '"3.11"'}
+    assert [r.status for r in sdk.requests("file")] == [200] * 4  # File.url, with the key W&B asks for
     system = conn.execute("SELECT key, value, timestamp FROM wandb.system_metrics WHERE run_id = 'run1'").fetchall()
     assert system == [("system.gpu.0.gpu", 41.0, datetime.fromtimestamp(1.74e9 + 100, UTC))]
 
@@ -194,13 +196,15 @@ def test_a_resync_asks_only_for_what_changed(sdk: WandbServer, tmp_path: Path) -
 
 
 def test_sweeps_are_fetched_once_and_again_when_their_runs_change(sdk: WandbServer, tmp_path: Path) -> None:
-    sdk.add_sweep(E, "sweeps", "sw1", name="lr sweep", state="RUNNING", config={"method": "grid", "metric": "loss"})
+    sweep_config = {"method": "grid", "metric": {"name": "loss", "goal": "minimize"},
+                    "parameters": {"lr": {"values": [0.1, 0.01]}, "note": {"value": "a: b"}}}  # fmt: skip
+    sdk.add_sweep(E, "sweeps", "sw1", name="lr sweep", state="RUNNING", config=sweep_config)
     for i in range(3):
         sdk.add_run(E, "sweeps", f"s{i}", sweep="sw1", state="running", config={"lr": i}, history=history(i, 20))
     conn = duckdb.connect(str(tmp_path / "w.duckdb"))
     sync_api(conn, [f"{E}/sweeps"])
     row = conn.execute("SELECT sweep_id, name, state, config FROM wandb.sweeps").fetchone()
-    assert row[:3] == ("sw1", "lr sweep", "RUNNING") and json.loads(row[3])["method"] == "grid"
+    assert row[:3] == ("sw1", "lr sweep", "RUNNING") and json.loads(row[3]) == sweep_config  # W&B's YAML, parsed
     assert conn.execute("SELECT DISTINCT sweep_id FROM wandb.runs").fetchall() == [("sw1",)]
     sdk.clear_requests()
     sync_api(conn, [f"{E}/sweeps"])
@@ -456,3 +460,13 @@ def test_run_links_follow_the_sdk_app_url(sdk: WandbServer, tmp_path: Path) -> N
     conn = duckdb.connect(str(tmp_path / "w.duckdb"))
     sync_api(conn, [f"{E}/links"])
     assert conn.execute("SELECT url FROM wandb.runs").fetchone() == (f"{sdk.url}/{E}/links/runs/run0",)
+
+
+def test_a_refused_login_names_the_sdk_default_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(**_: object) -> None:
+        raise wandb.errors.AuthenticationError("API key not valid")
+
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setattr(wandb, "Api", refuse)  # no request: the default server is not on this machine's network
+    with pytest.raises(ApiSourceError, match="W&B login at https://api.forge.coreweave.com failed: API key not valid"):
+        Client()
