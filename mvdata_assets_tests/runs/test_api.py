@@ -387,32 +387,31 @@ def test_a_step_w_and_b_has_not_served_yet_is_asked_for_again(sdk: WandbServer, 
 def test_a_live_run_synced_while_it_grows_ends_with_every_step_once(sdk: WandbServer, tmp_path: Path) -> None:
     rows = history(7, 3000)
     sdk.add_run(E, "growing", "g1", state="running", history=rows[:100], exported_steps=50)
-    stop = threading.Event()
+    syncs_started = [0]
 
-    def train() -> None:  # logs steps, and W&B exports some of them now and then, live data on and off
-        for start in range(100, 3000, 100):
-            if stop.is_set():
-                return
+    def train() -> None:  # logs a chunk of steps during each sync; W&B exports some now and then, live data on and off
+        for chunk, start in enumerate(range(100, 3000, 100)):
+            deadline = time.monotonic() + 60
+            while syncs_started[0] <= chunk and time.monotonic() < deadline:
+                time.sleep(0.002)
+            time.sleep(random.Random(chunk).random() * 0.03)  # somewhere inside that sync
             sdk.append_history(E, "growing", "g1", rows[start : start + 100])
             sdk.update_run(E, "growing", "g1", live_data=start % 300 != 0, unserved=(start // 100) % 3 * 10)
             if start % 500 == 0:
                 sdk.export_history(E, "growing", "g1", upto=start - 200)
-            time.sleep(0.02)
 
     trainer = threading.Thread(target=train)
     conn = duckdb.connect(str(tmp_path / "w.duckdb"))
     trainer.start()
     try:
-        syncs = 0
-        while trainer.is_alive() and syncs < 40:
+        while trainer.is_alive() and syncs_started[0] < 200:
+            syncs_started[0] += 1
             assert not sync_api(conn, [f"{E}/growing"]).problems
-            syncs += 1
     finally:
-        stop.set()
         trainer.join()
     sdk.update_run(E, "growing", "g1", state="finished", unserved=0, live_data=True)
     sync_api(conn, [f"{E}/growing"])
-    assert syncs >= 3
+    assert syncs_started[0] >= 29  # every chunk landed while a sync ran
     assert not mismatches(expected_rows(rows), stored_rows(conn, "g1"))  # stored_rows fails on any duplicate
 
 
