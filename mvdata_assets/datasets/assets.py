@@ -13,6 +13,7 @@ from dagster import (
     AutomationCondition,
     Config,
     ConfigurableResource,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -258,7 +259,9 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
             )
         if dataset.instructions:
             metadata["instructions"] = MetadataValue.md(dataset.instructions)
-        yield MaterializeResult(metadata=metadata)
+        with warehouse.get_connection() as conn:
+            version = DataVersion(store.files_digest(conn, dataset.name))
+        yield MaterializeResult(metadata=metadata, data_version=version)
         yield AssetCheckResult(
             check_name="no_failed_files",
             passed=not failed,
@@ -290,6 +293,7 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
         kinds={"duckdb"},
         deps=[dataset_key(name) for name in datasets],
         description="datasets.download_summary: per dataset status and counts, as the old report showed them.",
+        metadata={"dagster/table_name": f"{store.SCHEMA}.download_summary"},
         # follows any dataset's materialisation by itself, even while other datasets were never downloaded
         automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
     )
@@ -303,12 +307,14 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
                                bytes_on_disk, seconds FROM {store.SCHEMA}.download_summary"""
                 ).fetchall()
             }
+            version = DataVersion(store.summary_digest(conn))
         summaries = [
             store.Summary(*rows[name][:6], *rows[name][7:]) if name in rows
             else store.Summary(name, "missing", 0, 0, 0, len(d.files), d.est_size_bytes, 0, 0.0)
             for name, d in datasets.items()
         ]  # fmt: skip
         return MaterializeResult(
+            data_version=version,
             metadata={
                 "report": MetadataValue.md(
                     charts.markdown_table(store.REPORT_COLUMNS, [s.report_row() for s in summaries])
@@ -322,7 +328,7 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
                 "manual": sum(s.status == "manual" for s in summaries),
                 "missing": sum(s.status == "missing" for s in summaries),
                 "dagster/row_count": len(rows),
-            }
+            },
         )
 
     return download_summary

@@ -6,6 +6,7 @@ verified and skipped like any download; `datasets.shards` adds what is in it (im
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterable
@@ -183,3 +184,24 @@ def record_summary(conn: duckdb.DuckDBPyConnection, summary: Summary) -> None:
         [summary.dataset, summary.status, summary.downloaded, summary.failed, summary.skipped, summary.total,
          summary.success_rate, summary.est_size_bytes, summary.bytes_on_disk, summary.seconds],
     )  # fmt: skip
+
+
+def files_digest(conn: duckdb.DuckDBPyConnection, dataset: str) -> str:
+    """A dataset's data version: a digest of its files' paths, outcomes and checksums (and its shards'). A download
+    that changed nothing gives the same digest, so nothing downstream turns stale."""
+    rows = conn.execute(
+        f"""SELECT 'file', path, CASE WHEN status IN ('downloaded', 'skipped') THEN sha256 ELSE status END
+            FROM {SCHEMA}.files WHERE dataset = ?
+            UNION ALL SELECT 'shard', path, in_place || ' ' || sha256 FROM {SCHEMA}.shards WHERE dataset = ?
+            ORDER BY 1, 2""",
+        [dataset, dataset],
+    ).fetchall()  # a file verified again ('skipped') is the same data as the one downloaded
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:24]
+
+
+def summary_digest(conn: duckdb.DuckDBPyConnection) -> str:
+    """The download summary's data version: each dataset's status and counts (not its timings)."""
+    rows = conn.execute(
+        f"SELECT dataset, status, downloaded, failed, skipped, total FROM {SCHEMA}.download_summary ORDER BY dataset"
+    ).fetchall()
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:24]

@@ -11,6 +11,7 @@ from dagster import (
     AssetSpec,
     AutomationCondition,
     Config,
+    DataVersion,
     MaterializeResult,
     MetadataValue,
     TableColumn,
@@ -26,7 +27,7 @@ from mvdata_assets.runs.api import ApiFilters, ApiSyncReport, Client, sync_api
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
 from mvdata_assets.settings import load_settings
-from mvdata_assets.warehouse import WarehouseResource
+from mvdata_assets.warehouse import WarehouseResource, table_metadata
 
 GROUP = "wandb"
 TABLES = ("runs", "history", "config", "summary", "metadata", "system_metrics")
@@ -56,19 +57,16 @@ class ExportConfig(Config):
 
 
 def _table_metadata(conn, table: str) -> dict:
-    columns = conn.execute(
-        "SELECT column_name, data_type FROM information_schema.columns "
-        "WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position",
-        [SCHEMA, table],
-    ).fetchall()
-    count = conn.execute(f"SELECT count(*) FROM {SCHEMA}.{table}").fetchone()[0]
+    metadata = table_metadata(conn, SCHEMA, table)
     preview = conn.execute(f"SELECT * FROM {SCHEMA}.{table} LIMIT 5").fetchall()
-    return {
-        "dagster/row_count": MetadataValue.int(count),
-        "dagster/column_schema": TableSchema(columns=[TableColumn(c, t) for c, t in columns]),
-        "preview": MetadataValue.md(charts.markdown_table([c for c, _ in columns], preview, width=40)),
-        "table": MetadataValue.text(f"{SCHEMA}.{table}"),
-    }
+    columns = [c.name for c in metadata["dagster/column_schema"].columns]
+    return {**metadata, "preview": MetadataValue.md(charts.markdown_table(columns, preview, width=40))}
+
+
+def warehouse_version(conn) -> DataVersion:
+    """The W&B tables' data version: the warehouse's sync generation, moved only by a sync that changed something,
+    so a re-run that changed nothing leaves everything downstream fresh."""
+    return DataVersion(f"generation-{generation(conn)}")
 
 
 def _sync_metadata(offline: SyncReport, api: ApiSyncReport) -> dict:
@@ -86,10 +84,18 @@ def _sync_metadata(offline: SyncReport, api: ApiSyncReport) -> dict:
 
 @multi_asset(
     specs=[
-        AssetSpec(table_key(t), group_name=GROUP, kinds={"duckdb", "wandb"}, description=f"{SCHEMA}.{t}")
+        AssetSpec(
+            table_key(t),
+            group_name=GROUP,
+            kinds={"duckdb", "wandb"},
+            description=f"{SCHEMA}.{t}",
+            metadata={"dagster/table_name": f"{SCHEMA}.{t}"},
+        )
         for t in TABLES
     ],
-    can_subset=False,
+    # any selection runs it (`+wandb/leaderboard`, "Materialize" with upstream in the UI); one sync fills every
+    # table whichever are selected, and reports the selected ones
+    can_subset=True,
     description="Syncs every run under MVDATA_WANDB_OFFLINE_DIRS and of the MVDATA_WANDB_PROJECTS on the W&B API "
     "into the warehouse, incrementally.",
 )
@@ -125,10 +131,14 @@ def wandb_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: 
                 f"{api.count('failed')} failed, in {api.seconds:.2f} s"
             )
         shared = _sync_metadata(offline, api)
+        version = warehouse_version(conn)
         for table in TABLES:
+            if table_key(table) not in context.selected_asset_keys:
+                continue
             rows = offline.rows.get(table, 0) + api.rows.get(table, 0)
             yield MaterializeResult(
                 asset_key=table_key(table),
+                data_version=version,
                 metadata={
                     **shared,
                     "rows_written": MetadataValue.int(rows),
@@ -191,9 +201,11 @@ def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehous
     ]
     with warehouse.get_connection() as conn:
         for group in groups:
+            version = warehouse_version(conn)
             for export in exports.export_all(conn, settings.exports, group, config.force_rewrite, context.log.info):
                 yield MaterializeResult(
                     asset_key=export_key(export.name),
+                    data_version=version,
                     metadata={
                         "path": MetadataValue.path(str(export.path)),
                         "dagster/row_count": MetadataValue.int(export.rows),
@@ -210,6 +222,7 @@ def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehous
     group_name=GROUP,
     kinds={"duckdb"},
     deps=[table_key("runs"), table_key("history"), table_key("config")],
+    metadata={"dagster/table_name": f"{SCHEMA}.leaderboard"},
     automation_condition=FOLLOW_UPSTREAM,
     description="wandb.leaderboard: per run, best and last value of the main metrics and the key config values, "
     "newest first (MVDATA_LEADERBOARD_METRICS / MVDATA_LEADERBOARD_CONFIG choose them).",
@@ -219,9 +232,11 @@ def wandb_leaderboard(warehouse: WarehouseResource) -> MaterializeResult:
     with warehouse.get_connection() as conn:
         board = leaderboard.build(conn, settings.leaderboard_metrics, settings.leaderboard_config)
         top = conn.execute(f"SELECT * FROM {SCHEMA}.leaderboard LIMIT 20").fetchall()
+        version = warehouse_version(conn)
     shown = ["display_name", "state", *(c for c in board.columns if c.startswith(("best:", "last:", "config:")))]
     index = [board.columns.index(c) for c in shown]
     return MaterializeResult(
+        data_version=version,
         metadata={
             "dagster/row_count": MetadataValue.int(board.rows),
             "metrics": MetadataValue.json(
@@ -231,7 +246,7 @@ def wandb_leaderboard(warehouse: WarehouseResource) -> MaterializeResult:
             "newest runs": MetadataValue.md(
                 charts.markdown_table(shown, [[_cell(row[i]) for i in index] for row in top])
             ),
-        }
+        },
     )
 
 
