@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from importlib.metadata import version
+from pathlib import Path
+
 from dagster import (
+    AnchorBasedFilePathMapping,
+    AssetKey,
     AssetSelection,
+    AssetSpec,
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
+    FreshnessPolicy,
     define_asset_job,
     in_process_executor,
+    link_code_references_to_git,
+    with_source_code_references,
 )
 
 from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
-from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
+from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets, dataset_key
 from mvdata_assets.runs.assets import GROUP as WANDB_GROUP
-from mvdata_assets.runs.assets import wandb_assets, wandb_checks
+from mvdata_assets.runs.assets import build_run_datasets_asset, wandb_assets, wandb_checks
 from mvdata_assets.runs.sensors import wandb_api_runs, wandb_offline_runs
 from mvdata_assets.settings import load_settings
 from mvdata_assets.warehouse import WarehouseIOManager, WarehouseResource
@@ -31,8 +41,40 @@ automation = AutomationConditionSensorDefinition(
 )
 main_job = define_asset_job("mvdata_main", selection="*", description="Both halves: every dataset and W&B asset.")
 
+datasets = dataset_assets()
+catalog_keys = [key for assets_def in datasets for key in assets_def.keys if key != dataset_key("download_summary")]
+CODE_VERSION = version("mvdata_assets")  # the engines' logic changes with the package's releases
+
+
+def with_conventions(spec: AssetSpec) -> AssetSpec:
+    """What a Dagster user looks for on every asset: owner, source tag, code version; `wandb/runs` has a freshness
+    policy (MVDATA_WANDB_FRESHNESS_H: overdue when no sync for that long)."""
+    freshness = (
+        FreshnessPolicy.time_window(fail_window=timedelta(hours=settings.wandb_freshness_h))
+        if spec.key == AssetKey(["wandb", "runs"])
+        else spec.freshness_policy
+    )
+    return spec.replace_attributes(
+        owners=["team:microvlm-e"],
+        tags={**spec.tags, "mvdata/source": spec.key.path[0]},
+        code_version=CODE_VERSION,
+        freshness_policy=freshness,
+    )
+
+
+project_assets = with_source_code_references([*datasets, *wandb_assets, build_run_datasets_asset(catalog_keys)])
+if settings.git_url:  # links from each asset to its code in the repository the project is pushed to
+    project_assets = link_code_references_to_git(
+        project_assets,
+        git_url=settings.git_url,
+        git_branch=settings.git_branch,
+        file_path_mapping=AnchorBasedFilePathMapping(
+            local_file_anchor=Path(__file__).parent, file_anchor_path_in_repository="mvdata_assets"
+        ),
+    )
+
 defs = Definitions(
-    assets=[*dataset_assets(), *wandb_assets],
+    assets=project_assets,
     asset_checks=wandb_checks,
     jobs=[main_job, wandb_sync_job, datasets_job],
     sensors=[wandb_offline_runs, wandb_api_runs, automation],
@@ -46,4 +88,4 @@ defs = Definitions(
     },
     # small steps over one local DuckDB file: a process per step would cost ~5 s each for nothing
     executor=in_process_executor,
-)
+).map_asset_specs(func=with_conventions)

@@ -37,6 +37,7 @@ DEMO_RUNS = {
     "clip-lr3e-4": (3e-4, "clip-vit-l14", 1200, None),
     "clip-lr6e-4-killed": (6e-4, "clip-vit-l14", 1500, 700),
 }
+DEMO_DATA = {"siglip-so400m": ["demo_coco", "demo_cc3m"], "clip-vit-l14": ["demo_coco", "demo_vqav2"]}
 
 
 def write_run(name: str, out_dir: Path) -> None:
@@ -55,7 +56,8 @@ def write_run(name: str, out_dir: Path) -> None:
         config={
             "model": {"vision_encoder": encoder, "llm": "qwen2.5-0.5b", "projector": "mlp2x_gelu"},
             "optim": {"lr": lr, "betas": [0.9, 0.95], "weight_decay": 0.05, "warmup_steps": 100},
-            "data": {"datasets": ["coco", "llava_pretrain"], "batch_size": 64, "image_size": 384},
+            # the demo catalog's datasets: `wandb/run_datasets` joins these runs to them
+            "data": {"datasets": DEMO_DATA[encoder], "batch_size": 64, "image_size": 384},
             "seed": rng.randint(0, 2**31),
         },
         settings=wandb.Settings(x_stats_sampling_interval=0.5, console="off"),

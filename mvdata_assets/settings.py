@@ -61,6 +61,10 @@ class Settings:
     api_timeout_s: float  # one W&B request, retries included
     leaderboard_metrics: tuple[str, ...]  # glob patterns of the main metrics
     leaderboard_config: tuple[str, ...]  # config keys to show; none: those that differ between runs
+    run_dataset_keys: tuple[str, ...]  # config keys naming the datasets a run trained on
+    wandb_freshness_h: float  # wandb/runs is overdue when no sync for this long
+    git_url: str | None  # the repository the project is pushed to: assets link to their code there
+    git_branch: str
 
     @property
     def warehouse(self) -> Path:
@@ -104,4 +108,10 @@ def load_settings() -> Settings:
         api_timeout_s=_float("MVDATA_WANDB_API_TIMEOUT_S", 60.0),
         leaderboard_metrics=_list("MVDATA_LEADERBOARD_METRICS", "*loss*,*acc,*accuracy*,*f1*,*bleu*,*cider*"),
         leaderboard_config=_list("MVDATA_LEADERBOARD_CONFIG", ""),
+        wandb_freshness_h=_float("MVDATA_WANDB_FRESHNESS_H", 24.0),
+        git_url=os.environ.get("MVDATA_GIT_URL") or None,
+        git_branch=os.environ.get("MVDATA_GIT_BRANCH") or "main",
+        run_dataset_keys=_list(
+            "MVDATA_RUN_DATASET_KEYS", "data.datasets,data.dataset,data.data_root,datasets,dataset,data_root"
+        ),
     )

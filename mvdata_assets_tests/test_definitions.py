@@ -37,6 +37,7 @@ EXPECTED_KEYS = sorted(
         "wandb/exports/runs_metadata_sweep_info",
         "wandb/exports/runs_history",
         "wandb/leaderboard",
+        "wandb/run_datasets",
     ]
 )
 
@@ -89,8 +90,37 @@ def test_asset_keys_snapshot() -> None:
     Definitions.validate_loadable(defs)
 
 
+def test_every_asset_has_what_a_dagster_user_looks_for() -> None:
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        node = graph.get(key)
+        name = key.to_user_string()
+        assert node.owners == ["team:microvlm-e"] and node.code_version, name
+        assert node.tags["mvdata/source"] == key.path[0] and any(t.startswith("dagster/kind/") for t in node.tags), name
+        assert node.metadata["dagster/code_references"].code_references, name
+        if key.path[-1] in ("runs", "history", "leaderboard", "run_datasets", "download_summary"):
+            assert node.metadata["dagster/table_name"] == f"{key.path[0]}.{key.path[-1]}", name
+    assert graph.get(AssetKey(["wandb", "runs"])).freshness_policy.fail_window.to_timedelta().total_seconds() == 86400
+    checks = {key.name: graph.get_check_spec(key) for key in graph.asset_check_keys if key.asset_key.path[0] == "wandb"}
+    assert checks["history_has_no_duplicates"].blocking  # duplicated values never flow on to the exports
+    assert r"caption\<TAB\>url" in graph.get(AssetKey(["datasets", "cc3m"])).description  # not an HTML tag
+
+
+def test_assets_link_to_their_code_in_git_when_the_repository_is_named() -> None:
+    code = (
+        "import mvdata_assets.definitions as d; from dagster import AssetKey; "
+        "print(d.defs.resolve_asset_graph().get(AssetKey(['wandb', 'runs'])).metadata['dagster/code_references'])"
+    )
+    env = {**os.environ, "MVDATA_GIT_URL": "https://github.com/microvlm/mvdata", "MVDATA_GIT_BRANCH": "dev"}
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "https://github.com/microvlm/mvdata/tree/dev/mvdata_assets/runs/assets.py" in done.stdout
+
+
 def test_exports_are_downstream_of_the_tables() -> None:
     graph = defs.resolve_asset_graph()
+    parents = graph.get(AssetKey(["wandb", "run_datasets"])).parent_keys  # the two halves joined
+    assert {AssetKey(["datasets", "coco"]), AssetKey(["wandb", "config"])} <= parents
     parents = graph.get(AssetKey(["wandb", "exports", "runs_history"])).parent_keys
     assert AssetKey(["wandb", "history"]) in parents
     parents = graph.get(AssetKey(["wandb", "exports", "runs_metadata_config"])).parent_keys

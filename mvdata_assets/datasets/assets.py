@@ -1,6 +1,7 @@
 """Dagster wiring for the datasets half: one asset per catalog dataset, and the download summary."""
 
 import os
+import re
 import time
 
 from dagster import (
@@ -180,6 +181,11 @@ def _dataset_metadata(run: DatasetRun) -> dict:
     }
 
 
+def as_markdown_text(text: str | None) -> str | None:
+    """The UI renders descriptions as Markdown: `caption<TAB>url` would lose `<TAB>` as an HTML tag."""
+    return re.sub(r"([<>])", r"\\\1", text) if text else text
+
+
 def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDefinition:
     key = dataset_key(dataset.name)
     image_checks = (
@@ -192,7 +198,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
         key=key,
         group_name=GROUP,
         kinds={"download"},
-        description=dataset.description,
+        description=as_markdown_text(dataset.description),
         check_specs=[
             AssetCheckSpec("no_failed_files", asset=key, description="Every file of the dataset is in place."),
             AssetCheckSpec("checksums_recorded", asset=key, description="Every file in place has a recorded sha256."),

@@ -40,6 +40,7 @@ ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar", ".tar.gz", ".tgz")
 
 # Dataset names become Dagster asset keys, which allow only identifier characters.
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+RESERVED_NAMES = frozenset({"download_summary"})  # asset keys of the project's own in the datasets group
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
 _HF_HOST = "huggingface.co"
@@ -534,6 +535,8 @@ def load_catalog(path: Path | str | None = None) -> dict[str, Dataset]:
             errors.append(
                 f"{where}: dataset {name!r}, name: must match {_NAME_RE.pattern} (it becomes a Dagster asset key)"
             )
+        elif name in RESERVED_NAMES:
+            errors.append(f"{where}: dataset {name!r}, name: is the project's own asset datasets/{name}; rename it")
         dataset, problems = _validate_dataset(str(name), raw)
         for field, message in problems:
             errors.append(

@@ -1,5 +1,6 @@
 """Dagster wiring for the W&B half: tables filled by the offline sync engine, and parquet exports."""
 
+from collections.abc import Sequence
 from functools import partial
 
 from dagster import (
@@ -8,6 +9,7 @@ from dagster import (
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
+    AssetsDefinition,
     AssetSpec,
     AutomationCondition,
     Config,
@@ -22,7 +24,7 @@ from dagster import (
 )
 
 from mvdata_assets import charts
-from mvdata_assets.runs import exports, leaderboard
+from mvdata_assets.runs import exports, leaderboard, run_datasets, store
 from mvdata_assets.runs.api import ApiFilters, ApiSyncReport, Client, sync_api
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
@@ -254,12 +256,48 @@ def _cell(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
 
 
+def build_run_datasets_asset(dataset_keys: Sequence[AssetKey]) -> AssetsDefinition:
+    """`wandb/run_datasets`, downstream of every catalog dataset and of the runs' config: the lineage shows which
+    datasets fed which training runs."""
+
+    @asset(
+        key=table_key("run_datasets"),
+        group_name=GROUP,
+        kinds={"duckdb"},
+        deps=[*dataset_keys, table_key("runs"), table_key("config")],
+        metadata={"dagster/table_name": f"{SCHEMA}.run_datasets"},
+        # follows a sync or a download by itself, even while some datasets were never downloaded
+        automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
+        description="wandb.run_datasets: the catalog datasets each run names in its config "
+        "(MVDATA_RUN_DATASET_KEYS: data.datasets, dataset, data_root, ...).",
+    )
+    def wandb_run_datasets(warehouse: WarehouseResource) -> MaterializeResult:
+        settings = load_settings()
+        with warehouse.get_connection() as conn:
+            store.ensure_schema(conn)
+            rows = run_datasets.build(conn, [key.path[-1] for key in dataset_keys], settings.run_dataset_keys)
+            used = conn.execute(
+                f"SELECT dataset, count(DISTINCT run_id) FROM {SCHEMA}.run_datasets GROUP BY dataset ORDER BY dataset"
+            ).fetchall()
+            version = warehouse_version(conn)
+        return MaterializeResult(
+            data_version=version,
+            metadata={
+                "dagster/row_count": MetadataValue.int(rows),
+                "runs_per_dataset": MetadataValue.md(charts.markdown_table(("dataset", "runs"), used)),
+            },
+        )
+
+    return wandb_run_datasets
+
+
 @multi_asset_check(
     specs=[
         AssetCheckSpec(
             "history_has_no_duplicates",
             asset=table_key("history"),
             description="No (run, step, key) appears twice in wandb.history.",
+            blocking=True,  # a duplicated value would double-count downstream: nothing after it runs
         ),
         AssetCheckSpec(
             "history_runs_exist",

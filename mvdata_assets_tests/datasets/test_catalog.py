@@ -198,6 +198,9 @@ D = {"description": "d"}
 BAD_DATASETS = [
     pytest.param("Bad-Name", {**D, "access": "manual", "instructions": "i"}, "name: must match", id="name"),
     pytest.param("refcoco+", {**D, "access": "manual", "instructions": "i"}, "name: must match", id="name-plus"),
+    pytest.param(
+        "download_summary", {**D, "access": "manual", "instructions": "i"}, "is the project's own asset", id="reserved"
+    ),
     pytest.param("ds", {**D, "access": "torrent", "files": [GOOD_FILE]}, "access: must be one of", id="access"),
     pytest.param("ds", {"access": "public", "files": [GOOD_FILE]}, "description: required", id="no-description"),
     pytest.param("ds", {**D, "files": [GOOD_FILE]}, "access: required", id="no-access"),

@@ -676,7 +676,7 @@ class _ProjectNode:
         first = 50 if first is None else first
         page = keyed[:first]
         items = [(_RunNode(self.server, r), _cursor(k)) for k, r in page]
-        return _page(items, len(keyed) > first or (not page and self.server.empty_page_claims_more))
+        return _page(items, len(keyed) > first or self.server.claims_more_pages)
 
     def gql_run(self, name: str | None = None, **_: Any) -> _RunNode | None:
         with self.server.lock:
@@ -1147,7 +1147,7 @@ class WandbServer:
         self.lock = threading.RLock()
         self.projects: dict[tuple[str, str], ProjectRecord] = {}
         self.invalid_documents: list[tuple[str, list[str]]] = []  # (operation, errors) of every refused document
-        self.empty_page_claims_more = False  # an empty runs page with hasNextPage true and a null endCursor
+        self.claims_more_pages = False  # every runs page says hasNextPage, the empty one after the last too
         self._host, self._port = host, port
         self._data_dir_arg = Path(data_dir) if data_dir else None
         self._data_dir: Path | None = None
