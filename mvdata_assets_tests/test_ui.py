@@ -315,12 +315,17 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
 
 
 _GRAPH_JS = """
-const svg = document.querySelector('svg[class*="AssetGraphExplorer_svgContainer"]');
+// a group's graph, or one asset's lineage
+const svg = document.querySelector(
+  'svg[class*="AssetGraphExplorer_svgContainer"], svg[class*="AssetNodeLineageGraph_sVGContainer"]');
 if (!svg) return null;
 const viewport = document.querySelector('[data-svg-viewport]').getBoundingClientRect();
 const nodes = [...svg.querySelectorAll('foreignObject')].map(fo => {
-  const name = fo.querySelector('[class*="AssetNode_assetName"] [data-tooltip]');
-  return name && {name: name.getAttribute('data-tooltip'), x: +fo.getAttribute('x'), y: +fo.getAttribute('y'),
+  // a full node names itself in a tooltip; a minimal one (a zoomed-out lineage) in its text
+  const full = fo.querySelector('[class*="AssetNode_assetName"] [data-tooltip]');
+  const minimal = fo.querySelector('[class*="AssetNode_minimalName"]');
+  const name = full ? full.getAttribute('data-tooltip') : minimal && minimal.textContent.trim();
+  return name && {name, x: +fo.getAttribute('x'), y: +fo.getAttribute('y'),
                   w: +fo.getAttribute('width'), h: +fo.getAttribute('height'),
                   materialized: [...fo.querySelectorAll('span')].some(s => s.textContent.trim() === 'Materialized'),
                   loading: fo.textContent.includes('Loading...')};
@@ -437,6 +442,13 @@ def _check_graph_and_materialise(server: DagsterDev, driver: webdriver.Chrome, s
     driver.save_screenshot(str(shots / "wandb-graph.png"))
     # the direction is read from the drawing, not assumed: no export feeds a table
     assert not {(down, up) for up, down in wandb_edges} & wandb.edges, wandb.edges
+
+    # the two halves joined: the datasets feed wandb/run_datasets, with the runs' config
+    joined_edges = {*((name, "run_datasets") for name in DEMO_DATASETS), ("config", "run_datasets")}
+    lineage_url = f"{server.url}/assets/wandb/run_datasets?view=lineage&lineageScope=upstream&lineageDepth=1"
+    joined = open_graph(driver, lineage_url, {*DEMO_DATASETS, "config", "run_datasets"}, joined_edges)
+    driver.save_screenshot(str(shots / "run-datasets-lineage.png"))
+    assert not {(down, up) for up, down in joined_edges} & joined.edges, joined.edges
 
     # materialise the datasets group from its page: the button launches a run and a toast links to it
     open_graph(driver, datasets_url, nodes, edges)
