@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+WEEK_S = 7 * 24 * 3600.0
+MOST_AT_ONCE = 4096  # more transfers, processes or requests at once than any machine here gains from
 
-def _float(name: str, default: float) -> float:
+
+def _float(name: str, default: float, *, unit: str = "seconds", most: float = WEEK_S) -> float:
+    """A positive, finite duration up to `most`: a negative lock timeout would wait forever, 0 s would fail every
+    transfer at once, NaN compares false with everything."""
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
     try:
-        return float(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be a number of seconds, got {raw!r}") from exc
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (0 < value <= most):
+        raise ValueError(f"{name} must be a number of {unit} above 0 and at most {most:g}, got {raw!r}")
+    return value
 
 
-def _count(name: str, default: int) -> int:
+def _count(name: str, default: int, most: int = MOST_AT_ONCE) -> int:
     raw = os.environ.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
-    if not raw.strip().isdigit() or int(raw) < 1:
-        raise ValueError(f"{name} must be a whole number of at least 1, got {raw!r}")
+    if not raw.strip().isdigit() or not 1 <= int(raw) <= most:
+        raise ValueError(f"{name} must be a whole number from 1 to {most}, got {raw!r}")
     return int(raw)
 
 
@@ -108,7 +117,7 @@ def load_settings() -> Settings:
         api_timeout_s=_float("MVDATA_WANDB_API_TIMEOUT_S", 60.0),
         leaderboard_metrics=_list("MVDATA_LEADERBOARD_METRICS", "*loss*,*acc,*accuracy*,*f1*,*bleu*,*cider*"),
         leaderboard_config=_list("MVDATA_LEADERBOARD_CONFIG", ""),
-        wandb_freshness_h=_float("MVDATA_WANDB_FRESHNESS_H", 24.0),
+        wandb_freshness_h=_float("MVDATA_WANDB_FRESHNESS_H", 24.0, unit="hours", most=24 * 365),
         git_url=os.environ.get("MVDATA_GIT_URL") or None,
         git_branch=os.environ.get("MVDATA_GIT_BRANCH") or "main",
         run_dataset_keys=_list(
