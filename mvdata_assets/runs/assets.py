@@ -29,6 +29,7 @@ from mvdata_assets.runs.api import ApiFilters, ApiSyncReport, Client, sync_api
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
 from mvdata_assets.settings import load_settings
+from mvdata_assets.tracking import PROJECT as DOWNLOAD_LOGS
 from mvdata_assets.warehouse import WarehouseResource, table_metadata
 
 GROUP = "wandb"
@@ -275,7 +276,9 @@ def build_run_datasets_asset(dataset_keys: Sequence[AssetKey]) -> AssetsDefiniti
         settings = load_settings()
         with warehouse.get_connection() as conn:
             store.ensure_schema(conn)
-            rows = run_datasets.build(conn, [key.path[-1] for key in dataset_keys], settings.run_dataset_keys)
+            rows = run_datasets.build(
+                conn, [key.path[-1] for key in dataset_keys], settings.run_dataset_keys, leave_out=[DOWNLOAD_LOGS]
+            )
             used = conn.execute(
                 f"SELECT dataset, count(DISTINCT run_id) FROM {SCHEMA}.run_datasets GROUP BY dataset ORDER BY dataset"
             ).fetchall()

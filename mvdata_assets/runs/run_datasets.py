@@ -36,13 +36,16 @@ def datasets_named(text: str, catalog: set[str]) -> set[str]:
     return {part for part in PurePath(text).parts if part in catalog}
 
 
-def build(conn: duckdb.DuckDBPyConnection, catalog: Sequence[str], keys: Sequence[str]) -> int:
-    """Rewrites wandb.run_datasets from the runs' config (a few rows per run: rebuilt whole); returns its rows."""
+def build(
+    conn: duckdb.DuckDBPyConnection, catalog: Sequence[str], keys: Sequence[str], leave_out: Sequence[str] = ()
+) -> int:
+    """Rewrites wandb.run_datasets from the runs' config (a few rows per run: rebuilt whole), leaving out the runs
+    of the projects in `leave_out` (the download runs' own log names every dataset it fetched); returns its rows."""
     names = set(catalog)
     config = conn.execute(
         f"SELECT entity, project, run_id, key, coalesce(value_json, CAST(value AS VARCHAR)) FROM {SCHEMA}.config "
-        "WHERE key IN ? ORDER BY ALL",
-        [list(keys)],
+        "WHERE key IN ? AND project NOT IN ? ORDER BY ALL",
+        [list(keys), [*leave_out, ""]],
     ).fetchall()
     rows = {}
     for entity, project, run_id, key, text in config:
