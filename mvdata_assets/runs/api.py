@@ -519,8 +519,6 @@ def sync_api(
                 raise
             except Exception as exc:  # noqa: BLE001 - one project failing leaves the others and the stored data
                 report.problems.append(f"{path}: listing failed: {without_secrets(str(exc))}")
-    if report.changed:
-        store.bump_generation(conn)
     report.seconds = time.monotonic() - started
     return report
 
@@ -647,6 +645,7 @@ def _store_fetched(
                 VALUES (?, ?, ?, ?, ?, ?, ?, NULL, now())""",
             [*key, fingerprint(_light(node)), stored_step, last_step(node), total_rows],
         )
+        store.bump_generation(conn)  # with the rows: a kill after the commit still leaves the exports to catch up
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -704,15 +703,19 @@ def _sync_sweeps(
         except yaml.YAMLError as exc:
             report.problems.append(f"{entity}/{project} sweep {sweep_id}: its config is not YAML: {exc}")
             config = to_json(sweep.get("config"))
-        conn.execute(
-            f"INSERT OR REPLACE INTO {SCHEMA}.sweeps VALUES (?, ?, ?, ?, ?, ?)",
-            [entity, project, sweep["name"], sweep.get("displayName"), sweep.get("state"), config],
-        )
+        with store.transaction(conn):
+            conn.execute(
+                f"INSERT OR REPLACE INTO {SCHEMA}.sweeps VALUES (?, ?, ?, ?, ?, ?)",
+                [entity, project, sweep["name"], sweep.get("displayName"), sweep.get("state"), config],
+            )
+            store.bump_generation(conn)
         report.rows["sweeps"] = report.rows.get("sweeps", 0) + 1
 
 
 def _mark_deleted(conn: duckdb.DuckDBPyConnection, key: RunKey) -> None:
     """Kept, with its data, but marked: state 'deleted' and the time the sync noticed."""
     where = "WHERE entity = ? AND project = ? AND run_id = ?"
-    conn.execute(f"UPDATE {SCHEMA}.runs SET state = 'deleted', synced_at = now() {where}", list(key))
-    conn.execute(f"UPDATE {SCHEMA}._api_runs SET deleted_at = now() {where}", list(key))
+    with store.transaction(conn):
+        conn.execute(f"UPDATE {SCHEMA}.runs SET state = 'deleted', synced_at = now() {where}", list(key))
+        conn.execute(f"UPDATE {SCHEMA}._api_runs SET deleted_at = now() {where}", list(key))
+        store.bump_generation(conn)

@@ -122,8 +122,6 @@ def sync_offline(
         for reader in readers.values():
             reader.close()
     report.state_changes += _expire_running(conn, running_window_s)
-    if report.changed:
-        store.bump_generation(conn)
     report.seconds = time.monotonic() - started
     return report
 
@@ -208,6 +206,8 @@ def _store_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, 
             f"INSERT OR REPLACE INTO {SCHEMA}._offline_files ({', '.join(names)}) VALUES ({placeholders})",
             [getattr(plan.watermark, name) for name in names],
         )
+        if plan.outcome.action != "skipped":  # with the rows: a kill after the commit still leaves exports to catch up
+            store.bump_generation(conn)
         conn.commit()
     except Exception as exc:  # one unreadable file never stops the others; what was stored stays
         conn.rollback()
@@ -369,10 +369,14 @@ def _upsert_run(
 
 def _expire_running(conn: duckdb.DuckDBPyConnection, running_window_s: float) -> int:
     """A run with no exit record stops being 'running' once its file has been quiet for the window."""
-    changed = conn.execute(
-        f"""UPDATE {SCHEMA}.runs SET state = 'crashed'
-            WHERE source = 'offline' AND state = 'running'
-              AND heartbeat_at < now() - to_seconds(?::DOUBLE)""",
-        [float(running_window_s)],
-    ).fetchone()
-    return int(changed[0]) if changed else 0
+    with store.transaction(conn):
+        changed = conn.execute(
+            f"""UPDATE {SCHEMA}.runs SET state = 'crashed'
+                WHERE source = 'offline' AND state = 'running'
+                  AND heartbeat_at < now() - to_seconds(?::DOUBLE)""",
+            [float(running_window_s)],
+        ).fetchone()
+        count = int(changed[0]) if changed else 0
+        if count:
+            store.bump_generation(conn)
+    return count

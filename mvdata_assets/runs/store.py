@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -100,7 +103,19 @@ def generation(conn: duckdb.DuckDBPyConnection) -> int:
     return row[0] if row else 0
 
 
+@contextmanager
+def transaction(conn: duckdb.DuckDBPyConnection) -> Iterator[None]:
+    conn.begin()
+    try:
+        yield
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
+
+
 def bump_generation(conn: duckdb.DuckDBPyConnection) -> None:
+    """Called inside the transaction that changes the warehouse, so no change is ever committed without it."""
     conn.execute(
         f"""INSERT INTO {SCHEMA}._generation VALUES (1, 1, now())
             ON CONFLICT (id) DO UPDATE SET generation = generation + 1, changed_at = now()"""

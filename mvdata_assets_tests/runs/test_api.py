@@ -470,3 +470,24 @@ def test_a_refused_login_names_the_sdk_default_server(monkeypatch: pytest.Monkey
     monkeypatch.setattr(wandb, "Api", refuse)  # no request: the default server is not on this machine's network
     with pytest.raises(ApiSourceError, match="W&B login at https://api.forge.coreweave.com failed: API key not valid"):
         Client()
+
+
+def test_an_api_sync_killed_after_its_runs_committed_still_moves_the_exports(
+    sdk: WandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mvdata_assets.runs import exports
+
+    add_project(sdk, "killed", runs=2, steps=20)
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    exports.export_all(conn, tmp_path / "exports", "metadata")
+
+    def killed(*args: object) -> None:
+        raise KeyboardInterrupt  # every run committed, the sync not done
+
+    monkeypatch.setattr(api, "_sync_sweeps", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sync_api(conn, [f"{E}/killed"])
+    monkeypatch.undo()
+    assert sync_api(conn, [f"{E}/killed"]).count("unchanged") == 2
+    written = exports.export_all(conn, tmp_path / "exports", "metadata")
+    assert written[0].rewritten and written[0].rows == 2

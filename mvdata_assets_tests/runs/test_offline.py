@@ -682,3 +682,25 @@ def test_live_run_synced_while_written_then_after_more_steps(tmp_path: Path) -> 
     clean = tmp_path / "clean.duckdb"
     sync(clean, [out])
     assert dump(db) == dump(clean)
+
+
+def test_a_sync_killed_after_a_commit_still_moves_the_exports(
+    tmp_path: Path, sdk_runs: dict[str, SdkRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The generation moves in the transaction that stores a file: nothing committed is ever left unexported."""
+    from mvdata_assets.runs import exports, offline
+
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    sync_offline(conn, [sdk_runs["long"].out_dir])
+    assert [e.rewritten for e in exports.export_all(conn, tmp_path / "exports", "metadata")][0]
+
+    def killed(*args: object) -> int:
+        raise KeyboardInterrupt  # after the new file's rows and watermark committed, before the sync ends
+
+    monkeypatch.setattr(offline, "_expire_running", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sync_offline(conn, [sdk_runs["long"].out_dir, sdk_runs["long2"].out_dir])
+    monkeypatch.undo()
+    assert sync_offline(conn, [sdk_runs["long"].out_dir, sdk_runs["long2"].out_dir]).count("unchanged") == 2
+    written = exports.export_all(conn, tmp_path / "exports", "metadata")
+    assert written[0].rewritten and written[0].rows == 2  # the exports catch up with the run the killed sync stored
