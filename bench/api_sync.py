@@ -5,8 +5,15 @@
 A project of RUNS runs x STEPS steps x KEYS metrics (one run in ten still live: its last 500 steps are not in the
 parquet export yet). Measured: a full sync into a fresh warehouse, a re-sync with nothing changed, and a re-sync
 after 5 runs gained 1,000 steps: seconds and requests (GraphQL by operation, parquet downloads). Then dr-wandb's
-`wandb-export ... --mode history` (installed in its own venv, see ../shared/peers.md) on the same server and
-project, and the ratio. The server is the tests' (mvdata_assets_tests/runs/wandb_server.py).
+`wandb-export ... --mode history` on the same server and project, and the ratio. The server is the tests'
+(mvdata_assets_tests/runs/wandb_server.py).
+
+dr-wandb 3.0.3 declares Python >= 3.12 but runs on 3.11; it goes in its own venv, away from the project's:
+
+    python3 -m venv bench/.data/drwandb-venv && cd bench/.data
+    drwandb-venv/bin/pip download --no-deps --python-version 3.12 --only-binary=:all: -d W dr-wandb==3.0.3 dr-ds==0.1.4
+    drwandb-venv/bin/pip install --no-deps --ignore-requires-python W/*.whl
+    drwandb-venv/bin/pip install pandas pyarrow srsly typer pydantic wandb==0.31.0
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ from mvdata_assets.runs.api import PAGE_RUNS, sync_api  # noqa: E402
 from mvdata_assets_tests.runs.wandb_server import WandbServer  # noqa: E402
 
 ENTITY, PROJECT = "microvlm", "bench"
-DEFAULT_PEER = "/work/peers/drwandb-venv/bin/wandb-export"
+DEFAULT_PEER = str(Path(__file__).with_name(".data") / "drwandb-venv" / "bin" / "wandb-export")
 
 
 def history(seed: int, steps: int, keys: int, first_step: int = 0) -> pa.Table:
@@ -77,7 +84,7 @@ def timed_sync(server: WandbServer, conn: duckdb.DuckDBPyConnection, label: str)
 
 def run_peer(server: WandbServer, peer: str, work: Path) -> float | None:
     if not Path(peer).exists():
-        print(f"  dr-wandb: not installed at {peer} (see ../shared/peers.md); skipped")
+        print(f"  dr-wandb: not installed at {peer} (see this script's docstring); skipped")
         return None
     server.clear_requests()
     env = server.sdk_env(work / "peer-home")
