@@ -241,6 +241,16 @@ def test_steps_in_separate_processes_share_one_download_run(home: Path) -> None:
     keys = {k for (k,) in second.sql("SELECT DISTINCT key FROM wandb.history").fetchall()}
     assert "summary/total_files_attempted" in keys and "dataset/tiny_vqa/downloaded" in keys
     assert second.sql("SELECT value FROM wandb.history WHERE key = 'summary/total_files_attempted'").fetchone() == (2,)
+    # read together, as `wandb sync` uploads them: one run, the second segment's steps after the first's
+    both = _read_back(home / "tracking")
+    assert both.sql("SELECT count(*), max(history_rows) FROM wandb.runs").fetchone()[0] == 1
+    processed = both.sql("""SELECT step, value FROM wandb.history WHERE key = 'progress/datasets_processed'
+                            ORDER BY step""").fetchall()
+    assert processed == [(0, 1.0), (1, 2.0)]
+    assert both.sql("SELECT count(*) FROM (SELECT step, key FROM wandb.history GROUP BY ALL HAVING count(*) > 1)"
+                    ).fetchone() == (0,)  # fmt: skip
+    logged = {k for (k,) in both.sql("SELECT DISTINCT key FROM wandb.history").fetchall()}
+    assert {"dataset/tiny_coco/downloaded", "dataset/tiny_vqa/downloaded", "summary/total_files_attempted"} <= logged
 
 
 def test_a_terminal_download_is_a_download_run_too(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -104,7 +104,13 @@ def sync_offline(
     known = {
         row[0]: Watermark(*row) for row in conn.execute(f"SELECT {columns} FROM {SCHEMA}._offline_files").fetchall()
     }
-    plans = [_plan(path, known.get(str(path)), force_refresh) for path in discover_run_files(dirs)]
+    segmented, singles = _segmented(discover_run_files(dirs))
+    for segments in segmented:  # first: a copy of one of their files is then seen as already synced
+        for outcome in _store_segments(conn, segments, known, force_refresh, running_window_s):
+            report.files.append(outcome)
+            for table, count in outcome.rows.items():
+                report.rows[table] = report.rows.get(table, 0) + count
+    plans = [_plan(path, known.get(str(path)), force_refresh) for path in singles]
     to_read = [i for i, plan in enumerate(plans) if isinstance(plan, _Plan)]
     readers: dict[int, Prefetch] = {}
     try:
@@ -200,12 +206,7 @@ def _store_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, 
     conn.begin()
     try:
         _read_file(conn, plan, chunks, running_window_s)
-        names = [f.name for f in fields(Watermark)]
-        placeholders = ", ".join("?" * len(names))
-        conn.execute(
-            f"INSERT OR REPLACE INTO {SCHEMA}._offline_files ({', '.join(names)}) VALUES ({placeholders})",
-            [getattr(plan.watermark, name) for name in names],
-        )
+        _save_watermark(conn, plan.watermark)
         if plan.outcome.action != "skipped":  # with the rows: a kill after the commit still leaves exports to catch up
             store.bump_generation(conn)
         conn.commit()
@@ -214,6 +215,85 @@ def _store_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, 
         chunks.close()
         return FileOutcome(str(plan.path), "skipped", problem=f"{plan.path}: {type(exc).__name__}: {exc}")
     return plan.outcome
+
+
+def _save_watermark(conn: duckdb.DuckDBPyConnection, watermark: Watermark) -> None:
+    names = [f.name for f in fields(Watermark)]
+    placeholders = ", ".join("?" * len(names))
+    conn.execute(
+        f"INSERT OR REPLACE INTO {SCHEMA}._offline_files ({', '.join(names)}) VALUES ({placeholders})",
+        [getattr(watermark, name) for name in names],
+    )
+
+
+def _segmented(files: list[Path]) -> tuple[list[list[Path]], list[Path]]:
+    """The resumed runs among the files, each as its segments in order, and the other files.
+
+    A W&B run resumed by several processes (the download log under a multi-process executor) leaves a folder per
+    process, each with its own `run-<id>.wandb`. Files of one run id whose heads differ are its segments; a file
+    with the same head as another is a copy, read (and found already synced) alone.
+    """
+    by_name: dict[str, list[Path]] = {}
+    for path in files:
+        by_name.setdefault(path.name, []).append(path)
+    segmented, singles = [], []
+    for paths in by_name.values():
+        heads: dict[str, Path] = {}
+        for path in sorted(paths, key=_segment_order):
+            try:
+                heads.setdefault(_fingerprint(path), path)
+            except OSError:
+                singles.append(path)  # gone meanwhile: reported by the single-file path
+        segments = list(heads.values())
+        if len(segments) > 1:
+            segmented.append(segments)
+            singles += [path for path in paths if path not in segments and path not in singles]
+        else:
+            singles += [path for path in paths if path not in singles]
+    return segmented, sorted(singles)
+
+
+def _segment_order(path: Path) -> tuple[str, int, str]:
+    """`offline-run-<YYYYMMDD_HHMMSS>-<id>[-<n>]`: by start time, then the SDK's `-1`, `-2` for a folder name taken."""
+    parts = path.parent.name.split("-")
+    started = parts[2] if len(parts) > 2 else ""
+    again = int(parts[-1]) if len(parts) > 4 and parts[-1].isdigit() else 0
+    return started, again, str(path)
+
+
+def _store_segments(
+    conn: duckdb.DuckDBPyConnection, paths: list[Path], known: dict[str, Watermark], force_refresh: bool,
+    running_window_s: float,
+) -> list[FileOutcome]:  # fmt: skip
+    """A resumed run's segments, read together in order as one run, as `wandb sync` uploads them: in one
+    transaction with their watermarks. A change to any of them reads them all again from their start (they are
+    download logs and the like: a few records each)."""
+    plans = [_plan(path, known.get(str(path)), force_refresh) for path in paths]
+    if all(isinstance(plan, FileOutcome) for plan in plans):
+        return plans  # all unchanged
+    plans = [_plan(path, known.get(str(path)), True) for path in paths]
+    readable = [plan for plan in plans if isinstance(plan, _Plan)]
+    outcomes = [plan for plan in plans if isinstance(plan, FileOutcome)]
+    conn.begin()
+    try:
+        earlier = None
+        for plan in readable:
+            chunks = plan.reader()
+            try:
+                earlier = _read_file(conn, plan, chunks, running_window_s, earlier, segment=True) or earlier
+            finally:
+                chunks.close()
+            _save_watermark(conn, plan.watermark)
+        store.bump_generation(conn)
+        conn.commit()
+    except Exception as exc:  # noqa: BLE001 - one unreadable run never stops the others; what was stored stays
+        conn.rollback()
+        problem = f"{type(exc).__name__}: {exc}"
+        return [
+            *outcomes,
+            *(FileOutcome(str(plan.path), "skipped", problem=f"{plan.path}: {problem}") for plan in readable),
+        ]
+    return [*outcomes, *(plan.outcome for plan in readable)]
 
 
 @dataclass
@@ -244,18 +324,37 @@ class _Progress:
                 self.max_runtime_s = runtime if self.max_runtime_s is None else max(self.max_runtime_s, runtime)
 
 
-def _read_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, running_window_s: float) -> None:
-    """Reads the file (from the watermark when resumed) and writes its rows; runs inside a transaction."""
+@dataclass
+class _Earlier:
+    """A run read from its earlier segments: where the next segment's steps start, and what was gathered."""
+
+    key: RunKey
+    progress: _Progress
+    states: dict[str, NestedState]
+
+    @property
+    def step_offset(self) -> int:
+        return 0 if self.progress.last_step is None else self.progress.last_step + 1
+
+
+def _read_file(
+    conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, running_window_s: float,
+    earlier: _Earlier | None = None, *, segment: bool = False,
+) -> _Earlier | None:  # fmt: skip
+    """Reads the file (from the watermark when resumed; after `earlier` when it is a later segment of a resumed
+    run) and writes its rows; runs inside a transaction. Returns the run as read so far."""
     path, resumed, prev, watermark, outcome = plan.path, plan.resumed, plan.prev, plan.watermark, plan.outcome
-    key = resumed.run_key if resumed else None
+    key = resumed.run_key if resumed else (earlier.key if earlier else None)
     start = resumed.read_offset if resumed else 0
-    if prev and prev.run_key and not resumed:
+    if prev and prev.run_key and not resumed and not earlier:
         store.delete_run(conn, *prev.run_key)
-    states = {
+    states = earlier.states if earlier else {
         table: NestedState.from_json(getattr(resumed, f"{table}_state") if resumed else None)
         for table in ("config", "summary", "metadata")
-    }
-    progress = _Progress()
+    }  # fmt: skip
+    progress = earlier.progress if earlier else _Progress()
+    offset = earlier.step_offset if earlier else 0
+    stats_before, rows_before = len(progress.stats), progress.history_rows
     end = start
     try:
         for chunk in chunks:
@@ -264,14 +363,18 @@ def _read_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, r
             if chunk.run and key is None:
                 progress.header = chunk.run
                 key = (chunk.run.entity, chunk.run.project, chunk.run.run_id)
-                owner = _owner(conn, key, path)
-                if owner:
+                owner = None if segment else _owner(conn, key, path)
+                if owner:  # a copy of a file already synced
                     outcome.action = "skipped"
                     outcome.problem = f"{path}: run {'/'.join(key)} is already synced from {owner}"
-                    return
+                    return None
                 store.delete_run(conn, *key)
             if key is None:
                 continue
+            if offset:  # a resumed segment counts its steps from 0; W&B's sync starts them after the last one
+                steps = pc.add(chunk.history["step"], offset)
+                chunk = replace(chunk, history=chunk.history.set_column(chunk.history.schema.get_field_index("step"),
+                                                                       "step", steps))  # fmt: skip
             store.insert_history(conn, key, chunk.history)
             progress.add(chunk)
             for path_key, value_json in chunk.config:
@@ -284,7 +387,7 @@ def _read_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, r
     watermark.read_offset, watermark.problem = end, outcome.problem
     if key is None:
         outcome.problem = watermark.problem = outcome.problem or f"{path}: no run record"
-        return
+        return None
     outcome.run = "/".join(key)
     watermark.entity, watermark.project, watermark.run_id = key
     if not progress.environment and not resumed:
@@ -294,10 +397,11 @@ def _read_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, r
     for table, state in states.items():
         store.replace_values(conn, table, key, state)
         setattr(watermark, f"{table}_state", state.to_json())
-    store.insert_stats(conn, key, progress.stats)
-    outcome.history_rows = progress.history_rows
-    outcome.rows = {"history": progress.history_rows, "system_metrics": len(progress.stats)}
+    store.insert_stats(conn, key, progress.stats[stats_before:])
+    outcome.history_rows = progress.history_rows - rows_before
+    outcome.rows = {"history": outcome.history_rows, "system_metrics": len(progress.stats) - stats_before}
     outcome.state = _upsert_run(conn, key, progress, path, plan.mtime, running_window_s, outcome.problem)
+    return _Earlier(key, progress, states)
 
 
 def _owner(conn: duckdb.DuckDBPyConnection, key: RunKey, path: Path) -> str | None:

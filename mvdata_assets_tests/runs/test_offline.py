@@ -704,3 +704,18 @@ def test_a_sync_killed_after_a_commit_still_moves_the_exports(
     assert sync_offline(conn, [sdk_runs["long"].out_dir, sdk_runs["long2"].out_dir]).count("unchanged") == 2
     written = exports.export_all(conn, tmp_path / "exports", "metadata")
     assert written[0].rewritten and written[0].rows == 2  # the exports catch up with the run the killed sync stored
+
+
+def test_a_copy_of_a_run_folder_is_not_a_resumed_segment(tmp_path: Path, sdk_runs: dict[str, SdkRun]) -> None:
+    """Same run id, same head: a copy (synced once); a resumed run's segments differ from their first bytes."""
+    run = sdk_runs["long"]
+    copy_run(run, tmp_path / "elsewhere")
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    report = sync_offline(conn, [run.out_dir, tmp_path / "elsewhere"])
+    assert sorted(f.action for f in report.files) == ["new", "skipped"]
+    assert "is already synced from" in next(f.problem for f in report.files if f.action == "skipped")
+    alone = duckdb.connect(str(tmp_path / "alone.duckdb"))
+    sync_offline(alone, [run.out_dir])
+    history = "SELECT run_id, step, key, CAST(value AS VARCHAR), value_json FROM wandb.history ORDER BY ALL"
+    assert conn.execute(history).fetchall() == alone.execute(history).fetchall()  # no step read twice or shifted
+    assert conn.execute("SELECT count(*) FROM wandb.runs").fetchone() == (1,)
