@@ -11,7 +11,7 @@ forked processes, starting each file's writeback as it is written: the floor for
 For the big file `bare_c_stream.c` gives the same guarantees in C: one stream, the digest in a second thread from the
 same buffers, writeback started as the bytes are written (through the page cache), size and sha256 checked, fsync and
 rename; the engine, which writes its segments with O_DIRECT and hashes them from its receive buffers (no copy into
-the page cache, none read back), has run faster than it since session 8.
+the page cache, none read back), runs faster than it (figures in bench/README.md).
 Each tool's CPU seconds (user + system, the engine's whole process with all its threads) are shown beside its times.
 
 The test data (random bytes, and their sha256) is written once into bench/.data/www and reused. nginx runs from a

@@ -19,9 +19,8 @@ from mvdata_assets.demo import wait_for_exit
 from mvdata_assets_tests.runs.wandb_server import WandbServer
 
 WRITER = Path(__file__).with_name("sdk_writer.py")
-LEGACY_FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "wandb-offline-2021"
-if not LEGACY_FIXTURE.is_dir():
-    LEGACY_FIXTURE = Path("/work/shared/fixtures/wandb-offline-2021")
+# an offline run written by SDK 0.10.20 (2021): the older layout, with config.yaml and wandb-*.json beside the file
+LEGACY_FIXTURE = Path(__file__).with_name("fixtures") / "wandb-offline-2021"
 
 # name -> (scenario, seed); the three `long` runs have distinct run ids (needed where runs are synced together)
 JOBS = {
@@ -77,7 +76,7 @@ def _finish(name: str, out: Path, proc: subprocess.Popen, scenario: str) -> SdkR
     assert len(files) == 1, f"{name}: expected one run file, found {files}"
     wandb_file = files[0]
     assert wandb_file.name == f"run-{truth['run_id']}.wandb"
-    # the session's runs are shared by every test: guard them against writes
+    # these runs are shared by every test of the pytest run: guard them against writes
     wandb_file.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
     return SdkRun(name, out, wandb_file.parent, wandb_file, truth)
 
