@@ -169,8 +169,8 @@ class WarehouseIOManager(ConfigurableIOManager):
         if tuple(key.path[:-1]) == EXPORTS:
             path = Path(self.exports_dir) / f"{key.path[-1]}.parquet"
             return f"read_parquet('{str(path).replace(chr(39), chr(39) * 2)}')"
-        declared = (context.upstream_output.definition_metadata or {}).get("dagster/table_name") if (
-            context.upstream_output) else None  # fmt: skip
+        upstream = context.upstream_output.definition_metadata if context.upstream_output else None
+        declared = (upstream or {}).get("dagster/table_name")
         if declared:
             return ".".join(quoted(part) for part in str(declared).split("."))
         schema, table = table_of(key, reading=True)

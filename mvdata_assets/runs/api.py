@@ -612,8 +612,7 @@ def _store_fetched(
         report.runs.append(RunOutcome(key, "failed", problem=problem))
         return
     node = fetched.node
-    conn.execute("BEGIN")
-    try:
+    with store.transaction(conn):
         if replace:  # force_refresh: the old rows go in the same transaction as the new ones arrive
             store.delete_run(conn, *key)
         rows = 0
@@ -646,10 +645,6 @@ def _store_fetched(
             [*key, fingerprint(_light(node)), stored_step, last_step(node), total_rows],
         )
         store.bump_generation(conn)  # with the rows: a kill after the commit still leaves the exports to catch up
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
     report.runs.append(RunOutcome(key, "new" if is_new else "updated", rows, fetched.requests))
     report.rows["history"] = report.rows.get("history", 0) + rows
 
