@@ -14,6 +14,7 @@ from dagster import (
     AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     Definitions,
+    ExecutorDefinition,
     FreshnessPolicy,
     define_asset_job,
     in_process_executor,
@@ -22,15 +23,14 @@ from dagster import (
 )
 
 from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
-from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets, dataset_key
+from mvdata_assets.datasets.assets import dataset_assets, dataset_key
+from mvdata_assets.resources import project_resources
 from mvdata_assets.runs.assets import GROUP as WANDB_GROUP
 from mvdata_assets.runs.assets import build_run_datasets_asset, wandb_assets, wandb_checks
 from mvdata_assets.runs.sensors import wandb_api_runs, wandb_offline_runs
 from mvdata_assets.settings import load_settings
-from mvdata_assets.warehouse import WarehouseIOManager, WarehouseResource
 
 settings = load_settings()
-warehouse = WarehouseResource(database=str(settings.warehouse), lock_timeout_s=settings.lock_timeout_s)
 
 wandb_sync_job = define_asset_job("wandb_sync", selection=f"group:{WANDB_GROUP}")
 datasets_job = define_asset_job("datasets_download", selection=f"group:{DATASETS_GROUP}")
@@ -41,7 +41,7 @@ automation = AutomationConditionSensorDefinition(
 )
 main_job = define_asset_job("mvdata_main", selection="*", description="Both halves: every dataset and W&B asset.")
 
-datasets = dataset_assets()
+datasets = dataset_assets(settings)
 catalog_keys = [key for assets_def in datasets for key in assets_def.keys if key != dataset_key("download_summary")]
 CODE_VERSION = version("mvdata_assets")  # the engines' logic changes with the package's releases
 
@@ -73,19 +73,19 @@ if settings.git_url:  # links from each asset to its code in the repository the 
         ),
     )
 
-defs = Definitions(
-    assets=project_assets,
-    asset_checks=wandb_checks,
-    jobs=[main_job, wandb_sync_job, datasets_job],
-    sensors=[wandb_offline_runs, wandb_api_runs, automation],
-    resources={
-        "warehouse": warehouse,
-        "tracking": DownloadTrackingResource(enabled=settings.tracking_enabled),
-        # downstream assets (the project's and a user's own) load the tables, exports and datasets through it
-        "io_manager": WarehouseIOManager(
-            warehouse=warehouse, exports_dir=str(settings.exports), data_root=str(settings.data_root)
-        ),
-    },
-    # small steps over one local DuckDB file: a process per step would cost ~5 s each for nothing
-    executor=in_process_executor,
-).map_asset_specs(func=with_conventions)
+
+def project_definitions(executor: ExecutorDefinition = in_process_executor) -> Definitions:
+    """The project's definitions with `executor`: in-process by default, because its steps are small and share one
+    local DuckDB file (a process per step costs seconds each); a user's module may pass `multiprocess_executor`
+    (datasets downloaded side by side) or a distributed one."""
+    return Definitions(
+        assets=project_assets,
+        asset_checks=wandb_checks,
+        jobs=[main_job, wandb_sync_job, datasets_job],
+        sensors=[wandb_offline_runs, wandb_api_runs, automation],
+        resources=project_resources(settings),
+        executor=executor,
+    ).map_asset_specs(func=with_conventions)
+
+
+defs = project_definitions()

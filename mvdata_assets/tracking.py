@@ -93,6 +93,11 @@ def unreachable_reason(base_url: str, timeout_s: float = 3.0) -> str | None:
         return f"W&B server {base_url} is unreachable ({exc.strerror or exc})"
 
 
+def logs_dir(home: Path) -> Path:
+    """Where the download runs' W&B logs are written when offline (the SDK adds `wandb/offline-run-*` under it)."""
+    return home / "tracking"
+
+
 class DownloadTracker:
     """The W&B side of one download run; `start` before a dataset's transfers, `record` after them."""
 
@@ -108,7 +113,7 @@ class DownloadTracker:
         entity: str | None = None,
         init_timeout_s: float = 30.0,
     ) -> None:
-        self.folder = home / "tracking"
+        self.folder = logs_dir(home)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.counter = RunCounter(self.folder)
         self.dagster_run_id = dagster_run_id

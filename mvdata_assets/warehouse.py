@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,10 @@ from dagster import (
 )
 from dagster_duckdb import DuckDBResource
 
+from mvdata_assets.datasets import store as datasets_store
 from mvdata_assets.db import warehouse_lock
+from mvdata_assets.runs import run_datasets
+from mvdata_assets.runs import store as runs_store
 
 ENGINE_SCHEMAS = ("wandb", "datasets")  # written by the engines only
 DATASETS = "datasets"
@@ -229,14 +233,33 @@ def _as_arrow(obj: Any, key: AssetKey) -> pa.Table | pa.RecordBatchReader:
 
 def table_metadata(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict:
     """What Dagster shows for a warehouse table: its name, row count and column schema."""
+    rows = conn.execute(f"SELECT count(*) FROM {quoted(schema)}.{quoted(table)}").fetchone()[0]
+    return {
+        "dagster/table_name": f"{schema}.{table}",
+        "dagster/row_count": MetadataValue.int(rows),
+        "dagster/column_schema": column_schema(conn, schema, table),
+    }
+
+
+def column_schema(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> TableSchema:
     columns = conn.execute(
         """SELECT column_name, data_type FROM information_schema.columns
            WHERE table_schema = ? AND table_name = ? ORDER BY ordinal_position""",
         [schema, table],
     ).fetchall()
-    rows = conn.execute(f"SELECT count(*) FROM {quoted(schema)}.{quoted(table)}").fetchone()[0]
-    return {
-        "dagster/table_name": f"{schema}.{table}",
-        "dagster/row_count": MetadataValue.int(rows),
-        "dagster/column_schema": TableSchema(columns=[TableColumn(c, t) for c, t in columns]),
-    }
+    return TableSchema(columns=[TableColumn(c, t) for c, t in columns])
+
+
+def declared_table(schema: str, table: str) -> dict:
+    """An engine table's name and columns for its asset's definition, so the catalog shows them before anything is
+    stored; read from an empty in-memory warehouse the engines' own DDL built, never written by hand."""
+    return {"dagster/table_name": f"{schema}.{table}", "dagster/column_schema": column_schema(_empty(), schema, table)}
+
+
+@cache
+def _empty() -> duckdb.DuckDBPyConnection:
+    conn = duckdb.connect()
+    runs_store.ensure_schema(conn)
+    datasets_store.ensure_schema(conn)
+    conn.execute(run_datasets.DDL)
+    return conn

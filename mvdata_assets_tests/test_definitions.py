@@ -17,8 +17,9 @@ from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets.db import WarehouseBusy, warehouse_lock
 from mvdata_assets.definitions import defs
 from mvdata_assets.demo import DEMO_RUNS, write_demo_runs
+from mvdata_assets.resources import project_resources
 from mvdata_assets.runs.assets import wandb_assets, wandb_checks
-from mvdata_assets.warehouse import WarehouseResource
+from mvdata_assets.settings import load_settings
 
 EXPECTED_KEYS = sorted(
     [
@@ -62,7 +63,7 @@ def home(tmp_path: Path, demo_runs: Path, monkeypatch: pytest.MonkeyPatch) -> Pa
 def _materialize(home: Path, instance: DagsterInstance, run_config: dict | None = None):
     result = materialize(
         [*wandb_assets, *wandb_checks],
-        resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb"))},
+        resources=project_resources(load_settings()),
         instance=instance,
         run_config=run_config,
     )
@@ -169,7 +170,7 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
 def test_downstream_follows_the_tables_by_itself(home: Path) -> None:
     """The automation sensor's evaluation: exports and leaderboard are requested after a sync, then not again."""
     instance = DagsterInstance.ephemeral()
-    resources = {"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb"))}
+    resources = project_resources(load_settings())
     wandb_defs = Definitions(assets=wandb_assets, resources=resources)
     start = evaluate_automation_conditions(defs=wandb_defs, instance=instance)  # the sensor's first tick
     assert start.total_requested == 0
@@ -252,3 +253,41 @@ def test_dagster_cli_materializes_the_group(tmp_path: Path, demo_runs: Path) -> 
     with duckdb.connect(str(tmp_path / "home" / "warehouse.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT count(*) FROM wandb.runs").fetchone()[0] == len(DEMO_RUNS)
     assert len(list((tmp_path / "home" / "exports").glob("*.parquet"))) == 8
+
+
+def test_settings_are_resources_a_run_overrides(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launchpad shows each setting as a resource field; a run's config overrides it within the same bounds."""
+    monkeypatch.setenv("MVDATA_LEADERBOARD_METRICS", "*loss*")
+    resources = project_resources(load_settings())
+    assert resources["wandb"].leaderboard_metrics == ["*loss*"]
+    fields = defs.get_repository_def().get_top_level_resources()["datasets"].config_schema.as_field().config_type.fields
+    assert "MVDATA_IMAGE_TIMEOUT_S" in fields["image_timeout_s"].description
+    instance = DagsterInstance.ephemeral()
+    assert materialize([*wandb_assets], resources=resources, instance=instance, selection=["wandb/runs"]).success
+    board = [a for a in wandb_assets if AssetKey(["wandb", "leaderboard"]) in a.keys]
+
+    def metrics(run_config: dict) -> dict:
+        result = materialize(board, resources=resources, instance=instance, run_config=run_config)
+        [event] = result.get_asset_materialization_events()
+        return event.materialization.metadata["metrics"].value
+
+    assert metrics({}) and all("loss" in m for m in metrics({}))
+    accuracy = metrics({"resources": {"wandb": {"config": {"leaderboard_metrics": ["*acc*"]}}}})
+    assert accuracy and all("acc" in m for m in accuracy)
+    refused = materialize(board, resources=resources, instance=instance, raise_on_error=False,
+                          run_config={"resources": {"wandb": {"config": {"api_timeout_s": -1.0}}}})  # fmt: skip
+    assert not refused.success
+    error = str(refused.get_run_failure_event().event_specific_data.error)
+    assert "api_timeout_s" in error and "greater than 0" in error
+
+
+def test_tables_declare_their_columns_before_anything_is_stored(home: Path) -> None:
+    graph = defs.resolve_asset_graph()
+    declared = {
+        key: graph.get(AssetKey.from_user_string(key)).metadata.get("dagster/column_schema")
+        for key in [*(k for k in EXPECTED_KEYS if "/exports/" not in k and k != "wandb/leaderboard")]
+    }
+    assert all(declared.values()), [k for k, v in declared.items() if not v]
+    _, stored = _materialize(home, DagsterInstance.ephemeral())
+    for key, metadata in stored.items():  # the columns each sync reports are the ones declared
+        assert metadata["dagster/column_schema"].value == declared[key], key

@@ -16,10 +16,11 @@ import yaml
 from dagster import DagsterInstance, materialize
 
 from mvdata_assets.cli import main
-from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
+from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.runs.offline import sync_offline
+from mvdata_assets.settings import load_settings
 from mvdata_assets.tracking import PROJECT, RunCounter
-from mvdata_assets.warehouse import WarehouseResource
 from mvdata_assets_tests.datasets.conftest import closed_port
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
@@ -56,8 +57,8 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _materialize(home: Path, tracking: DownloadTrackingResource, instance: DagsterInstance | None = None):
     instance = instance or DagsterInstance.ephemeral()
     result = materialize(
-        dataset_assets(),
-        resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")), "tracking": tracking},
+        dataset_assets(load_settings()),
+        resources={**project_resources(load_settings()), "tracking": tracking},
         instance=instance,
     )
     assert result.success
@@ -85,7 +86,7 @@ def _read_back(folder: Path) -> duckdb.DuckDBPyConnection:
 
 
 def test_download_run_is_one_wandb_run_with_true_counts(home: Path) -> None:
-    result, metadata, warnings = _materialize(home, DownloadTrackingResource())
+    result, metadata, warnings = _materialize(home, DownloadTrackingResource(enabled=True, home=str(home)))
     assert not [w for w in warnings if "W&B" in w]
     datasets = ("tiny_coco", "tiny_vqa", "tiny_flickr")
     for name in datasets:
@@ -153,18 +154,18 @@ def test_download_run_is_one_wandb_run_with_true_counts(home: Path) -> None:
     }
 
     # the next download run gets the next number and its own W&B run
-    _, metadata, _ = _materialize(home, DownloadTrackingResource())
+    _, metadata, _ = _materialize(home, DownloadTrackingResource(enabled=True, home=str(home)))
     assert metadata["tiny_coco"]["wandb_run_name"] == "microvlme-datasets-2log"
     assert Path(metadata["tiny_coco"]["wandb_offline_dir"]) != run_dir
     assert RunCounter(home / "tracking").current() == 2
 
 
 def test_tracking_off_makes_no_run_and_leaves_the_counter_alone(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, metadata, _ = _materialize(home, DownloadTrackingResource(enabled=False))
+    _, metadata, _ = _materialize(home, DownloadTrackingResource(enabled=False, home=str(home)))
     assert metadata["tiny_coco"]["wandb_tracking"] == "off"
     assert not (home / "tracking").exists()
     monkeypatch.setenv("WANDB_MODE", "disabled")  # the SDK's own switch turns tracking off too
-    _, metadata, warnings = _materialize(home, DownloadTrackingResource())
+    _, metadata, warnings = _materialize(home, DownloadTrackingResource(enabled=True, home=str(home)))
     assert metadata["tiny_coco"]["wandb_tracking"].startswith("skipped")
     assert "W&B tracking is off: WANDB_MODE=disabled" in warnings
     assert RunCounter(home / "tracking").current() == 0
@@ -177,7 +178,7 @@ def test_unreachable_wandb_warns_once_and_the_downloads_go_on(home: Path, monkey
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.setenv("WANDB_BASE_URL", closed)
     monkeypatch.setenv("WANDB_API_KEY", key)
-    _, metadata, warnings = _materialize(home, DownloadTrackingResource())
+    _, metadata, warnings = _materialize(home, DownloadTrackingResource(enabled=True, home=str(home)))
     assert metadata["tiny_coco"]["status"] == "complete"
     assert metadata["tiny_vqa"]["downloaded"] == 1
     tracking_warnings = [w for w in warnings if "W&B" in w]
@@ -277,12 +278,14 @@ def test_a_dataset_step_that_raises_is_logged_as_failed(home: Path, tmp_path: Pa
     (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
     instance = DagsterInstance.ephemeral()
     result = materialize(
-        dataset_assets(),
-        resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
-                   "tracking": DownloadTrackingResource()},
+        dataset_assets(load_settings()),
+        resources={
+            **project_resources(load_settings()),
+            "tracking": DownloadTrackingResource(enabled=True, home=str(home)),
+        },
         instance=instance,
         raise_on_error=False,
-    )  # fmt: skip
+    )
     assert not result.success
     assert "GiB missing" in str(result.get_step_failure_events()[0].step_failure_data.error)
     conn = _read_back(home / "tracking")

@@ -159,7 +159,7 @@ def test_a_users_module_builds_on_the_demo_with_the_dagster_cli(tmp_path: Path) 
     demo = subprocess.run([str(BIN / "mvdata"), "demo"], env=env, capture_output=True, text=True, timeout=600)
     assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
     env.update(MVDATA_CATALOG=str(home / "demo" / "catalog.yaml"),
-               MVDATA_WANDB_OFFLINE_DIRS=f"{home / 'demo' / 'wandb-runs'}:{home / 'tracking'}",
+               MVDATA_WANDB_OFFLINE_DIRS=str(home / "demo" / "wandb-runs"),
                WANDB_MODE="offline", WANDB_SILENT="true")  # fmt: skip
 
     def materialize_cli(module: str, selection: str) -> str:

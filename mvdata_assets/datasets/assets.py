@@ -3,6 +3,7 @@
 import os
 import re
 import time
+from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
@@ -13,7 +14,6 @@ from dagster import (
     AssetsDefinition,
     AutomationCondition,
     Config,
-    ConfigurableResource,
     DataVersion,
     MaterializeResult,
     MetadataValue,
@@ -23,11 +23,13 @@ from dagster import (
 from mvdata_assets import charts
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
-from mvdata_assets.datasets.download import DatasetRun, ImageOptions, download_dataset
+from mvdata_assets.datasets.download import DatasetRun, download_dataset
 from mvdata_assets.datasets.url_lists import ShardResult, describe_error_kind
-from mvdata_assets.settings import load_settings
-from mvdata_assets.tracking import PROJECT, DownloadTracker, TrackedRun
-from mvdata_assets.warehouse import WarehouseResource
+from mvdata_assets.resources import DatasetsResource, DownloadTrackingResource, WandbResource
+from mvdata_assets.runs.offline import sync_offline
+from mvdata_assets.settings import Settings
+from mvdata_assets.tracking import DownloadTracker, TrackedRun
+from mvdata_assets.warehouse import WarehouseResource, declared_table
 
 GROUP = "datasets"
 
@@ -37,32 +39,6 @@ class DownloadConfig(Config):
     """Re-hash files already on disk (and image shards) instead of trusting their recorded size and checksum."""
     retry_failed: bool = False
     """URL-list datasets: fetch the images that failed in finished shards again, and rewrite those shards."""
-
-
-class DownloadTrackingResource(ConfigurableResource):
-    """Logs each Dagster run that downloads datasets as one W&B run; WANDB_MODE picks online or offline."""
-
-    enabled: bool = True
-    project: str = PROJECT
-    entity: str | None = None
-    init_timeout_s: float = 30.0
-
-    def tracker(self, context: AssetExecutionContext, catalog_names: list[str]) -> DownloadTracker | None:
-        if not self.enabled:
-            return None  # no W&B run, and the run counter stays as it is
-        settings = load_settings()
-        selection = context.run.asset_selection or set()
-        selected = [key.path[-1] for key in selection if key.path[:1] == [GROUP] and key.path[-1] in catalog_names]
-        return DownloadTracker(
-            settings.home,
-            sorted(selected) or catalog_names,
-            settings.data_root,
-            warn=context.log.warning,
-            dagster_run_id=context.run_id,
-            project=self.project,
-            entity=self.entity,
-            init_timeout_s=self.init_timeout_s,
-        )
 
 
 def _tracking_metadata(tracked: TrackedRun | None, tracker: DownloadTracker | None) -> dict:
@@ -216,23 +192,26 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
         context: AssetExecutionContext,
         config: DownloadConfig,
         warehouse: WarehouseResource,
+        datasets: DatasetsResource,
         tracking: DownloadTrackingResource,
     ):
-        settings = load_settings()
-        tracker = tracking.tracker(context, catalog_names)
+        selection = context.run.asset_selection or set()
+        selected = [key.path[-1] for key in selection if key.path[:1] == [GROUP] and key.path[-1] in catalog_names]
+        tracker = tracking.tracker(context.run_id, sorted(selected) or catalog_names, datasets.data_root,
+                                   context.log.warning)  # fmt: skip
         if tracker:
             tracker.start()
         started = time.monotonic()
         try:
             run = download_dataset(
                 dataset,
-                settings.data_root,
+                Path(datasets.data_root),
                 warehouse.get_connection,
                 verify=config.verify,
-                concurrency=settings.download_concurrency,
-                processes=settings.download_processes,
+                concurrency=datasets.download_concurrency,
+                processes=datasets.download_processes,
                 progress=_progress_logger(context),
-                images=ImageOptions.from_settings(settings, config.retry_failed),
+                images=datasets.image_options(config.retry_failed),
                 shard_progress=_shard_logger(context, dataset.name),
             )
         except Exception:
@@ -298,14 +277,24 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
         group_name=GROUP,
         kinds={"duckdb"},
         deps=[dataset_key(name) for name in datasets],
-        description="datasets.download_summary: per dataset status and counts, as the old report showed them.",
-        metadata={"dagster/table_name": f"{store.SCHEMA}.download_summary"},
+        description="datasets.download_summary: per dataset status and counts, as the old report showed them; "
+        "brings the download runs' own W&B logs (offline, under $MVDATA_HOME/tracking) into the wandb tables.",
+        metadata=declared_table(store.SCHEMA, "download_summary"),
         # follows any dataset's materialisation by itself, even while other datasets were never downloaded
         automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
     )
-    def download_summary(warehouse: WarehouseResource) -> MaterializeResult:
+    def download_summary(
+        context: AssetExecutionContext,
+        warehouse: WarehouseResource,
+        tracking: DownloadTrackingResource,
+        wandb: WandbResource,
+    ) -> MaterializeResult:
         with warehouse.get_connection() as conn:
             store.ensure_schema(conn)
+            # after every dataset step, so the W&B log of this download run is whole, whatever the executor
+            logs = sync_offline(conn, [tracking.logs_dir], running_window_s=wandb.running_window_s)
+            for problem in logs.problems:
+                context.log.warning(problem)
             rows = {
                 row[0]: row
                 for row in conn.execute(
@@ -334,14 +323,15 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
                 "manual": sum(s.status == "manual" for s in summaries),
                 "missing": sum(s.status == "missing" for s in summaries),
                 "dagster/row_count": len(rows),
+                "download_logs_stored": logs.count("new", "grown", "replaced", "refreshed"),
             },
         )
 
     return download_summary
 
 
-def dataset_assets() -> list[AssetsDefinition]:
+def dataset_assets(settings: Settings) -> list[AssetsDefinition]:
     """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary."""
-    datasets = load_catalog(load_settings().catalog)
+    datasets = load_catalog(settings.catalog)
     names = list(datasets)
     return [*(build_dataset_asset(d, names) for d in datasets.values()), build_summary_asset(datasets)]

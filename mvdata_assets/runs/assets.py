@@ -2,6 +2,7 @@
 
 from collections.abc import Sequence
 from functools import partial
+from pathlib import Path
 
 from dagster import (
     AssetCheckResult,
@@ -24,13 +25,13 @@ from dagster import (
 )
 
 from mvdata_assets import charts
+from mvdata_assets.resources import WandbResource
 from mvdata_assets.runs import exports, leaderboard, run_datasets, store
-from mvdata_assets.runs.api import ApiFilters, ApiSyncReport, Client, sync_api
+from mvdata_assets.runs.api import ApiSyncReport, Client, sync_api
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
-from mvdata_assets.settings import load_settings
 from mvdata_assets.tracking import PROJECT as DOWNLOAD_LOGS
-from mvdata_assets.warehouse import WarehouseResource, table_metadata
+from mvdata_assets.warehouse import WarehouseResource, declared_table, table_metadata
 
 GROUP = "wandb"
 TABLES = ("runs", "history", "config", "summary", "metadata", "system_metrics")
@@ -92,7 +93,7 @@ def _sync_metadata(offline: SyncReport, api: ApiSyncReport) -> dict:
             group_name=GROUP,
             kinds={"duckdb", "wandb"},
             description=f"{SCHEMA}.{t}",
-            metadata={"dagster/table_name": f"{SCHEMA}.{t}"},
+            metadata=declared_table(SCHEMA, t),
         )
         for t in TABLES
     ],
@@ -102,22 +103,23 @@ def _sync_metadata(offline: SyncReport, api: ApiSyncReport) -> dict:
     description="Syncs every run under MVDATA_WANDB_OFFLINE_DIRS and of the MVDATA_WANDB_PROJECTS on the W&B API "
     "into the warehouse, incrementally.",
 )
-def wandb_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: WarehouseResource):
-    settings = load_settings()
+def wandb_tables(
+    context: AssetExecutionContext, config: SyncConfig, warehouse: WarehouseResource, wandb: WandbResource
+):
     with warehouse.get_connection() as conn:
         offline = sync_offline(
             conn,
-            settings.wandb_offline_dirs,
+            wandb.offline_paths,
             force_refresh=config.force_refresh,
-            running_window_s=settings.running_window_s,
+            running_window_s=wandb.running_window_s,
         )
         api = sync_api(
             conn,
-            settings.wandb_projects,
-            filters=ApiFilters(settings.api_states, settings.api_tags, settings.api_created_since),
+            wandb.projects,
+            filters=wandb.api_filters,
             force_refresh=config.force_refresh,
-            concurrency=settings.api_concurrency,
-            client_factory=partial(Client, settings.api_timeout_s),
+            concurrency=wandb.api_concurrency,
+            client_factory=partial(Client, wandb.api_timeout_s),
             log=context.log.info,
         )
         for problem in offline.problems + api.problems:
@@ -127,7 +129,7 @@ def wandb_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: 
             f"{offline.count('grown', 'replaced', 'refreshed')} updated, {offline.count('unchanged')} unchanged; "
             f"{offline.bytes_read} bytes in {offline.seconds:.2f} s"
         )
-        if settings.wandb_projects:
+        if wandb.projects:
             context.log.info(
                 f"W&B API: {len(api.runs)} runs: {api.count('new')} new, {api.count('updated')} updated, "
                 f"{api.count('unchanged')} unchanged, {api.count('deleted')} deleted upstream, "
@@ -146,19 +148,19 @@ def wandb_tables(context: AssetExecutionContext, config: SyncConfig, warehouse: 
                     **shared,
                     "rows_written": MetadataValue.int(rows),
                     **_table_metadata(conn, table),
-                    **(_curves_metadata(conn, settings) if table == "history" else {}),
+                    **(_curves_metadata(conn, wandb) if table == "history" else {}),
                 },
             )
 
 
-def _curves_metadata(conn, settings) -> dict:
+def _curves_metadata(conn, wandb: WandbResource) -> dict:
     """The main metrics of the latest runs as a picture; redrawn only when a sync changed the warehouse."""
-    cache = settings.home / "cache" / "history_curves.md"
+    cache = Path(wandb.cache_dir) / "history_curves.md"
     stamp = f"<!-- generation {generation(conn)} -->\n"
     if cache.exists() and cache.read_text().startswith(stamp):
         picture = cache.read_text()[len(stamp) :]
     else:
-        metrics = leaderboard.main_metrics(conn, settings.leaderboard_metrics)[:CURVES_SHOWN]
+        metrics = leaderboard.main_metrics(conn, wandb.leaderboard_metrics)[:CURVES_SHOWN]
         curves = leaderboard.latest_curves(conn, metrics)
         picture = (
             charts.markdown_image(charts.metric_curves(curves), "main metrics of the latest runs")
@@ -195,9 +197,10 @@ def _curves_metadata(conn, settings) -> dict:
     can_subset=True,
     description="Parquet exports in $MVDATA_HOME/exports, rewritten only when a sync changed the warehouse.",
 )
-def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehouse: WarehouseResource):
+def wandb_exports(
+    context: AssetExecutionContext, config: ExportConfig, warehouse: WarehouseResource, wandb: WandbResource
+):
     """One step for all exports: each Dagster step costs more than writing these files."""
-    settings = load_settings()
     selected = {key.path[-1] for key in context.selected_asset_keys}
     groups = [
         g for g, names in (("metadata", METADATA_EXPORTS), ("history", ("runs_history",))) if selected & set(names)
@@ -205,7 +208,9 @@ def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehous
     with warehouse.get_connection() as conn:
         for group in groups:
             version = warehouse_version(conn)
-            for export in exports.export_all(conn, settings.exports, group, config.force_rewrite, context.log.info):
+            for export in exports.export_all(
+                conn, Path(wandb.exports_dir), group, config.force_rewrite, context.log.info
+            ):
                 yield MaterializeResult(
                     asset_key=export_key(export.name),
                     data_version=version,
@@ -230,10 +235,9 @@ def wandb_exports(context: AssetExecutionContext, config: ExportConfig, warehous
     description="wandb.leaderboard: per run, best and last value of the main metrics and the key config values, "
     "newest first (MVDATA_LEADERBOARD_METRICS / MVDATA_LEADERBOARD_CONFIG choose them).",
 )
-def wandb_leaderboard(warehouse: WarehouseResource) -> MaterializeResult:
-    settings = load_settings()
+def wandb_leaderboard(warehouse: WarehouseResource, wandb: WandbResource) -> MaterializeResult:
     with warehouse.get_connection() as conn:
-        board = leaderboard.build(conn, settings.leaderboard_metrics, settings.leaderboard_config)
+        board = leaderboard.build(conn, wandb.leaderboard_metrics, wandb.leaderboard_config)
         top = conn.execute(f"SELECT * FROM {SCHEMA}.leaderboard LIMIT 20").fetchall()
         version = warehouse_version(conn)
     shown = ["display_name", "state", *(c for c in board.columns if c.startswith(("best:", "last:", "config:")))]
@@ -266,18 +270,17 @@ def build_run_datasets_asset(dataset_keys: Sequence[AssetKey]) -> AssetsDefiniti
         group_name=GROUP,
         kinds={"duckdb"},
         deps=[*dataset_keys, table_key("runs"), table_key("config")],
-        metadata={"dagster/table_name": f"{SCHEMA}.run_datasets"},
+        metadata=declared_table(SCHEMA, "run_datasets"),
         # follows a sync or a download by itself, even while some datasets were never downloaded
         automation_condition=AutomationCondition.eager().without(~AutomationCondition.any_deps_missing()),
         description="wandb.run_datasets: the catalog datasets each run names in its config "
         "(MVDATA_RUN_DATASET_KEYS: data.datasets, dataset, data_root, ...).",
     )
-    def wandb_run_datasets(warehouse: WarehouseResource) -> MaterializeResult:
-        settings = load_settings()
+    def wandb_run_datasets(warehouse: WarehouseResource, wandb: WandbResource) -> MaterializeResult:
         with warehouse.get_connection() as conn:
             store.ensure_schema(conn)
             rows = run_datasets.build(
-                conn, [key.path[-1] for key in dataset_keys], settings.run_dataset_keys, leave_out=[DOWNLOAD_LOGS]
+                conn, [key.path[-1] for key in dataset_keys], wandb.run_dataset_keys, leave_out=[DOWNLOAD_LOGS]
             )
             used = conn.execute(
                 f"SELECT dataset, count(DISTINCT run_id) FROM {SCHEMA}.run_datasets GROUP BY dataset ORDER BY dataset"

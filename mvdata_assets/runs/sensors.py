@@ -13,12 +13,13 @@ from dagster import (
     sensor,
 )
 
+from mvdata_assets.resources import WandbResource
 from mvdata_assets.runs.api import ApiSourceError, Client, poll_project, without_secrets
 from mvdata_assets.runs.assets import GROUP
 from mvdata_assets.runs.offline import file_states
 from mvdata_assets.settings import load_settings
 
-_settings = load_settings()
+_settings = load_settings()  # how often and whether the sensors run: fixed when the definitions load
 
 
 @sensor(
@@ -28,8 +29,8 @@ _settings = load_settings()
     asset_selection=AssetSelection.groups(GROUP),
     description="Polls MVDATA_WANDB_OFFLINE_DIRS (file sizes and mtimes only) and syncs when a run is new or grew.",
 )
-def wandb_offline_runs(context: SensorEvaluationContext) -> SensorResult | SkipReason:
-    states = file_states(load_settings().wandb_offline_dirs)
+def wandb_offline_runs(context: SensorEvaluationContext, wandb: WandbResource) -> SensorResult | SkipReason:
+    states = file_states(wandb.offline_paths)
     seen = json.loads(context.cursor) if context.cursor else {}
     changed = sorted(path for path, state in states.items() if seen.get(path) != state)
     if not changed:
@@ -60,17 +61,16 @@ def wandb_offline_runs(context: SensorEvaluationContext) -> SensorResult | SkipR
     description="Polls MVDATA_WANDB_PROJECTS (one light query a project: new runs, and the runs live now or at the "
     "last tick) and syncs when a run is new or changed.",
 )
-def wandb_api_runs(context: SensorEvaluationContext) -> SensorResult | SkipReason:
-    settings = load_settings()
-    if not settings.wandb_projects:
+def wandb_api_runs(context: SensorEvaluationContext, wandb: WandbResource) -> SensorResult | SkipReason:
+    if not wandb.projects:
         return SkipReason("MVDATA_WANDB_PROJECTS is not set")
     cursor = json.loads(context.cursor) if context.cursor else {}
     try:
-        client = Client(timeout_s=settings.api_timeout_s)
+        client = Client(timeout_s=wandb.api_timeout_s)
     except ApiSourceError as exc:  # the next tick tries again from the same cursor
         return SensorResult(skip_reason=str(exc), cursor=context.cursor)
     changed, new, failed = [], 0, []
-    for path in settings.wandb_projects:
+    for path in wandb.projects:
         try:
             project_changed, project_new, cursor[path] = poll_project(client, path, cursor.get(path))
         except Exception as exc:  # noqa: BLE001 - one project's error never stops the others; its cursor stays
@@ -82,7 +82,7 @@ def wandb_api_runs(context: SensorEvaluationContext) -> SensorResult | SkipReaso
     state = json.dumps(cursor, sort_keys=True)
     if not changed and not new:
         failures = f"; could not poll {', '.join(failed)} (see the tick's log)" if failed else ""
-        return SensorResult(skip_reason=f"no run new or changed in {', '.join(settings.wandb_projects)}{failures}",
+        return SensorResult(skip_reason=f"no run new or changed in {', '.join(wandb.projects)}{failures}",
                             cursor=state)  # fmt: skip
     run_key = hashlib.sha256(state.encode()).hexdigest()[:16]  # names this exact change: a retried tick is a no-op
     context.log.info(f"{new} new runs and {len(changed)} changed: {', '.join(changed[:10])}")

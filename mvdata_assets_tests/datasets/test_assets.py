@@ -19,9 +19,15 @@ from PIL import Image
 
 from mvdata_assets.cli import main, status
 from mvdata_assets.datasets import forked
-from mvdata_assets.datasets.assets import DownloadTrackingResource, dataset_assets
-from mvdata_assets.warehouse import WarehouseResource
+from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.resources import DownloadTrackingResource, project_resources
+from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.datasets.fileserver import FileServer
+
+
+def untracked_resources() -> dict:
+    settings = load_settings()
+    return {**project_resources(settings), "tracking": DownloadTrackingResource(enabled=False, home=str(settings.home))}
 
 
 def _zip(members: dict[str, bytes]) -> bytes:
@@ -78,12 +84,9 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 def _run(home: Path, instance: DagsterInstance, run_config: dict | None = None, selection: list[str] | None = None):
     result = materialize(
-        dataset_assets(),
+        dataset_assets(load_settings()),
         selection=selection,
-        resources={
-            "warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
-            "tracking": DownloadTrackingResource(enabled=False),
-        },
+        resources=untracked_resources(),
         instance=instance,
         run_config=run_config,
     )
@@ -361,11 +364,8 @@ def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_lis
     catalog["datasets"]["mini_cc"]["url_list"] |= {"url_column": 0, "caption_column": 1}  # the old downloader's bug
     catalog_path.write_text(yaml.safe_dump(catalog))
     result = materialize(
-        dataset_assets(),
-        resources={
-            "warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
-            "tracking": DownloadTrackingResource(enabled=False),
-        },
+        dataset_assets(load_settings()),
+        resources=untracked_resources(),
         instance=DagsterInstance.ephemeral(),
         raise_on_error=False,
     )
@@ -416,11 +416,10 @@ def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.Mon
         url_list["lists"] = ["dataset/elsewhere.json"]  # inside the archive, so only known after extraction
         path.write_text(yaml.safe_dump(catalog))
         result = materialize(
-            dataset_assets(),
-            resources={"warehouse": WarehouseResource(database=str(home / "warehouse.duckdb")),
-                       "tracking": DownloadTrackingResource(enabled=False)},
+            dataset_assets(load_settings()),
+            resources=untracked_resources(),
             instance=DagsterInstance.ephemeral(),
             raise_on_error=False,
-        )  # fmt: skip
+        )
         failure = next(e for e in result.all_events if e.is_step_failure)
         assert "url_list.lists[0] 'dataset/elsewhere.json' is not in" in failure.step_failure_data.error.cause.message

@@ -18,12 +18,13 @@ import pytest
 import wandb
 from dagster import DagsterInstance, build_sensor_context, materialize
 
+from mvdata_assets.resources import WandbResource, project_resources
 from mvdata_assets.runs import api
 from mvdata_assets.runs.api import DOCUMENTS, ApiFilters, ApiSourceError, Client, sync_api
 from mvdata_assets.runs.assets import wandb_assets
 from mvdata_assets.runs.sensors import wandb_api_runs
 from mvdata_assets.runs.values import leaf_paths, split_value
-from mvdata_assets.warehouse import WarehouseResource
+from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer, check_document
 
 E = "mvlm"
@@ -270,8 +271,9 @@ def test_both_sources_side_by_side_in_dagster(
     monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("MVDATA_WANDB_PROJECTS", f"{E}/side")
     monkeypatch.setenv("MVDATA_WANDB_OFFLINE_DIRS", str(sdk_runs["long"].out_dir))
-    resources = {"warehouse": WarehouseResource(database=str(tmp_path / "home" / "warehouse.duckdb"))}
-    result = materialize(wandb_assets, resources=resources, instance=DagsterInstance.ephemeral())
+    result = materialize(
+        wandb_assets, resources=project_resources(load_settings()), instance=DagsterInstance.ephemeral()
+    )
     assert result.success
     history = next(m.metadata for m in result.asset_materializations_for_node("wandb_tables")
                    if m.asset_key.to_user_string() == "wandb/history")  # fmt: skip
@@ -285,7 +287,8 @@ def test_both_sources_side_by_side_in_dagster(
 
 
 def tick(instance: DagsterInstance, cursor: str | None) -> tuple[list, str | None, str | None]:
-    result = wandb_api_runs(build_sensor_context(instance=instance, cursor=cursor))
+    resources = {"wandb": WandbResource.from_settings(load_settings())}
+    result = wandb_api_runs(build_sensor_context(instance=instance, cursor=cursor, resources=resources))
     return result.run_requests or [], result.cursor, result.skip_reason and result.skip_reason.skip_message
 
 
@@ -484,10 +487,9 @@ def test_an_api_sync_killed_after_its_runs_committed_still_moves_the_exports(
     def killed(*args: object) -> None:
         raise KeyboardInterrupt  # every run committed, the sync not done
 
-    monkeypatch.setattr(api, "_sync_sweeps", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):  # the server's settings stay
+        patched.setattr(api, "_sync_sweeps", killed)
         sync_api(conn, [f"{E}/killed"])
-    monkeypatch.undo()
     assert sync_api(conn, [f"{E}/killed"]).count("unchanged") == 2
     written = exports.export_all(conn, tmp_path / "exports", "metadata")
     assert written[0].rewritten and written[0].rows == 2

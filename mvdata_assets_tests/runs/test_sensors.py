@@ -12,7 +12,9 @@ import pytest
 from dagster import DagsterInstance, SensorResult, SkipReason, build_sensor_context
 
 from mvdata_assets.definitions import defs
+from mvdata_assets.resources import WandbResource
 from mvdata_assets.runs.sensors import wandb_offline_runs
+from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.runs.conftest import LEGACY_FIXTURE, copy_tree_writable
 
 RUN_DIR = "offline-run-20210216_154407-g9dvvkua"
@@ -27,7 +29,8 @@ def runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def _tick(instance: DagsterInstance, cursor: str | None) -> SensorResult | SkipReason:
-    return wandb_offline_runs(build_sensor_context(instance=instance, cursor=cursor))
+    resources = {"wandb": WandbResource.from_settings(load_settings())}
+    return wandb_offline_runs(build_sensor_context(instance=instance, cursor=cursor, resources=resources))
 
 
 def test_new_run_then_nothing_then_growth(runs_dir: Path) -> None:
