@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from mvdata_assets.db import connect
@@ -144,20 +146,35 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
 
         images = ImageOptions.from_settings(settings, retry_failed)
 
+        def say(line: str) -> None:  # one line, however narrow the terminal and whatever brackets it holds
+            bars.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        def warehouse() -> AbstractContextManager:
+            return connect(settings.warehouse, settings.lock_timeout_s, on_busy=say)
+
         for name in selected:
             if tracker:
                 tracker.start()
-            run = download_dataset(
-                catalog[name],
-                settings.data_root,
-                lambda: connect(settings.warehouse, settings.lock_timeout_s),
-                verify=verify,
-                concurrency=settings.download_concurrency,
-                processes=settings.download_processes,
-                progress=progress,
-                images=images,
-                shard_progress=shard_progress,
-            )
+            started = time.monotonic()
+            try:
+                run = download_dataset(
+                    catalog[name],
+                    settings.data_root,
+                    warehouse,
+                    verify=verify,
+                    concurrency=settings.download_concurrency,
+                    processes=settings.download_processes,
+                    progress=progress,
+                    images=images,
+                    shard_progress=shard_progress,
+                )
+            except Exception as exc:  # noqa: BLE001 - one line for the user, and the next dataset goes on
+                say(f"{name}: failed: {type(exc).__name__}: {exc}")
+                if tracker:
+                    dataset = catalog[name]
+                    tracker.record_failure(name, len(dataset.files), dataset.est_size_bytes, time.monotonic() - started)
+                failed += 1
+                continue
             s = run.summary
             tracked = tracker.record(s, run.bytes_transferred) if tracker else None
             if tracked:
@@ -189,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     commands.add_parser("demo", help="write demo runs and files, serve them on loopback, materialise every asset")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except Exception as exc:  # noqa: BLE001 - a bad setting, a busy warehouse, a bad catalog: one line, no traceback
+        print(f"mvdata {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from mvdata_assets.demo import run_demo
 

@@ -22,14 +22,23 @@ class WarehouseBusy(RuntimeError):
 
 @contextmanager
 def warehouse_lock(
-    database: Path, timeout_s: float = 600.0, on_wait: Callable[[float], None] | None = None
+    database: Path,
+    timeout_s: float = 600.0,
+    on_wait: Callable[[float], None] | None = None,
+    on_busy: Callable[[str], None] | None = None,
 ) -> Iterator[float]:
-    """Holds the warehouse's writer lock; yields the seconds spent waiting for it."""
+    """Holds the warehouse's writer lock; yields the seconds spent waiting for it. When another writer holds it,
+    `on_busy` hears so before the wait starts (a silent wait looks like a hang) and `on_wait` how long it lasted."""
     database.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(database) + ".lock")
     started = time.monotonic()
     try:
-        lock.acquire(timeout=timeout_s)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_busy:
+                on_busy(f"waiting up to {timeout_s:.0f} s for another writer of {database}")
+            lock.acquire(timeout=timeout_s)
     except Timeout as exc:
         raise WarehouseBusy(f"{database} is being written by another process; gave up after {timeout_s:.0f} s") from exc
     waited = time.monotonic() - started
@@ -43,9 +52,12 @@ def warehouse_lock(
 
 @contextmanager
 def connect(
-    database: Path, timeout_s: float = 600.0, on_wait: Callable[[float], None] | None = None
+    database: Path,
+    timeout_s: float = 600.0,
+    on_wait: Callable[[float], None] | None = None,
+    on_busy: Callable[[str], None] | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
-    with warehouse_lock(database, timeout_s, on_wait):
+    with warehouse_lock(database, timeout_s, on_wait, on_busy):
         conn = duckdb.connect(str(database))
         try:
             yield conn

@@ -173,6 +173,10 @@ class DownloadTracker:
             self._give_up(f"W&B tracking stopped for this download run: {type(exc).__name__}: {exc}")
             return None
 
+    def record_failure(self, dataset: str, files: int, est_size_bytes: int | None, seconds: float) -> None:
+        """A dataset whose download raised (no disk space, a busy warehouse): logged with every file failed."""
+        self.record(Summary(dataset, "failed", 0, files, 0, files, est_size_bytes, 0, seconds), 0)
+
     def tracked(self) -> TrackedRun:
         run = self.run
         offline = run.offline

@@ -56,6 +56,7 @@ class WarehouseResource(DuckDBResource):
                 Path(self.database),
                 self.lock_timeout_s,
                 on_wait=lambda s: log.info(f"waited {s:.1f} s for another writer of {self.database}"),
+                on_busy=log.info,
             ),
             super().get_connection() as conn,
         ):

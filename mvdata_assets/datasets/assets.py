@@ -216,10 +216,9 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
             )
         except Exception:
             if tracker:  # the download run's W&B log still counts this dataset, as failed
-                files = len(dataset.files)
-                seconds = time.monotonic() - started
-                size = dataset.est_size_bytes
-                tracker.record(store.Summary(dataset.name, "failed", 0, files, 0, files, size, 0, seconds), 0)
+                tracker.record_failure(
+                    dataset.name, len(dataset.files), dataset.est_size_bytes, time.monotonic() - started
+                )
             raise
         tracked = tracker.record(run.summary, run.bytes_transferred) if tracker else None
         if dataset.access == "manual":

@@ -7,6 +7,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -189,6 +191,51 @@ def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> 
     assert "mini_vqa: partial (1 downloaded, 0 skipped, 1 failed)" in out and "404" in out
     assert main(["download", "no_such_dataset"]) == 2
     assert "not in the catalog: no_such_dataset" in capsys.readouterr().out
+    assert main(["download", "mini_coco"]) == 0
+    assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
+
+
+def test_the_terminal_says_what_failed_in_one_line_and_goes_on(
+    setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, home = setup
+    catalog_path = Path(os.environ["MVDATA_CATALOG"])
+    catalog = yaml.safe_load(catalog_path.read_text())
+    catalog["datasets"]["huge"] = {"description": "more than any disk", "access": "public",
+                                   "files": [{"url": "http://127.0.0.1:9/huge.bin", "size": 10**18}]}  # fmt: skip
+    catalog_path.write_text(yaml.safe_dump(catalog))
+    assert main(["download", "huge", "mini_coco"]) == 1
+    out, err = capsys.readouterr()
+    [refused] = [line for line in out.splitlines() if line.startswith("huge:")]
+    assert "failed: InsufficientSpace" in refused and "GiB missing" in refused
+    assert "mini_coco: complete (1 downloaded" in out and "Traceback" not in out + err
+
+    holder = subprocess.Popen(  # another writer holds the warehouse
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; held = FileLock(sys.argv[1]); "
+         "held.acquire(); print('held', flush=True); time.sleep(60)", f"{home / 'warehouse.duckdb'}.lock"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setenv("MVDATA_WAREHOUSE_LOCK_TIMEOUT_S", "1")
+        assert main(["download", "mini_coco", "flickr"]) == 1
+        out, err = capsys.readouterr()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert "waiting up to 1 s for another writer of" in out  # said before the wait, not after
+    busy = [line for line in out.splitlines() if ": failed: WarehouseBusy:" in line]
+    assert [line.split(":")[0] for line in busy] == ["mini_coco", "flickr"] and "Traceback" not in out + err
+
+    monkeypatch.setenv("MVDATA_DOWNLOAD_CONCURRENCY", "99999999999")
+    assert main(["download", "mini_coco"]) == 2
+    out, err = capsys.readouterr()
+    assert err.strip().splitlines() == [
+        "mvdata download: ValueError: MVDATA_DOWNLOAD_CONCURRENCY must be a whole number from 1 to 4096, "
+        "got '99999999999'"
+    ]
+    assert main(["download", "mini_coco"]) == 2  # and what was stored is still there once the setting is right
+    monkeypatch.delenv("MVDATA_DOWNLOAD_CONCURRENCY")
     assert main(["download", "mini_coco"]) == 0
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
 
