@@ -58,16 +58,20 @@ def dataset_key(name: str) -> AssetKey:
     return AssetKey([GROUP, name])
 
 
-def _progress_logger(context: AssetExecutionContext, every_s: float = 5.0):
-    """Download progress as log lines in the run's logs (a terminal gets bars from the CLI instead)."""
-    last: dict[str, float] = {}
+def _progress_logger(context: AssetExecutionContext, name: str, every_s: float = 5.0):
+    """A dataset's download progress as one log line per `every_s` at most, whatever its number of files: each line
+    is an event-log write, which costs more than fetching a small file (a terminal gets bars from the CLI)."""
+    files: dict[str, tuple[int, int | None]] = {}
+    last = [time.monotonic()]
 
     def report(url: str, done: int, total: int | None) -> None:
+        files[url] = (done, total)
         now = time.monotonic()
-        if now - last.get(url, 0.0) >= every_s or (total is not None and done == total):
-            last[url] = now
-            share = f" ({done / total:.0%})" if total else ""
-            context.log.info(f"{url.rsplit('/', 1)[-1]}: {done / 2**20:.1f} MiB{share}")
+        if now - last[0] >= every_s:
+            last[0] = now
+            finished = sum(1 for d, t in files.values() if t is not None and d >= t)
+            got = sum(d for d, _ in files.values())
+            context.log.info(f"{name}: {finished}/{len(files)} files started are whole, {got / 2**20:.1f} MiB")
 
     return report
 
@@ -210,7 +214,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 verify=config.verify,
                 concurrency=datasets.download_concurrency,
                 processes=datasets.download_processes,
-                progress=_progress_logger(context),
+                progress=_progress_logger(context, dataset.name),
                 images=datasets.image_options(config.retry_failed),
                 shard_progress=_shard_logger(context, dataset.name),
             )

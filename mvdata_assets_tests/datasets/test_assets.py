@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -470,3 +471,24 @@ def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.Mon
         )
         failure = next(e for e in result.all_events if e.is_step_failure)
         assert "url_list.lists[0] 'dataset/elsewhere.json' is not in" in failure.step_failure_data.error.cause.message
+
+
+def test_progress_of_many_files_is_a_few_log_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each log line is an event-log write: a dataset's progress is at most one line every few seconds."""
+    monkeypatch.setenv("MVDATA_DOWNLOAD_PROCESSES", "1")
+    with FileServer() as server:
+        datas = {f"parts/{i:03d}.bin": bytes([i]) * (100 + i) for i in range(120)}
+        files = [{**_entry(server, name, data), "size": None} for name, data in datas.items()]
+        catalog = {"datasets": {"parts": {"description": "many small files", "access": "public", "files": files}}}
+        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+        monkeypatch.setenv("MVDATA_CATALOG", str(tmp_path / "catalog.yaml"))
+        monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
+        instance = DagsterInstance.ephemeral()
+        started = time.monotonic()
+        result = materialize(dataset_assets(load_settings()), selection=["datasets/parts"],
+                             resources=untracked_resources(), instance=instance)  # fmt: skip
+        seconds = time.monotonic() - started
+    assert result.success
+    lines = [e.user_message for e in instance.all_logs(result.run_id) if "MiB" in (e.user_message or "")]
+    assert len(lines) <= 1 + seconds / 5, lines
+    assert len(instance.all_logs(result.run_id)) < len(datas)  # the whole run logs fewer events than it has files
