@@ -23,7 +23,38 @@ from mvdata_assets.settings import MOST_AT_ONCE, WEEK_S, Settings, load_settings
 from mvdata_assets.tracking import PROJECT, DownloadTracker, logs_dir
 from mvdata_assets.warehouse import WarehouseIOManager, WarehouseResource
 
+
+def datasets_fields(settings: Settings) -> dict[str, Any]:
+    return {
+        "data_root": str(settings.data_root),
+        "download_concurrency": settings.download_concurrency,
+        "download_processes": settings.download_processes,
+        "image_concurrency": settings.image_concurrency,
+        "image_host_connections": settings.image_host_connections,
+        "image_timeout_s": settings.image_timeout_s,
+    }
+
+
+def wandb_fields(settings: Settings) -> dict[str, Any]:
+    return {
+        "offline_dirs": [str(d) for d in settings.wandb_offline_dirs],
+        "running_window_s": settings.running_window_s,
+        "projects": list(settings.wandb_projects),
+        "api_states": list(settings.api_states),
+        "api_tags": list(settings.api_tags),
+        "api_created_since": settings.api_created_since,
+        "api_concurrency": settings.api_concurrency,
+        "api_timeout_s": settings.api_timeout_s,
+        "leaderboard_metrics": list(settings.leaderboard_metrics),
+        "leaderboard_config": list(settings.leaderboard_config),
+        "run_dataset_keys": list(settings.run_dataset_keys),
+        "exports_dir": str(settings.exports),
+        "cache_dir": str(settings.home / "cache"),
+    }
+
+
 LOADED = load_settings()
+DATASETS, WANDB = datasets_fields(LOADED), wandb_fields(LOADED)
 
 
 def _setting(variable: str, what: str, default: Any) -> Any:
@@ -41,33 +72,26 @@ def _seconds(variable: str, what: str, default: float) -> Any:
 class DatasetsResource(ConfigurableResource):
     """Where the datasets go and how their files and URL-list images are fetched."""
 
-    data_root: str = _setting("MVDATA_DATA_ROOT", "a folder per dataset under it", str(LOADED.data_root))
+    data_root: str = _setting("MVDATA_DATA_ROOT", "a folder per dataset under it", DATASETS["data_root"])
     download_concurrency: int = _count(
-        "MVDATA_DOWNLOAD_CONCURRENCY", "transfers in flight at once", LOADED.download_concurrency
+        "MVDATA_DOWNLOAD_CONCURRENCY", "transfers in flight at once", DATASETS["download_concurrency"]
     )
     download_processes: int = _count(
-        "MVDATA_DOWNLOAD_PROCESSES", "workers sharing many small files' transfers", LOADED.download_processes
+        "MVDATA_DOWNLOAD_PROCESSES", "workers sharing many small files' transfers", DATASETS["download_processes"]
     )
     image_concurrency: int = _count(
-        "MVDATA_IMAGE_CONCURRENCY", "URL-list images in flight at once", LOADED.image_concurrency
+        "MVDATA_IMAGE_CONCURRENCY", "URL-list images in flight at once", DATASETS["image_concurrency"]
     )
     image_host_connections: int = _count(
-        "MVDATA_IMAGE_HOST_CONNECTIONS", "of which at most this many to one host", LOADED.image_host_connections
+        "MVDATA_IMAGE_HOST_CONNECTIONS", "of which at most this many to one host", DATASETS["image_host_connections"]
     )
     image_timeout_s: float = _seconds(
-        "MVDATA_IMAGE_TIMEOUT_S", "an image receiving nothing this long fails", LOADED.image_timeout_s
+        "MVDATA_IMAGE_TIMEOUT_S", "an image receiving nothing this long fails", DATASETS["image_timeout_s"]
     )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DatasetsResource:
-        return cls(
-            data_root=str(settings.data_root),
-            download_concurrency=settings.download_concurrency,
-            download_processes=settings.download_processes,
-            image_concurrency=settings.image_concurrency,
-            image_host_connections=settings.image_host_connections,
-            image_timeout_s=settings.image_timeout_s,
-        )
+        return cls(**datasets_fields(settings))
 
     def image_options(self, retry_failed: bool) -> ImageOptions:
         return ImageOptions(self.image_concurrency, self.image_host_connections, self.image_timeout_s, retry_failed)
@@ -77,62 +101,46 @@ class WandbResource(ConfigurableResource):
     """Where the W&B runs come from (offline folders, API projects) and what the derived tables show."""
 
     offline_dirs: list[str] = _setting(
-        "MVDATA_WANDB_OFFLINE_DIRS", "folders searched for offline runs", [str(d) for d in LOADED.wandb_offline_dirs]
+        "MVDATA_WANDB_OFFLINE_DIRS", "folders searched for offline runs", WANDB["offline_dirs"]
     )
     running_window_s: float = _seconds(
         "MVDATA_WANDB_RUNNING_WINDOW_S",
         "a run without an exit record is running while its file changed this recently",
-        LOADED.running_window_s,
+        WANDB["running_window_s"],
     )
-    projects: list[str] = _setting(
-        "MVDATA_WANDB_PROJECTS", "entity/project pulled from the W&B API", list(LOADED.wandb_projects)
-    )
+    projects: list[str] = _setting("MVDATA_WANDB_PROJECTS", "entity/project pulled from the W&B API", WANDB["projects"])
     api_states: list[str] = _setting(
-        "MVDATA_WANDB_API_STATES", "only runs in these states (none: all)", list(LOADED.api_states)
+        "MVDATA_WANDB_API_STATES", "only runs in these states (none: all)", WANDB["api_states"]
     )
     api_tags: list[str] = _setting(
-        "MVDATA_WANDB_API_TAGS", "only runs with any of these tags (none: all)", list(LOADED.api_tags)
+        "MVDATA_WANDB_API_TAGS", "only runs with any of these tags (none: all)", WANDB["api_tags"]
     )
     api_created_since: str | None = _setting(
-        "MVDATA_WANDB_API_CREATED_SINCE", "ISO date, UTC", LOADED.api_created_since
+        "MVDATA_WANDB_API_CREATED_SINCE", "ISO date, UTC", WANDB["api_created_since"]
     )
-    api_concurrency: int = _count("MVDATA_WANDB_API_CONCURRENCY", "W&B API requests at once", LOADED.api_concurrency)
+    api_concurrency: int = _count("MVDATA_WANDB_API_CONCURRENCY", "W&B API requests at once", WANDB["api_concurrency"])
     api_timeout_s: float = _seconds(
-        "MVDATA_WANDB_API_TIMEOUT_S", "one W&B request, retries included", LOADED.api_timeout_s
+        "MVDATA_WANDB_API_TIMEOUT_S", "one W&B request, retries included", WANDB["api_timeout_s"]
     )
     leaderboard_metrics: list[str] = _setting(
-        "MVDATA_LEADERBOARD_METRICS", "glob patterns of the main metrics", list(LOADED.leaderboard_metrics)
+        "MVDATA_LEADERBOARD_METRICS", "glob patterns of the main metrics", WANDB["leaderboard_metrics"]
     )
     leaderboard_config: list[str] = _setting(
         "MVDATA_LEADERBOARD_CONFIG",
         "config keys shown (none: those that differ between runs)",
-        list(LOADED.leaderboard_config),
+        WANDB["leaderboard_config"],
     )
     run_dataset_keys: list[str] = _setting(
-        "MVDATA_RUN_DATASET_KEYS", "config keys naming a run's datasets", list(LOADED.run_dataset_keys)
+        "MVDATA_RUN_DATASET_KEYS", "config keys naming a run's datasets", WANDB["run_dataset_keys"]
     )
-    exports_dir: str = _setting("MVDATA_HOME", "exports/ under it: the parquet exports", str(LOADED.exports))
+    exports_dir: str = _setting("MVDATA_HOME", "exports/ under it: the parquet exports", WANDB["exports_dir"])
     cache_dir: str = _setting(
-        "MVDATA_HOME", "cache/ under it: pictures redrawn only when the warehouse changed", str(LOADED.home / "cache")
+        "MVDATA_HOME", "cache/ under it: pictures redrawn only when the warehouse changed", WANDB["cache_dir"]
     )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> WandbResource:
-        return cls(
-            offline_dirs=[str(d) for d in settings.wandb_offline_dirs],
-            running_window_s=settings.running_window_s,
-            projects=list(settings.wandb_projects),
-            api_states=list(settings.api_states),
-            api_tags=list(settings.api_tags),
-            api_created_since=settings.api_created_since,
-            api_concurrency=settings.api_concurrency,
-            api_timeout_s=settings.api_timeout_s,
-            leaderboard_metrics=list(settings.leaderboard_metrics),
-            leaderboard_config=list(settings.leaderboard_config),
-            run_dataset_keys=list(settings.run_dataset_keys),
-            exports_dir=str(settings.exports),
-            cache_dir=str(settings.home / "cache"),
-        )
+        return cls(**wandb_fields(settings))
 
     @property
     def offline_paths(self) -> list[Path]:
