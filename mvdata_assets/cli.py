@@ -163,7 +163,6 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
                     warehouse,
                     verify=verify,
                     concurrency=settings.download_concurrency,
-                    processes=settings.download_processes,
                     progress=progress,
                     images=images,
                     shard_progress=shard_progress,

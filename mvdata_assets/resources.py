@@ -28,7 +28,6 @@ def datasets_fields(settings: Settings) -> dict[str, Any]:
     return {
         "data_root": str(settings.data_root),
         "download_concurrency": settings.download_concurrency,
-        "download_processes": settings.download_processes,
         "image_concurrency": settings.image_concurrency,
         "image_host_connections": settings.image_host_connections,
         "image_timeout_s": settings.image_timeout_s,
@@ -75,9 +74,6 @@ class DatasetsResource(ConfigurableResource):
     data_root: str = _setting("MVDATA_DATA_ROOT", "a folder per dataset under it", DATASETS["data_root"])
     download_concurrency: int = _count(
         "MVDATA_DOWNLOAD_CONCURRENCY", "transfers in flight at once", DATASETS["download_concurrency"]
-    )
-    download_processes: int = _count(
-        "MVDATA_DOWNLOAD_PROCESSES", "workers sharing many small files' transfers", DATASETS["download_processes"]
     )
     image_concurrency: int = _count(
         "MVDATA_IMAGE_CONCURRENCY", "URL-list images in flight at once", DATASETS["image_concurrency"]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 WEEK_S = 7 * 24 * 3600.0
-MOST_AT_ONCE = 4096  # more transfers, processes or requests at once than any machine here gains from
+MOST_AT_ONCE = 4096  # more transfers or requests at once than any machine here gains from
 
 
 def _float(name: str, default: float, *, unit: str = "seconds", most: float = WEEK_S) -> float:
@@ -55,7 +55,6 @@ class Settings:
     data_root: Path
     catalog: Path | None  # None: the bundled catalog
     download_concurrency: int
-    download_processes: int  # workers sharing many files' transfers: C threads for small files, else forked processes
     image_concurrency: int  # URL-list images in flight at once
     image_host_connections: int  # ... of which at most this many to one host
     image_timeout_s: float  # an image transfer that receives nothing for this long fails as `timeout`
@@ -100,7 +99,6 @@ def load_settings() -> Settings:
         if os.environ.get("MVDATA_CATALOG")
         else None,
         download_concurrency=_count("MVDATA_DOWNLOAD_CONCURRENCY", 16),
-        download_processes=_count("MVDATA_DOWNLOAD_PROCESSES", min(4, os.cpu_count() or 1)),
         image_concurrency=_count("MVDATA_IMAGE_CONCURRENCY", 64),
         image_host_connections=_count("MVDATA_IMAGE_HOST_CONNECTIONS", 16),
         image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", 10.0),

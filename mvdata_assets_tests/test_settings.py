@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from mvdata_assets.settings import load_settings
 
-
-def test_worker_processes_default_to_the_cores_up_to_four(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MVDATA_DOWNLOAD_PROCESSES", raising=False)
-    assert load_settings().download_processes == min(4, os.cpu_count() or 1)
-    monkeypatch.setenv("MVDATA_DOWNLOAD_PROCESSES", " 3 ")
-    assert load_settings().download_processes == 3
-
-
-COUNTS = ["MVDATA_DOWNLOAD_PROCESSES", "MVDATA_DOWNLOAD_CONCURRENCY", "MVDATA_IMAGE_CONCURRENCY"]
+COUNTS = ["MVDATA_DOWNLOAD_CONCURRENCY", "MVDATA_IMAGE_CONCURRENCY", "MVDATA_IMAGE_HOST_CONNECTIONS"]
 
 
 @pytest.mark.parametrize("name", COUNTS)

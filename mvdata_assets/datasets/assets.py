@@ -213,7 +213,6 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 warehouse.get_connection,
                 verify=config.verify,
                 concurrency=datasets.download_concurrency,
-                processes=datasets.download_processes,
                 progress=_progress_logger(context, dataset.name),
                 images=datasets.image_options(config.retry_failed),
                 shard_progress=_shard_logger(context, dataset.name),

@@ -93,7 +93,6 @@ def download_dataset(
     *,
     verify: bool = False,
     concurrency: int = 16,
-    processes: int = 1,
     progress: Progress | None = None,
     images: ImageOptions | None = None,
     shard_progress: ShardProgress | None = None,
@@ -113,7 +112,6 @@ def download_dataset(
         known = store.known_files(conn, dataset.name)
     downloader = Downloader(
         concurrency=concurrency,
-        processes=processes,
         hf_token=os.environ.get("HF_TOKEN"),
         hf_endpoint=os.environ.get("HF_ENDPOINT"),
         progress=progress,

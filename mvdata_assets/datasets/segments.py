@@ -2,21 +2,13 @@
 
 The file is cut into segments of `segment_bytes` (8 MiB by default), fetched in file order by `connections` threads
 at once, each on a keep-alive `http.client` connection of its own, each writing its bytes at their offset in the
-`.part`: receiving and writing a GiB is most of the work, and threads spread it over the cores, where the one loop
-thread would do it all in turn. Each thread receives into its own few page-aligned buffers and writes them with
-O_DIRECT (no copy into the page cache, nothing left for the final fsync), then hands them to the file's job on the
-downloader's loop, which follows the segments in file order, feeds each buffer to the sha256/md5 and gives it back,
-so the digest is ready when the last byte lands and no byte is read twice. On this 2-core VM that took 1 GiB from
-1.33-2.50 CPU s to 1.16-1.20 and from 0.63-0.90x curl's throughput (best of 5) to 0.95-1.13x in most runs
-(bench/downloads.py): a copy costs here about what sha256 does.
-Why many segments rather than one per connection: with one per connection the digest could only follow the first
-(an eighth of the rate, with 8) and had to take the other seven eighths alone after the last byte (~0.45 s per GiB,
-one core idle); segments taken in file order keep it a few segments behind the transfers.
-Why not libcurl here too: it hands a body over at most 16 KiB per Python call (~65,000 calls and GIL hand-overs per
-GiB, measured at 0.86x curl's throughput with sha256) where `readinto1` fills a 4 MiB buffer with a few socket reads
-and no copy into Python objects (1.08x curl on the same machine). Progress per segment is kept in
-`<part>.segments.json`, written only after an fdatasync of the data it vouches for, so a killed download resumes
-every segment where it stood.
+`.part` with O_DIRECT where the file system allows it. The file's job on the downloader's loop follows the segments
+in file order and feeds each buffer to the digest, so the checksum is ready when the last byte lands and no byte is
+read twice. Why segments in file order, why not libcurl here, and what it costs: docs/architecture.md.
+
+Progress per segment is kept in `<part>.segments.json`: written before the `.part` exists, then only after an
+fdatasync of the bytes it vouches for, and trusted only under the file's validator (If-Range), so a killed download
+resumes each segment where it stood and a changed file starts over.
 """
 
 from __future__ import annotations
@@ -36,20 +28,19 @@ from pathlib import Path
 from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.request import proxy_bypass_environment
 
+from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.transport import USER_AGENT, PermanentError, TransientError, status_error
 
 # A receive buffer is written to the .part, then hashed, each time it is full; a connection may run this many buffers
-# ahead of the digest before it waits. 4 x 4 MiB against 8 x 1 MiB: 1.27 CPU s per GiB instead of 1.47, 0.98 s instead
-# of 1.07 (medians of 9 interleaved rounds; an O_DIRECT write of 4 MiB costs little more than one of 1 MiB here).
+# ahead of the digest before it waits (fewer, bigger buffers cost less CPU: bench/README.md)
 RECEIVE_BYTES = 4 * 1024 * 1024
 BUFFERS_PER_CONNECTION = 4
 FILL_S = 1.0  # a buffer filling longer than this is written (and its bytes can be saved) before it is full
 ALIGN = 4096  # O_DIRECT writes start, end and sit in memory on such boundaries
 # Writes that go through the page cache (heads and tails off those boundaries, or all of them where O_DIRECT is
-# refused) are cut into pieces of this size. A 1 MiB write makes the page cache take 1 MiB folios, which on a VM
-# returning free memory to its host (virtio-balloon free page reporting) come from memory the host must fault in
-# again on first touch: copying into them ran at ~0.4 GB/s (bench/downloads.py, after aria2c's runs).
+# refused) are cut into pieces of this size: a 1 MiB write makes the page cache take 1 MiB folios, which a VM that
+# returns free memory to its host must fault in again on first touch
 WRITE_PIECE_BYTES = 64 * 1024
 READ_BYTES = 4 * 1024 * 1024  # what a resumed download re-reads (and hashes) per step of the job
 POLL_S = 0.005  # how often the job looks for new bytes when it has hashed all there was
@@ -207,13 +198,13 @@ class SegmentedTransfer:
         headers: list[str],
         part: Path,
         size: int,
-        etag: str | None,
+        validator: str | None,
         *,
         connections: int,
         segment_bytes: int,
         timeout_s: float,
     ) -> None:
-        self.url, self.headers, self.part, self.size, self.etag = url, headers, part, size, etag
+        self.url, self.headers, self.part, self.size, self.validator = url, headers, part, size, validator
         self.connections, self.timeout_s = connections, timeout_s
         self.state_path = part.with_name(part.name + STATE_SUFFIX)
         self.segments = self._resume_or_split(segment_bytes)
@@ -231,16 +222,26 @@ class SegmentedTransfer:
         return sum(s.received for s in self.segments)
 
     def _resume_or_split(self, segment_bytes: int) -> list[Segment]:
-        try:
-            state = json.loads(self.state_path.read_text())
-            if state["size"] == self.size and state["etag"] == self.etag and self.part.exists():
-                return [Segment(*s) for s in state["segments"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+        """The segments an earlier attempt left, if they are this file's version; else fresh ones.
+
+        A fresh split's state is on disk before its .part exists: a full-size .part (holes and all) is never left
+        without the state that says which of its bytes are real.
+        """
+        if self.validator:  # without one, the bytes kept may be another version's
+            try:
+                state = json.loads(self.state_path.read_text())
+                if (state["size"], state["validator"]) == (self.size, self.validator) and self.part.exists():
+                    return [Segment(*s) for s in state["segments"]]
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        step = max(1, segment_bytes, -(-self.size // MAX_SEGMENTS))
+        segments = [Segment(start, min(start + step, self.size)) for start in range(0, self.size, step)]
+        self.part.unlink(missing_ok=True)
+        self._save(segments)
+        durable.fsync_dir(self.part.parent)
         with open(self.part, "wb") as f:
             f.truncate(self.size)
-        step = max(1, segment_bytes, -(-self.size // MAX_SEGMENTS))
-        return [Segment(start, min(start + step, self.size)) for start in range(0, self.size, step)]
+        return segments
 
     def checkpoint_due(self) -> bool:
         unsaved = self.transferred - self._saved_bytes
@@ -251,15 +252,25 @@ class SegmentedTransfer:
         if not self._saving.acquire(blocking=wait):
             return  # another segment is saving it
         try:
-            done, transferred = [s.done for s in self.segments], self.transferred
+            transferred = self.transferred
+            done = [Segment(s.start, s.end, s.done) for s in self.segments]
             os.fdatasync(self._fd)
-            segments = [[s.start, s.end, d] for s, d in zip(self.segments, done, strict=True)]
-            tmp = self.state_path.with_name(self.state_path.name + ".tmp")
-            tmp.write_text(json.dumps({"size": self.size, "etag": self.etag, "segments": segments}))
-            os.replace(tmp, self.state_path)
+            self._save(done)
             self._saved_at, self._saved_bytes = time.monotonic(), transferred
         finally:
             self._saving.release()
+
+    def _save(self, segments: list[Segment]) -> None:
+        state = {
+            "size": self.size,
+            "validator": self.validator,
+            "segments": [[s.start, s.end, s.done] for s in segments],
+        }
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps(state))
+            os.fdatasync(f.fileno())
+        os.replace(tmp, self.state_path)
 
     def _work(self, todo: deque[Segment]) -> None:
         """One connection's thread: the next segment in file order until none is left, or one has failed (the others
@@ -352,9 +363,8 @@ class SegmentedTransfer:
                 self.checkpoint()
 
     def _write(self, data: memoryview, offset: int) -> None:
-        """Whole pages at a page boundary go with O_DIRECT: no copy into the page cache, and the final fsync finds
-        them on disk already (on this VM's disk 1 GiB took 0.47-0.64 s that way, 0.8-2.3 s through the cache); what
-        is left over goes through the cache."""
+        """Whole pages at a page boundary go with O_DIRECT: no copy into the page cache, and the final sync finds
+        them on disk already (docs/architecture.md); what is left over goes through the cache."""
         direct = len(data) - len(data) % ALIGN if self._direct and offset % ALIGN == 0 else 0
         if direct:
             try:
@@ -445,7 +455,7 @@ class SegmentedTransfer:
 
     def _range(self, segment: Segment) -> list[str]:
         headers = [f"Range: bytes={segment.start + segment.done}-{segment.end - 1}"]
-        return [*headers, f"If-Range: {self.etag}"] if self.etag else headers
+        return [*headers, f"If-Range: {self.validator}"] if self.validator else headers
 
 
 def _open_direct(path: Path) -> int:

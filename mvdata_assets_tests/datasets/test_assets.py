@@ -21,7 +21,6 @@ from dagster import DagsterInstance, materialize
 from PIL import Image
 
 from mvdata_assets.cli import main, status
-from mvdata_assets.datasets import forked
 from mvdata_assets.datasets.assets import dataset_assets
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.settings import load_settings
@@ -241,51 +240,6 @@ def test_the_terminal_says_what_failed_in_one_line_and_goes_on(
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
 
 
-def test_a_dataset_of_many_files_is_fetched_by_worker_processes_under_dagster(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The asset's own process forks the workers (in-process executor); counts, rows and checks come out as ever.
-
-    The catalog gives no sizes: files of known size are first tried by the C fast path, in threads, not by workers.
-    """
-    shares_forked: list[int] = []
-    run_forked = forked.run_forked
-
-    def counting(shares, work, on_message):  # type: ignore[no-untyped-def]
-        shares_forked.append(len(shares))
-        return run_forked(shares, work, on_message)
-
-    monkeypatch.setattr(forked, "run_forked", counting)
-    monkeypatch.setenv("MVDATA_DOWNLOAD_PROCESSES", "2")
-    with FileServer() as server:
-        datas = {f"shards/{i:04d}.bin": bytes([i % 256]) * (500 + i) for i in range(140)}
-        files = [{**_entry(server, name, data), "size": None} for name, data in datas.items()]
-        files += [{"url": f"{server.url}/shards/gone-{i}.bin", "size": 10} for i in range(2)]
-        catalog = {"datasets": {"many": {"description": "many small files", "access": "public", "files": files}}}
-        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
-        monkeypatch.setenv("MVDATA_CATALOG", str(tmp_path / "catalog.yaml"))
-        home = tmp_path / "home"
-        monkeypatch.setenv("MVDATA_HOME", str(home))
-
-        metadata, checks = _run(home, DagsterInstance.ephemeral(), selection=["datasets/many"])
-
-    assert shares_forked == [2]
-    many = metadata["datasets/many"]
-    assert (many["downloaded"].value, many["failed"].value, many["status"].value) == (140, 2, "partial")
-    assert checks[("datasets/many", "no_failed_files")] is False
-    assert checks[("datasets/many", "checksums_recorded")] is True
-    for name, data in datas.items():
-        assert (home / "datasets" / "many" / Path(name).name).read_bytes() == data  # the URL's file name
-    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
-        rows = conn.execute("SELECT status, count(*), count(sha256) FROM datasets.files GROUP BY status").fetchall()
-        errors = [e for (e,) in conn.execute("SELECT error FROM datasets.files WHERE status = 'failed'").fetchall()]
-    assert sorted(rows) == [("downloaded", 140, 140), ("failed", 2, 0)]
-    assert all("404" in error for error in errors)
-
-
-# --- URL-list datasets: a CC3M-layout list, its images in WebDataset shards -------------------------------------
-
-
 def _jpeg(shade: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (8, 8), (shade, 40, 90)).save(out, "JPEG")
@@ -475,7 +429,6 @@ def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_progress_of_many_files_is_a_few_log_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each log line is an event-log write: a dataset's progress is at most one line every few seconds."""
-    monkeypatch.setenv("MVDATA_DOWNLOAD_PROCESSES", "1")
     with FileServer() as server:
         datas = {f"parts/{i:03d}.bin": bytes([i]) * (100 + i) for i in range(120)}
         files = [{**_entry(server, name, data), "size": None} for name, data in datas.items()]

@@ -18,7 +18,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -271,22 +270,22 @@ def test_wrong_content_length_never_passes_as_downloaded(
         assert_downloaded(result, task, data, clean=False)  # leftovers: see test_complete_part_answered_416
         assert result.attempts >= 2
     else:
-        assert result.status == "failed" and result.error
+        assert result.status == "failed" and result.error, result
         assert not task.dest.exists()
     assert result.status == "downloaded"  # retrying is enough here: one lie, then the server is honest
 
 
-def test_complete_part_answered_416_is_finished_cleanly(server: FileServer, serve: Callable[..., FileTask]) -> None:
-    """The whole body arrived but the connection broke (Content-Length promised more): the resume gets 416."""
+def test_a_part_as_big_as_the_file_is_fetched_again(server: FileServer, serve: Callable[..., FileTask]) -> None:
+    """The whole body arrived but the connection broke (Content-Length promised more): a 416 would prove nothing, so
+    the retry asks for the whole file, not for the bytes after it."""
     size = 200_000
     data = blob(size, 20)
     task = serve("whole.bin", data)
     server.fault("whole.bin", "wrong_length", length=size + 1000)
     (result,) = downloader().fetch_all([task])
-    assert result.status == "downloaded" and task.dest.read_bytes() == data
-    first, resume = gets(server, "whole.bin")
-    assert (first.bytes_sent, resume.range, resume.status) == (size, f"bytes={size}-", 416)
-    assert leftovers(task.dest) == [], "the .part.etag of a download finished through a 416 answer is left behind"
+    assert_downloaded(result, task, data)
+    first, retry = gets(server, "whole.bin")
+    assert (first.bytes_sent, retry.range, retry.status, retry.bytes_sent) == (size, None, 200, size)
 
 
 def test_slow_drip_completes(server: FileServer, serve: Callable[..., FileTask]) -> None:
@@ -635,6 +634,7 @@ def test_space_check_counts_only_the_missing_part_of_a_resumed_file(
     task = serve("resume-space.bin", data)
     task.dest.parent.mkdir(parents=True)
     task.dest.with_name(task.dest.name + ".part").write_bytes(data[:1_500_000])
+    task.dest.with_name(task.dest.name + ".part.validator").write_text(server.etag("resume-space.bin"))
     real = shutil.disk_usage
 
     def tight(path: os.PathLike[str] | str) -> object:
@@ -650,8 +650,7 @@ def test_space_check_counts_only_the_missing_part_of_a_resumed_file(
 # -- many files at once -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("processes", [1, 2], ids=["in-process", "2-worker-processes"])
-def test_many_files_with_some_faulted(server: FileServer, tmp_path: Path, processes: int) -> None:
+def test_many_files_with_some_faulted(server: FileServer, tmp_path: Path) -> None:
     faults = {7: "503", 13: "reset", 21: "corrupt-always", 33: "truncate", 40: "404", 45: "corrupt-once"}
     tasks: list[FileTask] = []
     expected: dict[str, tuple[str, bytes]] = {}
@@ -673,7 +672,7 @@ def test_many_files_with_some_faulted(server: FileServer, tmp_path: Path, proces
         tasks.append(FileTask(url, tmp_path / "shards" / f"{i:04d}.jpg", len(data), sha256(data)))
         expected[url] = (kind or "ok", data)
 
-    results = downloader(concurrency=16, retries=3, processes=processes).fetch_all(tasks)
+    results = downloader(concurrency=16, retries=3).fetch_all(tasks)
 
     assert [r.url for r in results] == [t.url for t in tasks]  # task order
     for task, result in zip(tasks, results, strict=True):
@@ -727,123 +726,6 @@ def test_connection_left_by_a_503_does_not_fail_another_file(server: FileServer,
     assert len(gets(server, "b.bin")) == 1
 
 
-# -- worker processes ---------------------------------------------------------------------------------------------
-
-
-def many_files(
-    server: FileServer, tmp_path: Path, count: int, sized: bool = True
-) -> tuple[list[FileTask], list[bytes]]:
-    """`count` small files; not `sized`: of sizes unknown to the catalog, so that their first attempts are not the C
-    fast path's (only the Python loop and its worker processes take them)."""
-    datas = [blob(1000 + 97 * i, 3000 + i) for i in range(count)]
-    tasks = [
-        FileTask(
-            server.add(f"w/{i:04d}.bin", data),
-            tmp_path / "w" / f"{i:04d}.bin",
-            len(data) if sized else None,
-            sha256(data),
-        )
-        for i, data in enumerate(datas)
-    ]
-    return tasks, datas
-
-
-@pytest.fixture
-def transfer_runs(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[], list[tuple[int, ...]]]:
-    """(pid, files, transfers at once, writer threads) of every transfer loop run, as each recorded itself (in any
-    process)."""
-    log = tmp_path / "transfer-runs.log"
-    original = Downloader._run
-
-    def recording(self: Downloader, *args: Any) -> None:
-        loop, todo, probes, listing, firsts, at_once, writers = args
-        with open(log, "a") as out:
-            out.write(f"{os.getpid()} {len(todo)} {at_once} {writers}\n")
-        original(self, loop, todo, probes, listing, firsts, at_once, writers)
-
-    monkeypatch.setattr(Downloader, "_run", recording)
-    return lambda: [tuple(map(int, line.split())) for line in log.read_text().splitlines()]  # type: ignore[misc]
-
-
-def test_many_files_are_fetched_by_worker_processes_and_reported_here(
-    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, ...]]]
-) -> None:
-    tasks, datas = many_files(server, tmp_path, 200, sized=False)
-    progress: list[tuple[int, str, int, int | None]] = []
-
-    def report(url: str, done: int, total: int | None) -> None:
-        progress.append((os.getpid(), url, done, total))
-
-    results = downloader(concurrency=16, processes=2, progress=report).fetch_all(tasks)
-
-    for task, result, data in zip(tasks, results, datas, strict=True):
-        assert_downloaded(result, task, data)
-        assert (result.attempts, result.bytes_transferred) == (1, len(data))
-    runs = transfer_runs()
-    assert len(runs) == 2
-    assert os.getpid() not in {run[0] for run in runs} and len({run[0] for run in runs}) == 2
-    assert sorted(run[1:] for run in runs) == [(100, 8, 1), (100, 8, 1)]  # 16 transfers and 2 writers in all
-    assert {pid for pid, _, _, _ in progress} == {os.getpid()}  # the callback runs here, not in a worker
-    last = {url: (done, total) for _, url, done, total in progress}
-    assert last == {task.url: (len(data), len(data)) for task, data in zip(tasks, datas, strict=True)}
-
-
-def test_few_files_are_not_worth_a_worker_process(
-    server: FileServer, tmp_path: Path, transfer_runs: Callable[[], list[tuple[int, ...]]]
-) -> None:
-    tasks, datas = many_files(server, tmp_path, fetch_module.FILES_PER_PROCESS * 2 - 1, sized=False)
-    results = downloader(concurrency=16, processes=2).fetch_all(tasks)
-    assert all(r.status == "downloaded" for r in results)
-    assert transfer_runs() == [(os.getpid(), len(tasks), 16, 2)]
-
-
-def test_a_worker_process_killed_midway_fails_its_share_and_a_rerun_keeps_what_it_stored(
-    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    tasks, datas = many_files(server, tmp_path, 160, sized=False)
-    doomed = tasks[-1].url  # the smallest file: dealt last, into the second share
-    original = Downloader._run
-
-    def dying(self: Downloader, loop: Any, todo: list, *rest: Any) -> None:
-        if any(task.url == doomed for task, _ in todo):
-            original(self, loop, todo[: len(todo) // 2], *rest)  # these reach the disk
-            os.kill(os.getpid(), signal.SIGKILL)
-        original(self, loop, todo, *rest)
-
-    monkeypatch.setattr(Downloader, "_run", dying)
-    results = downloader(concurrency=8, processes=2).fetch_all(tasks)
-
-    failed = [r for r in results if r.status == "failed"]
-    assert len(failed) == 80 and doomed in {r.url for r in failed}
-    for result in failed:
-        assert re.fullmatch(
-            r"the worker process \d+ ended without a result \(killed by SIGKILL\) before reporting this file",
-            result.error or "",
-        )
-    failed_tasks = [task for task, result in zip(tasks, results, strict=True) if result.status == "failed"]
-    stored = [task for task in failed_tasks if task.dest.exists()]
-    assert len(stored) == 40  # half the share reached the disk, yet nothing the parent did not hear of is `downloaded`
-    monkeypatch.setattr(Downloader, "_run", original)
-    known = {Path(r.path): Known(r.bytes, r.mtime_ns or 0, r.sha256 or "") for r in results if r.status == "downloaded"}
-    before = len(gets_all(server))
-
-    again = downloader(concurrency=8, processes=2).fetch_all(tasks, known)
-
-    by_url = {r.url: r for r in again}
-    for task, data in zip(tasks, datas, strict=True):
-        result = by_url[task.url]
-        if task in stored or task not in failed_tasks:
-            assert result.status == "skipped", result  # recorded, or found in place and re-hashed
-            assert task.dest.read_bytes() == data
-        else:
-            assert_downloaded(result, task, data)
-    assert len(gets_all(server)) - before == 40  # only the files that never reached the disk travelled again
-
-
-def gets_all(server: FileServer) -> list[Request]:
-    return [r for r in server.requests if r.method == "GET"]
-
-
 # -- progress ------------------------------------------------------------------------------------------------------
 
 
@@ -892,10 +774,10 @@ def test_files_are_synced_before_their_rename_and_reported_after_it(
     tasks = [FileTask(server.add(n, d), tmp_path / n, len(d), sha256(d)) for n, d in datas.items()]
     batches: list[list[str]] = []
     problems: list[str] = []  # seen in the committer's thread, asserted here
-    real_commit, real_syncfs, real_fsync_dir = fetch_module._commit, durable.syncfs, durable.fsync_dir
+    real_commit, real_syncfs, real_fsync_dir = durable.commit, durable.syncfs, durable.fsync_dir
 
-    def commit(batch: list) -> None:
-        batches.append([dest.name for _, _, dest in batch])
+    def commit(batch: list[durable.Verified]) -> None:
+        batches.append([Path(item.dest).name for item in batch])
         real_commit(batch)
 
     def syncfs(folder: Path) -> None:
@@ -913,7 +795,7 @@ def test_files_are_synced_before_their_rename_and_reported_after_it(
     def _batch_of(names: list[str]) -> list[tuple[FileResult, Path, Path]]:
         return [(by_name[n], tmp_path / f"{n}.part", tmp_path / n) for n in names]
 
-    monkeypatch.setattr(fetch_module, "_commit", commit)
+    monkeypatch.setattr(durable, "commit", commit)
     monkeypatch.setattr(durable, "syncfs", syncfs)
     monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
     by_name: dict[str, FileResult] = {}
@@ -980,50 +862,50 @@ def test_a_failed_sync_fails_its_files_with_the_reason(
 # -- resuming what an earlier run left ---------------------------------------------------------------------------
 
 
-def test_a_small_part_without_its_etag_starts_over(server: FileServer, serve: Callable[..., FileTask]) -> None:
-    """A small .part has no ETag sidecar when its process was killed: it cannot be trusted, and is cheap to refetch."""
-    data = blob(200_000, 22)
-    task = serve("small-part.bin", data)
+def test_a_part_without_its_validator_starts_over(server: FileServer, serve: Callable[..., FileTask]) -> None:
+    """A .part whose validator was never recorded (a process killed early) may hold another version's bytes."""
+    data = blob(3_000_000, 22)
+    task = serve("no-validator.bin", data)
     task.dest.parent.mkdir(parents=True)
-    task.dest.with_name("small-part.bin.part").write_bytes(b"stale bytes of another version")
+    task.dest.with_name("no-validator.bin.part").write_bytes(b"stale bytes of another version" * 50_000)
     (result,) = downloader().fetch_all([task])
     assert_downloaded(result, task, data)
-    (get,) = gets(server, "small-part.bin")
+    (get,) = gets(server, "no-validator.bin")
     assert get.range is None and get.status == 200
 
 
-def test_a_big_part_without_its_etag_resumes_without_if_range(
+def test_with_only_a_weak_etag_a_resume_is_validated_by_last_modified(
     server: FileServer, serve: Callable[..., FileTask]
 ) -> None:
-    """A server that sends no ETag: big .part files are resumed on the byte count alone, as before."""
-    size, kept = 3_000_000, 2_000_000
+    size, cut = 3_000_000, 1_234_567
     data = blob(size, 23)
     task = serve("no-etag.bin", data)
-    server.add("no-etag.bin", data, etag="", headers={})
-    task.dest.parent.mkdir(parents=True)
-    task.dest.with_name("no-etag.bin.part").write_bytes(data[:kept])
+    server.add("no-etag.bin", data, etag='W/"v1"')  # not allowed in If-Range
+    server.fault("no-etag.bin", "truncate", after=cut)
     (result,) = downloader().fetch_all([task])
     assert_downloaded(result, task, data)
-    assert result.bytes_transferred == size - kept
-    (get,) = gets(server, "no-etag.bin")
-    assert (get.range, get.status) == (f"bytes={kept}-", 206)
-    assert "if-range" not in get.headers
+    first, retry = gets(server, "no-etag.bin")
+    assert (retry.range, retry.status) == (f"bytes={cut}-", 206)
+    assert retry.headers.get("if-range") == first.response_headers["Last-Modified"]
 
 
-def test_whole_part_left_by_a_kill_before_the_rename_is_finished_without_a_body(
-    server: FileServer, serve: Callable[..., FileTask]
+@pytest.mark.parametrize("catalog", ["size only", "size and sha256"])
+def test_a_full_size_part_of_zeros_is_never_taken_for_the_file(
+    server: FileServer, serve: Callable[..., FileTask], catalog: str
 ) -> None:
-    """Killed after the last byte but before the batch renamed it: the next run only checks and renames."""
+    """What a kill in a segmented download's first moments leaves: the .part at full size, holes only, and neither
+    segment state nor validator. Its zeros must not pass as the file (a 416 to `Range: bytes=<size>-` proves
+    nothing)."""
     data = blob(1_500_000, 24)
-    task = serve("verified.bin", data)
+    task = serve("sparse.bin", data, checksum=catalog == "size and sha256")
     task.dest.parent.mkdir(parents=True)
-    task.dest.with_name("verified.bin.part").write_bytes(data)
-    task.dest.with_name("verified.bin.part.etag").write_text(server.etag("verified.bin"))
+    with open(task.dest.with_name("sparse.bin.part"), "wb") as part:
+        part.truncate(len(data))
+    task.dest.with_name("sparse.bin.part.validator").write_text(server.etag("sparse.bin"))
     (result,) = downloader().fetch_all([task])
-    assert_downloaded(result, task, data)
-    assert result.bytes_transferred == 0
-    (get,) = gets(server, "verified.bin")
-    assert (get.range, get.status, get.bytes_sent) == (f"bytes={len(data)}-", 416, 0)
+    assert (result.status, result.sha256) == ("downloaded", sha256(data))
+    assert task.dest.read_bytes() == data
+    assert [(g.range, g.status) for g in gets(server, "sparse.bin")] == [(None, 200)]
 
 
 # -- redirects -----------------------------------------------------------------------------------------------------

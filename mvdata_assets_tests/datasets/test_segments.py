@@ -118,24 +118,34 @@ def test_server_refusing_ranges_falls_back_to_one_stream(file_server: FileServer
     assert last.range is None and last.status == 200
 
 
-def test_killed_segmented_download_resumes_every_segment(file_server: FileServer, tmp_path: Path) -> None:
-    url = file_server.add("big.bin", DATA)
-    dest = tmp_path / "big.bin"
-    file_server.fault("big.bin", "drip", rate=150_000, times=4)  # ~10 s a segment; progress is saved at 5 s
-    child = subprocess.Popen(
+def start_child_download(url: str, dest: Path, sha256: str | None) -> subprocess.Popen:
+    """A process downloading `url` in 4 segments, to be killed."""
+    return subprocess.Popen(
         [sys.executable, "-c", (
             "import sys; from pathlib import Path\n"
             "from mvdata_assets.datasets.fetch import Downloader, FileTask\n"
             "Downloader(segment_connections=4, segment_bytes=int(sys.argv[3]) // 4, segment_min_bytes=1 << 20)"
             ".fetch_all("
-            "[FileTask(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4])])\n"
-        ), url, str(dest), str(SIZE), SHA256],
+            "[FileTask(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] or None)])\n"
+        ), url, str(dest), str(SIZE), sha256 or ""],
     )  # fmt: skip
-    state = dest.with_name("big.bin.part.segments.json")
+
+
+def wait_for(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + 30
-    while not (state.exists() and sum(s[2] for s in json.loads(state.read_text())["segments"]) > 0):
-        assert time.monotonic() < deadline, "the child never recorded segment progress"
-        time.sleep(0.05)
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def test_killed_segmented_download_resumes_every_segment(file_server: FileServer, tmp_path: Path) -> None:
+    url = file_server.add("big.bin", DATA)
+    dest = tmp_path / "big.bin"
+    file_server.fault("big.bin", "drip", rate=150_000, times=4)  # ~10 s a segment; progress is saved at 5 s
+    child = start_child_download(url, dest, SHA256)
+    state = dest.with_name("big.bin.part.segments.json")
+    wait_for(lambda: state.exists() and sum(s[2] for s in json.loads(state.read_text())["segments"]) > 0,
+             "the child never recorded segment progress")  # fmt: skip
     time.sleep(0.3)
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -150,6 +160,26 @@ def test_killed_segmented_download_resumes_every_segment(file_server: FileServer
         f"bytes={start + done}-{end - 1}" for start, end, done in saved if start + done < end
     )
     assert sum(r.bytes_sent for r in resumed) == SIZE - kept  # only the missing bytes travelled
+
+
+def test_a_segmented_download_killed_at_once_leaves_no_part_that_passes_for_the_file(
+    file_server: FileServer, tmp_path: Path
+) -> None:
+    """Killed as the first segment bytes arrive: the full-size .part is all holes, and the catalog has a size but no
+    checksum, so nothing but the segment state tells its zeros from the file."""
+    url = file_server.add("big.bin", DATA)
+    dest, part = tmp_path / "big.bin", tmp_path / "big.bin.part"
+    file_server.fault("big.bin", "drip", rate=50_000, times=4)
+    child = start_child_download(url, dest, None)
+    wait_for(lambda: part.exists() and part.stat().st_size == SIZE, "the child never created its .part")
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    state = json.loads(dest.with_name("big.bin.part.segments.json").read_text())  # there before the .part was
+    assert state["size"] == SIZE and sum(done for _, _, done in state["segments"]) < SIZE
+    file_server.clear_faults("big.bin")
+    [result] = segmented().fetch_all([FileTask(url, dest, SIZE)])
+    assert (result.status, result.sha256) == ("downloaded", SHA256)
+    assert dest.read_bytes() == DATA
 
 
 def test_small_files_go_on_while_a_big_file_arrives_in_segments(file_server: FileServer, tmp_path: Path) -> None:
@@ -323,7 +353,7 @@ def test_a_segmented_part_is_never_resumed_as_one_stream(file_server: FileServer
     dest = tmp_path / "big.bin"
     part = tmp_path / "big.bin.part"
     part.write_bytes(DATA[: SIZE // 2] + bytes(SIZE - SIZE // 2))
-    state = {"size": SIZE, "etag": None, "segments": [[0, SIZE // 2, SIZE // 2], [SIZE // 2, SIZE, 0]]}
+    state = {"size": SIZE, "validator": None, "segments": [[0, SIZE // 2, SIZE // 2], [SIZE // 2, SIZE, 0]]}
     (tmp_path / "big.bin.part.segments.json").write_text(json.dumps(state))
     task = FileTask(file_server.add("big.bin", DATA), dest, SIZE)  # a size but no checksum: holes would pass
     [result] = segmented(segment_connections=1).fetch_all([task])
@@ -336,7 +366,7 @@ def test_a_resume_off_page_boundaries_completes_the_file(file_server: FileServer
     dest, part = tmp_path / "big.bin", tmp_path / "big.bin.part"
     half, kept = SIZE // 2, (12_345, 7)
     part.write_bytes(DATA[: kept[0]] + bytes(half - kept[0]) + DATA[half : half + kept[1]] + bytes(half - kept[1]))
-    state = {"size": SIZE, "etag": '"v1"', "segments": [[0, half, kept[0]], [half, SIZE, kept[1]]]}
+    state = {"size": SIZE, "validator": '"v1"', "segments": [[0, half, kept[0]], [half, SIZE, kept[1]]]}
     (tmp_path / "big.bin.part.segments.json").write_text(json.dumps(state))
     task = FileTask(file_server.add("big.bin", DATA, etag="v1"), dest, SIZE, SHA256)
     [result] = segmented(segment_bytes=half).fetch_all([task])

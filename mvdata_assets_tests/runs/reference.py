@@ -1,6 +1,6 @@
 """An independent, deliberately plain reader of `.wandb` files, used as ground truth by the tests.
 
-It follows the format as documented (shared/wandb-facts.md): a 7-byte header, leveldb-log framing
+It follows the format as wandb documents it (wandb/sdk/internal/datastore.py): a 7-byte header, leveldb-log framing
 in 32 KiB blocks with CRC-checked fragments, and one `wandb_internal_pb2.Record` per assembled
 payload. It shares no code with the engine. It reads intact files only (a CRC mismatch raises) and
 stops quietly at an incomplete tail.
