@@ -166,6 +166,8 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
                     progress=progress,
                     images=images,
                     shard_progress=shard_progress,
+                    lock_timeout_s=settings.lock_timeout_s,
+                    say=say,
                 )
             except Exception as exc:  # noqa: BLE001 - one line for the user, and the next dataset goes on
                 say(f"{name}: failed: {type(exc).__name__}: {exc}")

@@ -9,38 +9,45 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import duckdb
 from filelock import FileLock, Timeout
 
 
-class WarehouseBusy(RuntimeError):
+class Busy(RuntimeError):
+    """Another process held a lock for longer than the allowed wait."""
+
+
+class WarehouseBusy(Busy):
     """Another writer held the warehouse for longer than the allowed wait."""
 
 
 @contextmanager
-def warehouse_lock(
-    database: Path,
+def exclusive(
+    lock_path: Path,
+    what: str,
     timeout_s: float = 600.0,
     on_wait: Callable[[float], None] | None = None,
     on_busy: Callable[[str], None] | None = None,
+    busy: type[Busy] = Busy,
 ) -> Iterator[float]:
-    """Holds the warehouse's writer lock; yields the seconds spent waiting for it. When another writer holds it,
-    `on_busy` hears so before the wait starts (a silent wait looks like a hang) and `on_wait` how long it lasted."""
-    database.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(database) + ".lock")
+    """Holds the file lock at `lock_path`, guarding `what`; yields the seconds spent waiting for it. When another
+    process holds it, `on_busy` hears so before the wait starts (a silent wait looks like a hang) and `on_wait` how
+    long it lasted."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path))
     started = time.monotonic()
     try:
         try:
             lock.acquire(timeout=0)
         except Timeout:
             if on_busy:
-                on_busy(f"waiting up to {timeout_s:.0f} s for another writer of {database}")
+                on_busy(f"waiting up to {timeout_s:.0f} s for another writer of {what}")
             lock.acquire(timeout=timeout_s)
     except Timeout as exc:
-        raise WarehouseBusy(f"{database} is being written by another process; gave up after {timeout_s:.0f} s") from exc
+        raise busy(f"{what} is being written by another process; gave up after {timeout_s:.0f} s") from exc
     waited = time.monotonic() - started
     if on_wait and waited >= 0.5:
         on_wait(waited)
@@ -48,6 +55,16 @@ def warehouse_lock(
         yield waited
     finally:
         lock.release()
+
+
+def warehouse_lock(
+    database: Path,
+    timeout_s: float = 600.0,
+    on_wait: Callable[[float], None] | None = None,
+    on_busy: Callable[[str], None] | None = None,
+) -> AbstractContextManager[float]:
+    """The warehouse's writer lock, beside the database file."""
+    return exclusive(Path(str(database) + ".lock"), str(database), timeout_s, on_wait, on_busy, WarehouseBusy)
 
 
 @contextmanager

@@ -216,6 +216,8 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 progress=_progress_logger(context, dataset.name),
                 images=datasets.image_options(config.retry_failed),
                 shard_progress=_shard_logger(context, dataset.name),
+                lock_timeout_s=warehouse.lock_timeout_s,
+                say=context.log.info,
             )
         except Exception:
             if tracker:  # the download run's W&B log still counts this dataset, as failed

@@ -24,10 +24,12 @@ from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import extract
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Known, Progress
 from mvdata_assets.datasets.url_lists import ShardResult, UrlListError, UrlListRun, fetch_url_list
+from mvdata_assets.db import exclusive
 from mvdata_assets.settings import Settings
 
 Connect = Callable[[], AbstractContextManager[duckdb.DuckDBPyConnection]]
 ShardProgress = Callable[[str, ShardResult], None]  # (list path, shard): each shard as it is finished
+LOCKS = ".locks"  # under the data root: one lock file per dataset, held while it downloads
 
 
 @dataclass(frozen=True)
@@ -96,8 +98,30 @@ def download_dataset(
     progress: Progress | None = None,
     images: ImageOptions | None = None,
     shard_progress: ShardProgress | None = None,
+    lock_timeout_s: float = 600.0,
+    say: Callable[[str], None] | None = None,
 ) -> DatasetRun:
-    """Raises UrlListError (after recording the files) when a list can't be read as its catalog entry says."""
+    """One download of a dataset at a time, whoever runs it (a Dagster step, `mvdata download`): a second one waits
+    for the first (`say` hears of the wait when it starts and how long it took), then finds its files in place.
+
+    Raises Busy when the other download outlasts `lock_timeout_s`, and UrlListError (after recording the files) when
+    a list can't be read as its catalog entry says.
+    """
+    waited = (lambda s: say(f"waited {s:.1f} s for another download of dataset {dataset.name}")) if say else None
+    with exclusive(data_root / LOCKS / f"{dataset.name}.lock", f"dataset {dataset.name}", lock_timeout_s, waited, say):
+        return _download(dataset, data_root, connect, verify, concurrency, progress, images, shard_progress)
+
+
+def _download(
+    dataset: Dataset,
+    data_root: Path,
+    connect: Connect,
+    verify: bool,
+    concurrency: int,
+    progress: Progress | None,
+    images: ImageOptions | None,
+    shard_progress: ShardProgress | None,
+) -> DatasetRun:
     started = time.monotonic()
     folder = data_root / dataset.name
     if dataset.access == "manual":

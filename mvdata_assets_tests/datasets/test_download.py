@@ -1,0 +1,69 @@
+"""One download of a dataset at a time: a second process waits for the first, says so, and fetches nothing again."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+
+from mvdata_assets.cli import main
+from mvdata_assets_tests.datasets.fileserver import FileServer
+
+DATA = bytes(range(256)) * 800  # 200 KiB
+
+
+def held(lock: Path) -> bool:
+    """Another process holds `lock` (filelock's flock), seen without waiting for it."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # also lets go of the lock if it was free
+    return False
+
+
+def test_a_second_download_of_a_dataset_waits_for_the_first_and_fetches_nothing_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with FileServer() as server:
+        url = server.add("slow/big.bin", DATA)
+        server.fault("slow/big.bin", "drip", rate=50_000)  # ~4 s
+        entry = {"url": url, "size": len(DATA)}  # a size but no checksum: the transfer alone proves the bytes
+        catalog = {"datasets": {"slow": {"description": "one slow file", "access": "public", "files": [entry]}}}
+        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+        monkeypatch.setenv("MVDATA_CATALOG", str(tmp_path / "catalog.yaml"))
+        monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
+        first = subprocess.Popen([sys.executable, "-m", "mvdata_assets.cli", "download", "slow"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not held(tmp_path / "home" / "datasets" / ".locks" / "slow.lock"):
+                assert time.monotonic() < deadline and first.poll() is None, "the first download never started"
+                time.sleep(0.02)
+            assert main(["download", "slow"]) == 0
+            second = capsys.readouterr().out
+        finally:
+            first_out = first.communicate(timeout=60)[0]
+    assert first.returncode == 0, first_out
+    assert "slow: complete (1 downloaded, 0 skipped, 0 failed)" in first_out
+    assert "waiting up to 600 s for another writer of dataset slow" in second  # said as the wait starts
+    assert "slow: complete (0 downloaded, 1 skipped, 0 failed)" in second
+    assert [r.method for r in server.requests_for("slow/big.bin")] == ["GET"]  # fetched once, by the first
+    dest = tmp_path / "home" / "datasets" / "slow" / "big.bin"
+    assert dest.read_bytes() == DATA
+    with duckdb.connect(str(tmp_path / "home" / "warehouse.duckdb"), read_only=True) as conn:
+        rows = conn.sql("SELECT status, sha256 FROM datasets.files WHERE dataset = 'slow'").fetchall()
+    assert rows == [("skipped", hashlib.sha256(DATA).hexdigest())]
