@@ -167,6 +167,7 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
                     images=images,
                     shard_progress=shard_progress,
                     lock_timeout_s=settings.lock_timeout_s,
+                    extract_max_ratio=settings.extract_max_ratio,
                     say=say,
                 )
             except Exception as exc:  # noqa: BLE001 - one line for the user, and the next dataset goes on

@@ -31,6 +31,7 @@ def datasets_fields(settings: Settings) -> dict[str, Any]:
         "image_concurrency": settings.image_concurrency,
         "image_host_connections": settings.image_host_connections,
         "image_timeout_s": settings.image_timeout_s,
+        "extract_max_ratio": settings.extract_max_ratio,
     }
 
 
@@ -83,6 +84,11 @@ class DatasetsResource(ConfigurableResource):
     )
     image_timeout_s: float = _seconds(
         "MVDATA_IMAGE_TIMEOUT_S", "an image receiving nothing this long fails", DATASETS["image_timeout_s"]
+    )
+    extract_max_ratio: int = _count(
+        "MVDATA_EXTRACT_MAX_RATIO",
+        "an archive expanding past this many times its size is refused",
+        DATASETS["extract_max_ratio"],
     )
 
     @classmethod

@@ -58,6 +58,7 @@ class Settings:
     image_concurrency: int  # URL-list images in flight at once
     image_host_connections: int  # ... of which at most this many to one host
     image_timeout_s: float  # an image transfer that receives nothing for this long fails as `timeout`
+    extract_max_ratio: int  # an archive expanding to more than this many times its size is refused
     sensor_interval_s: int
     sensor_enabled: bool  # on by default when a W&B source is configured
     tracking_enabled: bool  # log each download run to W&B (the SDK's WANDB_MODE picks online / offline)
@@ -102,6 +103,7 @@ def load_settings() -> Settings:
         image_concurrency=_count("MVDATA_IMAGE_CONCURRENCY", 64),
         image_host_connections=_count("MVDATA_IMAGE_HOST_CONNECTIONS", 16),
         image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", 10.0),
+        extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", 100),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
         sensor_enabled=_switch(
             "MVDATA_WANDB_SENSOR", "on" if dirs or os.environ.get("MVDATA_WANDB_PROJECTS") else "off"

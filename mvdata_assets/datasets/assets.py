@@ -217,6 +217,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 images=datasets.image_options(config.retry_failed),
                 shard_progress=_shard_logger(context, dataset.name),
                 lock_timeout_s=warehouse.lock_timeout_s,
+                extract_max_ratio=datasets.extract_max_ratio,
                 say=context.log.info,
             )
         except Exception:

@@ -21,7 +21,7 @@ import duckdb
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, shards_folder
 from mvdata_assets.datasets.digests import sha256_of
-from mvdata_assets.datasets.extract import extract
+from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO, extract
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Known, Progress
 from mvdata_assets.datasets.url_lists import ShardResult, UrlListError, UrlListRun, fetch_url_list
 from mvdata_assets.db import exclusive
@@ -100,6 +100,7 @@ def download_dataset(
     shard_progress: ShardProgress | None = None,
     lock_timeout_s: float = 600.0,
     say: Callable[[str], None] | None = None,
+    extract_max_ratio: int = DEFAULT_MAX_RATIO,
 ) -> DatasetRun:
     """One download of a dataset at a time, whoever runs it (a Dagster step, `mvdata download`): a second one waits
     for the first (`say` hears of the wait when it starts and how long it took), then finds its files in place.
@@ -109,7 +110,9 @@ def download_dataset(
     """
     waited = (lambda s: say(f"waited {s:.1f} s for another download of dataset {dataset.name}")) if say else None
     with exclusive(data_root / LOCKS / f"{dataset.name}.lock", f"dataset {dataset.name}", lock_timeout_s, waited, say):
-        return _download(dataset, data_root, connect, verify, concurrency, progress, images, shard_progress)
+        return _download(
+            dataset, data_root, connect, verify, concurrency, progress, images, shard_progress, extract_max_ratio
+        )
 
 
 def _download(
@@ -121,6 +124,7 @@ def _download(
     progress: Progress | None,
     images: ImageOptions | None,
     shard_progress: ShardProgress | None,
+    extract_max_ratio: int,
 ) -> DatasetRun:
     started = time.monotonic()
     folder = data_root / dataset.name
@@ -142,10 +146,12 @@ def _download(
     )
     results = downloader.fetch_all(tasks, known, verify=verify)
     extracted = []
+    catalog_files = [task.dest for task in tasks]  # no archive member may replace one of them
     for file, result in zip(dataset.files, results, strict=True):
         if file.extract and result.status != "failed":
             try:
-                done = extract(folder / file.path, folder, sha256=result.sha256)
+                done = extract(folder / file.path, folder, sha256=result.sha256, protected=catalog_files,
+                               max_ratio=extract_max_ratio)  # fmt: skip
                 extracted.append(f"{file.path}: {done.members} members" + (" (already)" if done.skipped else ""))
             except (ValueError, OSError) as exc:  # an unsafe or broken archive fails that file, not the run
                 result.status, result.error = "failed", f"extracting: {exc}"

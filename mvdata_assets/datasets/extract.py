@@ -26,13 +26,14 @@ import lzma
 import os
 import posixpath
 import re
+import shutil
 import stat
 import tarfile
 import time
 import zipfile
 import zlib
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = ["ARCHIVE_SUFFIXES", "BadArchive", "Extracted", "UnsafeArchive", "extr
 
 
 _MARKER_VERSION = 1
+DEFAULT_MAX_RATIO = 100  # text compresses ~10x; a zip bomb expands 1,000x and more
 _CHUNK = 1 << 20
 _MAX_LINK_HOPS = 40  # as the kernel's ELOOP limit
 _MAX_ZIP_LINK_BYTES = 4096  # PATH_MAX: a longer "symlink" entry is not a symlink target
@@ -71,6 +73,14 @@ class UnsafeArchive(ValueError):
         self.reason = reason
         shown = member if member.isprintable() else repr(member)
         super().__init__(f"refusing to extract {self.archive}: member '{shown}' {reason}; nothing was extracted")
+
+
+class ArchiveTooBig(ValueError):
+    """The archive would expand past the allowed ratio or the free disk; nothing was extracted."""
+
+    def __init__(self, archive: Path, reason: str) -> None:
+        self.archive = Path(archive)
+        super().__init__(f"refusing to extract {self.archive}: {reason}; nothing was extracted")
 
 
 class BadArchive(ValueError):
@@ -125,12 +135,21 @@ def is_extracted(archive: Path, target: Path, sha256: str | None = None) -> bool
     return all(os.path.lexists(target / name) for name in top_level)
 
 
-def extract(archive: Path, target: Path, *, sha256: str | None = None) -> Extracted:
+def extract(
+    archive: Path,
+    target: Path,
+    *,
+    sha256: str | None = None,
+    protected: Collection[Path] = (),
+    max_ratio: int = DEFAULT_MAX_RATIO,
+) -> Extracted:
     """Unpack ``archive`` into ``target`` unless a valid marker says that's done; see the module docstring for rules.
 
-    Raises ValueError for an unsupported file type, :class:`UnsafeArchive` (before writing anything) for a member
-    that would escape ``target``, and :class:`BadArchive` for a corrupt archive or a ``sha256`` mismatch. After any
-    error there is no marker, so the next call starts over.
+    Raises ValueError for an unsupported file type; before writing anything, :class:`UnsafeArchive` for a member that
+    would escape ``target`` or replace a file of ``protected`` (the dataset's other downloads, verified already), and
+    :class:`ArchiveTooBig` when the members' declared sizes exceed ``max_ratio`` times the archive's size or the
+    free disk; :class:`BadArchive` for a corrupt archive or a ``sha256`` mismatch. After any error there is no
+    marker, so the next call starts over.
     """
     archive, target = Path(archive), Path(target)
     kind = _archive_kind(archive)
@@ -148,12 +167,13 @@ def extract(archive: Path, target: Path, *, sha256: str | None = None) -> Extrac
         raise NotADirectoryError(f"extraction target {target} is not a directory")
 
     with _OpenArchive(archive, kind) as source:
-        planner = _Planner(archive, root)
+        planner = _Planner(archive, root, protected)
         count = 0
         for member in source.members():
             planner.add(member)
             count += 1
         ops = planner.finish()
+        _check_room(archive, root, ops, planner, before.st_size, max_ratio)
         # Validation passed: from here on the folder changes. Drop a stale marker first so that an interruption
         # can't leave an old "done" next to half-new content.
         marker = marker_path(archive, root)
@@ -418,9 +438,14 @@ class _Planner:
     directories: the same thing the kernel would do, without anything written.
     """
 
-    def __init__(self, archive: Path, root: Path) -> None:
+    def __init__(self, archive: Path, root: Path, protected: Collection[Path] = ()) -> None:
         self.archive = archive
         self.root = root
+        self.protected = {
+            Path(os.path.realpath(path)).relative_to(root).parts
+            for path in protected
+            if Path(os.path.realpath(path)).is_relative_to(root)
+        }
         self.state: dict[RelPath, tuple[str, str | None]] = {}  # path -> (dir|file|symlink, symlink text)
         self._disk: dict[RelPath, os.stat_result | None] = {}
         self.ops: list[_Op] = []
@@ -430,11 +455,11 @@ class _Planner:
             self.archive_path = real_archive.relative_to(root).parts
 
     # What is at a path: the archive's latest entry there, else the disk, trusting disk only under real directories.
-    def _disk_stat(self, path: RelPath) -> os.stat_result | None:
+    def disk_stat(self, path: RelPath) -> os.stat_result | None:
         if path in self._disk:
             return self._disk[path]
         result: os.stat_result | None = None
-        parent = self._disk_stat(path[:-1]) if len(path) > 1 else None
+        parent = self.disk_stat(path[:-1]) if len(path) > 1 else None
         if len(path) == 1 or (parent is not None and stat.S_ISDIR(parent.st_mode)):
             try:
                 result = os.lstat(self.root.joinpath(*path))
@@ -446,7 +471,7 @@ class _Planner:
     def kind_at(self, path: RelPath) -> tuple[str, str | None] | None:
         if path in self.state:
             return self.state[path]
-        st = self._disk_stat(path)
+        st = self.disk_stat(path)
         if st is None:
             return None
         if stat.S_ISLNK(st.st_mode):
@@ -513,6 +538,8 @@ class _Planner:
             dest = self.resolve(parts, follow_last=False)  # a file replaces a link, never writes through it
         if dest and (dest == self.archive_path or (len(dest) == 1 and _MARKER_RE.match(dest[0]))):
             raise _Escape("would overwrite the archive or its extraction marker")
+        if dest in self.protected and member.kind != "dir":
+            raise _Escape(f"would overwrite '{'/'.join(dest)}', a file of the dataset's catalog")
 
         existing = self.kind_at(dest) if dest else ("dir", None)
         link: str | RelPath | None = None
@@ -576,6 +603,26 @@ class _Planner:
             except _Escape as exc:
                 raise UnsafeArchive(self.archive, op.member.name, f"is a symlink that {exc}") from None
         return self.ops
+
+
+def _check_room(archive: Path, root: Path, ops: list[_Op], planner: _Planner, size: int, max_ratio: int) -> None:
+    """The members' declared sizes (what the readers let through, at most) against the ratio and the free disk."""
+    declared = sum(op.member.size for op in ops if op.member.kind == "file")
+    if declared > max_ratio * max(size, 1):
+        ratio = declared / max(size, 1)
+        limit = f"the limit is {max_ratio}: MVDATA_EXTRACT_MAX_RATIO"
+        raise ArchiveTooBig(
+            archive, f"its members declare {declared:,} bytes, {ratio:,.0f} times its {size:,} ({limit})"
+        )
+    replaced = 0  # files already there (an interrupted extraction) give their room back as they are replaced
+    for op in ops:
+        st = planner.disk_stat(op.dest) if op.dest and op.member.kind == "file" else None
+        replaced += st.st_size if st is not None and stat.S_ISREG(st.st_mode) else 0
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if declared - replaced > free:
+        needed = (declared - replaced) / 2**30
+        raise ArchiveTooBig(archive, f"it needs {needed:.2f} GiB and {free / 2**30:.2f} GiB is free under {root}")
 
 
 # --- writing: in place, one member at a time, each atomically, never through a symlink --------------------------------

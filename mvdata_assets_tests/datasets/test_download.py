@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import duckdb
@@ -15,6 +17,9 @@ import pytest
 import yaml
 
 from mvdata_assets.cli import main
+from mvdata_assets.datasets.catalog import load_catalog
+from mvdata_assets.datasets.download import download_dataset
+from mvdata_assets.db import connect
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 DATA = bytes(range(256)) * 800  # 200 KiB
@@ -67,3 +72,23 @@ def test_a_second_download_of_a_dataset_waits_for_the_first_and_fetches_nothing_
     with duckdb.connect(str(tmp_path / "home" / "warehouse.duckdb"), read_only=True) as conn:
         rows = conn.sql("SELECT status, sha256 FROM datasets.files WHERE dataset = 'slow'").fetchall()
     assert rows == [("skipped", hashlib.sha256(DATA).hexdigest())]
+
+
+def test_an_archive_member_never_replaces_a_verified_file_of_the_dataset(tmp_path: Path) -> None:
+    questions = b'{"questions": [1, 2, 3]}'
+    shadow = io.BytesIO()
+    with zipfile.ZipFile(shadow, "w") as archive:
+        archive.writestr("questions.json", b"not the questions")
+    with FileServer() as server:
+        files = [
+            {"url": server.add("q/questions.json", questions), "sha256": hashlib.sha256(questions).hexdigest()},
+            {"url": server.add("q/extra.zip", shadow.getvalue()), "extract": True},
+        ]
+        raw = {"datasets": {"qa": {"description": "questions, and an archive", "access": "public", "files": files}}}
+        (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(raw))
+        dataset = load_catalog(tmp_path / "catalog.yaml")["qa"]
+        run = download_dataset(dataset, tmp_path / "data", lambda: connect(tmp_path / "warehouse.duckdb"))
+    assert [r.status for r in run.results] == ["downloaded", "failed"]
+    assert "would overwrite 'questions.json', a file of the dataset's catalog" in (run.results[1].error or "")
+    assert (tmp_path / "data" / "qa" / "questions.json").read_bytes() == questions
+    assert run.summary.status == "partial"

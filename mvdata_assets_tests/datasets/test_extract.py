@@ -20,6 +20,7 @@ import pytest
 from mvdata_assets.datasets import extract as extract_mod
 from mvdata_assets.datasets.extract import (
     ARCHIVE_SUFFIXES,
+    ArchiveTooBig,
     BadArchive,
     Extracted,
     UnsafeArchive,
@@ -563,3 +564,41 @@ def test_suffixes_match_the_catalog() -> None:
     from mvdata_assets.datasets.catalog import ARCHIVE_SUFFIXES as CATALOG_SUFFIXES
 
     assert set(ARCHIVE_SUFFIXES) == set(CATALOG_SUFFIXES)
+
+
+# --- bounds: expansion, free disk, the dataset's own files ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["zip", "tar.gz"])
+def test_an_archive_expanding_past_the_ratio_is_refused_before_anything_is_written(target: Path, fmt: str) -> None:
+    bomb = target / f"bomb.{fmt}"
+    if fmt == "zip":
+        with zipfile.ZipFile(bomb, "w") as zf:
+            zf.writestr("zeros.bin", bytes(20 * 2**20), compress_type=zipfile.ZIP_DEFLATED)
+    else:
+        make_tar(bomb, [("file", "zeros.bin", bytes(20 * 2**20), 0o644)])
+    assert bomb.stat().st_size * 100 < 20 * 2**20  # 20 MiB of zeros compress far beyond 100x
+    with pytest.raises(ArchiveTooBig, match=r"declare 20,971,520 bytes, [\d,]+ times its [\d,]+ \(the limit is 100: "
+                                            r"MVDATA_EXTRACT_MAX_RATIO\); nothing was extracted"):  # fmt: skip
+        extract(bomb, target)
+    assert sorted(p.name for p in target.iterdir()) == [bomb.name]
+    assert extract(bomb, target, max_ratio=4096).bytes == 20 * 2**20  # a user who expects it raises the limit
+
+
+def test_an_archive_bigger_than_the_free_disk_is_refused(target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    archive = make_zip(target / "big.zip", GOOD)
+    real = shutil.disk_usage
+    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=GOOD_BYTES - 1))
+    with pytest.raises(ArchiveTooBig, match=r"it needs 0.00 GiB and 0.00 GiB is free under"):
+        extract(archive, target)
+    assert sorted(p.name for p in target.iterdir()) == [archive.name]
+
+
+def test_a_member_named_like_a_file_of_the_catalog_is_refused(target: Path) -> None:
+    """The dataset's questions.json was verified; an archive member of that name must not replace it afterwards."""
+    (target / "questions.json").write_bytes(b"verified download")
+    archive = make_zip(target / "extra.zip", [("file", "./questions.json", b"something else", 0o644)])
+    with pytest.raises(UnsafeArchive, match="would overwrite 'questions.json', a file of the dataset's catalog"):
+        extract(archive, target, protected=[target / "questions.json", archive])
+    assert (target / "questions.json").read_bytes() == b"verified download"
+    assert not marker_path(archive, target).exists()
