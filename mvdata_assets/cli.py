@@ -47,6 +47,8 @@ def report() -> int:
         env += f" MVDATA_CATALOG={settings.catalog}"
     if os.environ.get("WANDB_MODE"):  # so download runs started from the UI are logged the same way
         env += f" WANDB_MODE={os.environ['WANDB_MODE']}"
+    if settings.image_allowed_networks:  # so list images are fetched from the UI as here
+        env += f" MVDATA_IMAGE_ALLOWED_NETWORKS={','.join(settings.image_allowed_networks)}"
     print(f"Open the UI: {env} .venv/bin/dagster dev -w workspace.yaml")
     return 0
 

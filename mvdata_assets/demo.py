@@ -277,6 +277,7 @@ def run_demo(home: Path) -> int:
             MVDATA_WANDB_OFFLINE_DIRS=str(runs),
             MVDATA_CATALOG=str(catalog),
             WANDB_MODE="offline",  # no account needed: the download run is logged offline
+            MVDATA_IMAGE_ALLOWED_NETWORKS="127.0.0.0/8",  # the demo's list images are served on loopback
         )
         env = {**os.environ, "WANDB_SILENT": "true"}
         dagster = Path(sys.executable).parent / "dagster"

@@ -17,6 +17,7 @@ from typing import Any
 from dagster import ConfigurableResource
 from pydantic import Field
 
+from mvdata_assets.datasets.addresses import check_network
 from mvdata_assets.datasets.download import ImageOptions
 from mvdata_assets.runs.api import ApiFilters
 from mvdata_assets.settings import MOST_AT_ONCE, WEEK_S, Settings, load_settings
@@ -32,6 +33,7 @@ def datasets_fields(settings: Settings) -> dict[str, Any]:
         "image_host_connections": settings.image_host_connections,
         "image_timeout_s": settings.image_timeout_s,
         "extract_max_ratio": settings.extract_max_ratio,
+        "image_allowed_networks": list(settings.image_allowed_networks),
     }
 
 
@@ -85,6 +87,11 @@ class DatasetsResource(ConfigurableResource):
     image_timeout_s: float = _seconds(
         "MVDATA_IMAGE_TIMEOUT_S", "an image receiving nothing this long fails", DATASETS["image_timeout_s"]
     )
+    image_allowed_networks: list[str] = _setting(
+        "MVDATA_IMAGE_ALLOWED_NETWORKS",
+        "networks images may reach besides public addresses",
+        DATASETS["image_allowed_networks"],
+    )
     extract_max_ratio: int = _count(
         "MVDATA_EXTRACT_MAX_RATIO",
         "an archive expanding past this many times its size is refused",
@@ -96,7 +103,8 @@ class DatasetsResource(ConfigurableResource):
         return cls(**datasets_fields(settings))
 
     def image_options(self, retry_failed: bool) -> ImageOptions:
-        return ImageOptions(self.image_concurrency, self.image_host_connections, self.image_timeout_s, retry_failed)
+        return ImageOptions(self.image_concurrency, self.image_host_connections, self.image_timeout_s, retry_failed,
+                            tuple(map(check_network, self.image_allowed_networks)))  # fmt: skip
 
 
 class WandbResource(ConfigurableResource):

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvdata_assets.datasets.addresses import check_network
+
 WEEK_S = 7 * 24 * 3600.0
 MOST_AT_ONCE = 4096  # more transfers or requests at once than any machine here gains from
 
@@ -58,6 +60,7 @@ class Settings:
     image_concurrency: int  # URL-list images in flight at once
     image_host_connections: int  # ... of which at most this many to one host
     image_timeout_s: float  # an image transfer that receives nothing for this long fails as `timeout`
+    image_allowed_networks: tuple[str, ...]  # URL-list images may reach these networks besides public addresses
     extract_max_ratio: int  # an archive expanding to more than this many times its size is refused
     sensor_interval_s: int
     sensor_enabled: bool  # on by default when a W&B source is configured
@@ -104,6 +107,7 @@ def load_settings() -> Settings:
         image_host_connections=_count("MVDATA_IMAGE_HOST_CONNECTIONS", 16),
         image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", 10.0),
         extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", 100),
+        image_allowed_networks=tuple(map(check_network, _list("MVDATA_IMAGE_ALLOWED_NETWORKS", ""))),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
         sensor_enabled=_switch(
             "MVDATA_WANDB_SENSOR", "on" if dirs or os.environ.get("MVDATA_WANDB_PROJECTS") else "off"

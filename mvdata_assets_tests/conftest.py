@@ -17,6 +17,8 @@ def pytest_configure() -> None:
             del os.environ[name]
     # download runs are logged to W&B only where a test turns it on (offline, or at a loopback server)
     os.environ["MVDATA_WANDB_TRACKING"] = "off"
+    # URL-list images are served on loopback, which third-party URLs may not reach by default
+    os.environ["MVDATA_IMAGE_ALLOWED_NETWORKS"] = "127.0.0.0/8"
     # a test that forgets to set MVDATA_HOME writes into a temporary folder, never into the checkout's .mvdata
     os.environ["MVDATA_HOME"] = _DEFAULT_HOME
 

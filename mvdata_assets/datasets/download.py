@@ -40,10 +40,12 @@ class ImageOptions:
     max_host_connections: int = 16
     timeout_s: float = 10.0
     retry_failed: bool = False  # fetch the failed URLs of finished shards again
+    allowed_networks: tuple[str, ...] = ()  # reachable besides public addresses (see addresses.py)
 
     @classmethod
     def from_settings(cls, settings: Settings, retry_failed: bool = False) -> ImageOptions:
-        return cls(settings.image_concurrency, settings.image_host_connections, settings.image_timeout_s, retry_failed)
+        return cls(settings.image_concurrency, settings.image_host_connections, settings.image_timeout_s, retry_failed,
+                   settings.image_allowed_networks)  # fmt: skip
 
 
 @dataclass
@@ -244,6 +246,7 @@ def _fetch_images(
             max_host_connections=options.max_host_connections,
             timeout_s=options.timeout_s,
             retry_failed=options.retry_failed,
+            allowed_networks=options.allowed_networks,
             on_shard=finished,
         )
         run.lists.append(ListRun(listed, shards_dir, images))

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.durable import Committer, Verified
 from mvdata_assets.datasets.files import (
@@ -95,7 +96,9 @@ class Downloader:
         segment_connections: int = 4,
         segment_bytes: int = 8 * 1024 * 1024,  # what each of them asks for
         segment_min_bytes: int = 64 * 1024 * 1024,  # smaller files gain nothing from several connections
+        addresses: AddressPolicy = CATALOG,  # where requests may go (see addresses.py)
     ) -> None:
+        self.addresses = addresses
         self.concurrency = concurrency
         self.retries = retries
         self.backoff_s = backoff_s
@@ -111,7 +114,7 @@ class Downloader:
 
     def _loop(self) -> CurlLoop:
         # retries are ours, not libcurl's: a retry must resume from the bytes on disk and be counted per file
-        return CurlLoop(timeout_s=self.timeout_s)
+        return CurlLoop(timeout_s=self.timeout_s, addresses=self.addresses)
 
     # ---- addresses and headers ----
 

@@ -29,6 +29,7 @@ from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.request import proxy_bypass_environment
 
 from mvdata_assets.datasets import durable
+from mvdata_assets.datasets.addresses import CATALOG
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.transport import USER_AGENT, PermanentError, TransientError, status_error
 
@@ -164,6 +165,10 @@ class _Connections:
         connection = kind(origin[1], parts.port, timeout=self.timeout_s)
         self._origins[connection] = origin
         try:
+            connection.connect()
+            refused = CATALOG.refusal(connection.sock.getpeername()[0])  # the address DNS gave, on every hop
+            if refused:
+                raise PermanentError(f"refused to connect for {parts.geturl()}: {refused}")
             connection.request("GET", target, headers=headers)
             return connection, connection.getresponse()
         except BaseException:

@@ -27,6 +27,8 @@ from urllib.parse import urlsplit
 
 import pycurl
 
+from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy
+
 USER_AGENT = "mvdata-assets/0.1"
 BUFFER_BYTES = 256 * 1024  # libcurl's receive buffer (its default is 16 KiB)
 # libcurl hands a body over 16 KiB at a time at most: sinks write it to disk a MiB at a time, or after this many blocks
@@ -73,6 +75,7 @@ class Request:
     error: str | None = None  # why libcurl ended the transfer early (reset, timeout, ...); None if it completed
     error_code: int = 0
     failure: BaseException | None = None  # what the sink raised; the transfer was aborted there
+    blocked: str | None = None  # why the address connected to was refused (see addresses.py); the transfer ended
     last_seen: float = 0.0  # time.monotonic() of the last body block received (or of the start)
     _begun: bool = False
     _writer: Writer | None = None
@@ -158,31 +161,28 @@ def status_error(status: int, url: str, retry_after_header: str | None) -> Perma
 
 
 def refusal(request: Request, url: str) -> PermanentError | TransientError:
-    """What a finished request that delivered no body means for its file."""
-    return answer_error(
-        request.status, url, request.response_headers.get("retry-after"), request.error_code, request.error
-    )
-
-
-def answer_error(
-    status: int, url: str, retry_after_header: str | None, error_code: int, error: str | None
-) -> PermanentError | TransientError:
-    """What an answer that brought no usable body means for its file: its status first, then how libcurl ended it."""
-    status_problem = status_error(status, url, retry_after_header)
+    """What a finished request that delivered no body means for its file: its status first, then how libcurl ended
+    it."""
+    if request.blocked:
+        return PermanentError(f"refused to connect for {url}: {request.blocked}")
+    status_problem = status_error(request.status, url, request.response_headers.get("retry-after"))
     if status_problem is not None:
         return status_problem
-    if error_code in PERMANENT_CURL_ERRORS:
-        return PermanentError(f"{error} for {url}")
-    if error:
-        return TransientError(error)
-    return TransientError(f"unexpected HTTP {status}")
+    if request.error_code in PERMANENT_CURL_ERRORS:
+        return PermanentError(f"{request.error} for {url}")
+    if request.error:
+        return TransientError(request.error)
+    return TransientError(f"unexpected HTTP {request.status}")
 
 
 class CurlLoop:
     """Runs download jobs over one libcurl multi handle: pooled keep-alive connections, one thread."""
 
-    def __init__(self, *, timeout_s: float, max_host_connections: int | None = None) -> None:
+    def __init__(
+        self, *, timeout_s: float, max_host_connections: int | None = None, addresses: AddressPolicy = CATALOG
+    ) -> None:
         self.timeout_s = timeout_s
+        self.addresses = addresses
         self._multi = pycurl.CurlMulti()  # no connection limit of its own: the jobs running at once bound them
         # many hosts at once (image lists): spare each one. Transfers over the limit wait here, not in libcurl, so
         # that their stall timer starts when they do; libcurl keeps the same limit for hosts reached by redirects
@@ -215,7 +215,17 @@ class CurlLoop:
         # a transfer per connection, as before (HTTP/2 would multiplex a host's transfers over one TCP connection)
         handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         handle.setopt(pycurl.BUFFERSIZE, BUFFER_BYTES)
+        # called once connected (or reusing a connection), before each request of a transfer, redirects included:
+        # the address checked is the one DNS gave and the socket reached
+        handle.setopt(pycurl.PREREQFUNCTION, lambda ip, *_: self._admit(handle, ip))
         return handle
+
+    def _admit(self, handle: pycurl.Curl, ip: str) -> int:
+        reason = self.addresses.refusal(ip)
+        if reason is None:
+            return pycurl.PREREQFUNC_OK
+        self._running[handle][0].blocked = reason
+        return pycurl.PREREQFUNC_ABORT
 
     def _start(self, request: Request, job: Job) -> None:
         if self._per_host:

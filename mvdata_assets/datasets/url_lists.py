@@ -30,7 +30,7 @@ import json
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import pycurl
 
 from mvdata_assets.datasets import durable
+from mvdata_assets.datasets.addresses import AddressPolicy
 from mvdata_assets.datasets.catalog import Column, UrlList
 from mvdata_assets.datasets.digests import Digests, sha256_of
 from mvdata_assets.datasets.transport import (
@@ -96,6 +97,7 @@ ERROR_KINDS = {
     "http_403": "refused: a removed photo or hot-link protection",
     "dns": "link rot: the host name no longer resolves",
     "connection": "host down or refusing connections (after retries)",
+    "blocked_address": "the name or a redirect led to a private, loopback or link-local address (never fetched)",
     "timeout": "no data within the timeout (a dead or overloaded host)",
     "not_an_image": "a page or placeholder instead of an image (often a removed photo)",
     "truncated": "the image was cut off",
@@ -359,6 +361,8 @@ def classify(request: Request, body: bytes) -> tuple[str | None, str | None, str
         return "too_large", f"larger than {request.whole_up_to} bytes", None
     if request.failure is not None:
         raise request.failure
+    if request.blocked:
+        return "blocked_address", f"refused to connect: {request.blocked}", None
     if request.error_code == pycurl.E_OPERATION_TIMEDOUT:
         return "timeout", request.error, None
     if request.error_code == pycurl.E_PARTIAL_FILE:
@@ -619,12 +623,14 @@ def fetch_url_list(
     retry_backoff_s: float = 1.0,
     retry_failed: bool = False,
     on_shard: Callable[[ShardResult], None] | None = None,
+    allowed_networks: Sequence[str] = (),
 ) -> UrlListRun:
     """Fetch the images of one URL list into `out_dir` as WebDataset shards; finished shards are skipped.
 
     `captions` is the paired captions file of a `lines` list; `list_sha256` saves hashing a list whose sha256 is
     known. `timeout_s` ends a transfer that received nothing for that long. `retry_failed` fetches the failed URLs
     of finished shards again and rewrites them. `on_shard` hears of each shard as it is finished or found finished.
+    Images reach public addresses only, and the `allowed_networks` (see addresses.py).
     """
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -650,7 +656,8 @@ def fetch_url_list(
                 previous = table
             yield from _Shard(out_dir, index, rows, width, previous, finished).jobs(fetching)
 
-    with CurlLoop(timeout_s=timeout_s, max_host_connections=max_host_connections) as loop:
+    addresses = AddressPolicy.third_party(allowed_networks)
+    with CurlLoop(timeout_s=timeout_s, max_host_connections=max_host_connections, addresses=addresses) as loop:
         loop.run(jobs(), at_once=concurrency)
     results.sort(key=lambda r: r.index)
     return UrlListRun(results, time.monotonic() - started, stale)

@@ -12,19 +12,26 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mvdata_assets.datasets import durable
+from mvdata_assets.datasets import durable, url_lists
 from mvdata_assets.datasets.catalog import UrlList
-from mvdata_assets.datasets.url_lists import UrlListError, fetch_url_list, read_list
+from mvdata_assets.datasets.url_lists import UrlListError, UrlListRun, read_list
 from mvdata_assets_tests.datasets.conftest import closed_port
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 CC3M = UrlList(("list.tsv",), "tsv", url_column=1, caption_column=0, header=False, shard_size=4)
+
+LOOPBACK = ("127.0.0.0/8",)  # where the test server is; third-party URLs may not reach it by default
+
+
+def fetch_url_list(*args: Any, **kwargs: Any) -> UrlListRun:
+    return url_lists.fetch_url_list(*args, **{"allowed_networks": LOOPBACK, **kwargs})
 
 
 def image(fmt: str, shade: int) -> bytes:
@@ -243,7 +250,8 @@ from pathlib import Path
 from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.catalog import UrlList
 from mvdata_assets.datasets.url_lists import fetch_url_list
-fetch_url_list(Path(sys.argv[1]), Path(sys.argv[2]), UrlList(("l",), "tsv", 1, 0, shard_size=4), timeout_s=60)
+fetch_url_list(Path(sys.argv[1]), Path(sys.argv[2]), UrlList(("l",), "tsv", 1, 0, shard_size=4), timeout_s=60,
+               allowed_networks=["127.0.0.0/8"])
 """
 
 
