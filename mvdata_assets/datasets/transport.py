@@ -1,10 +1,10 @@
 """HTTP for the downloader: one thread drives every transfer through libcurl's multi interface (pycurl).
 
-Why not a thread per transfer (urllib3, as before): at ~575 us of Python per request, serialised by the GIL, 16
-threads fetched ~540 small files/s where `curl -Z` fetches ~6,000. Here libcurl parses HTTP, pools connections and
-follows redirects (dropping a custom Authorization header when a redirect leaves the host); what is left in Python
-per transfer is a few calls to start and finish it and one per body block of up to 16 KiB (none for a body gathered
-whole).
+Why not a thread per transfer (urllib3, requests): each request costs hundreds of microseconds of Python,
+serialised by the GIL, so threads fetch a small fraction of the files per second that `curl -Z` does. Here libcurl
+parses HTTP, pools connections and follows redirects (dropping a custom Authorization header when a redirect leaves
+the host); what is left in Python per transfer is a few calls to start and finish it and one per body block of up to
+16 KiB (none for a body gathered whole).
 
 The downloader keeps its per-file logic (resume, retry, verify) as plain sequential code: each file is a generator
 that yields what it waits for - a `Request`, or a pause in seconds - and `CurlLoop.run` resumes it with the finished
@@ -212,7 +212,7 @@ class CurlLoop:
         handle.setopt(pycurl.MAXREDIRS, 10)
         handle.setopt(pycurl.PROTOCOLS, WEB)
         handle.setopt(pycurl.REDIR_PROTOCOLS, WEB)
-        # a transfer per connection, as before (HTTP/2 would multiplex a host's transfers over one TCP connection)
+        # a transfer per connection (HTTP/2 would multiplex a host's transfers over one TCP connection)
         handle.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)
         handle.setopt(pycurl.BUFFERSIZE, BUFFER_BYTES)
         # called once connected (or reusing a connection), before each request of a transfer, redirects included:
