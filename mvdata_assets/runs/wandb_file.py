@@ -1,7 +1,8 @@
 """Reads a `.wandb` run file (offline or synced run folder) from any record boundary onwards.
 
 Framing, CRC checks, history items and summary deltas are decoded by the C scanner
-(`_wandb_scan`); the few remaining record kinds are decoded here with wandb's proto classes.
+(`_wandb_scan`), or by its pure-Python twin (`wandb_scan_fallback`) where the optional C extension
+is not built; the few remaining record kinds are decoded here with wandb's proto classes.
 Reading stops at the end of the file, at an incomplete tail (a live or killed run: not an
 error, the next read resumes there) or at a corrupt record (reported with file and offset;
 everything before it is kept).
@@ -10,6 +11,8 @@ everything before it is kept).
 from __future__ import annotations
 
 import json
+import logging
+import os
 import queue
 import struct
 import threading
@@ -21,8 +24,22 @@ from typing import Any
 
 import pyarrow as pa
 
-from mvdata_assets.runs import _wandb_scan
 from mvdata_assets.runs.values import KeyPath
+
+log = logging.getLogger(__name__)
+
+# The scanner: the C extension when it is built (it is optional: an install without a C compiler or zlib's headers
+# goes on without it), else the pure-Python one, which reads what W&B writes the same, more slowly.
+# MVDATA_WANDB_SCANNER=python picks the pure-Python scanner even where the C one is built (tests, debugging).
+if os.environ.get("MVDATA_WANDB_SCANNER") == "python":
+    from mvdata_assets.runs import wandb_scan_fallback as scanner
+else:
+    try:
+        from mvdata_assets.runs import _wandb_scan as scanner
+    except ImportError:
+        from mvdata_assets.runs import wandb_scan_fallback as scanner
+
+        log.warning("the C .wandb scanner is not built: run files are read by the slower pure-Python one")
 
 HEADER = struct.Struct("<4sHB")
 HEADER_BYTES = HEADER.size
@@ -115,7 +132,7 @@ def read_chunks(path: Path, start: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYT
             span = want - (offset + want) % BLOCK
             data = f.read(span)
             at_eof = offset + len(data) >= size
-            result = _wandb_scan.scan(data, offset)
+            result = scanner.scan(data, offset)
             stop = result["stop"]
             problem = None
             if result["status"] == 2:
@@ -137,8 +154,9 @@ def read_chunks(path: Path, start: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYT
 class Prefetch:
     """Decodes chunks in a thread, starting at once, while the caller stores earlier ones.
 
-    The C scanner releases the GIL and so do DuckDB's inserts, so reading and storing use both cores;
-    starting the next file's reader while this one is stored keeps them busy across file boundaries.
+    The C scanner releases the GIL (the pure-Python one mostly holds it) and so do DuckDB's inserts, so reading
+    and storing use both cores; starting the next file's reader while this one is stored keeps them busy across
+    file boundaries.
     At most `depth` decoded chunks wait, so memory stays bounded.
     """
 
