@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 
 from mvdata_assets.datasets.fetch import FileResult, Known
 
@@ -40,6 +41,17 @@ DDL = [
     )""",
 ]
 
+FILE_COLUMNS = pa.schema(
+    [("dataset", pa.string()), ("url", pa.string()), ("path", pa.string()), ("status", pa.string()),
+     ("bytes", pa.int64()), ("expected_bytes", pa.int64()), ("sha256", pa.string()), ("error", pa.string()),
+     ("attempts", pa.int32()), ("seconds", pa.float64()), ("bytes_transferred", pa.int64()), ("mtime_ns", pa.int64())]
+)  # fmt: skip
+SHARD_COLUMNS = pa.schema(
+    [("dataset", pa.string()), ("list", pa.string()), ("shard", pa.int32()), ("path", pa.string()),
+     ("images", pa.int32()), ("in_place", pa.int32()), ("failed", pa.int32()), ("error_kinds", pa.string()),
+     ("image_bytes", pa.int64()), ("tar_bytes", pa.int64()), ("sha256", pa.string()), ("seconds", pa.float64())]
+)  # fmt: skip
+
 # The old report's table, as shown in the UI and logged to W&B.
 REPORT_COLUMNS = ("Dataset", "Status", "Downloaded", "Failed", "Skipped", "Total", "Success Rate", "Est. Size")
 
@@ -61,17 +73,22 @@ def known_files(conn: duckdb.DuckDBPyConnection, dataset: str) -> dict[Path, Kno
 
 
 def record_files(conn: duckdb.DuckDBPyConnection, dataset: str, results: Iterable[FileResult]) -> None:
-    conn.executemany(
-        f"""INSERT OR REPLACE INTO {SCHEMA}.files
-            (dataset, url, path, bytes, expected_bytes, sha256, status, error, attempts, seconds, bytes_transferred,
-             mtime_ns, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())""",
-        [
-            [dataset, r.url, r.path, r.bytes, r.expected_bytes, r.sha256, r.status, r.error, r.attempts, r.seconds,
-             r.bytes_transferred, r.mtime_ns]
-            for r in results
-        ],
-    )  # fmt: skip
+    rows = [{"dataset": dataset, **vars(r)} for r in results]
+    _write(conn, f"""INSERT OR REPLACE INTO {SCHEMA}.files
+                     (dataset, url, path, bytes, expected_bytes, sha256, status, error, attempts, seconds,
+                      bytes_transferred, mtime_ns, updated_at)
+                     SELECT dataset, url, path, bytes, expected_bytes, sha256, status, error, attempts, seconds,
+                            bytes_transferred, mtime_ns, now() FROM incoming""", rows, FILE_COLUMNS)  # fmt: skip
+
+
+def _write(conn: duckdb.DuckDBPyConnection, statement: str, rows: list[dict], schema: pa.Schema) -> None:
+    """One statement over the rows as an Arrow table `incoming`: DuckDB's executemany costs milliseconds per row,
+    seconds for the thousands of files or shards of one dataset."""
+    conn.register("incoming", pa.Table.from_pylist(rows, schema))
+    try:
+        conn.execute(statement)
+    finally:
+        conn.unregister("incoming")
 
 
 @dataclass(frozen=True)
@@ -98,22 +115,26 @@ def record_shards(conn: duckdb.DuckDBPyConnection, dataset: str, list_path: str,
         f"DELETE FROM {SCHEMA}.shards WHERE dataset = ? AND list = ? AND NOT list_contains(?, shard)",
         [dataset, list_path, [s.index for s in shards]],
     )
-    conn.executemany(
+    rows = [
+        {"dataset": dataset, "list": list_path, "shard": s.index, "path": s.path, "images": s.images,
+         "in_place": s.in_place, "failed": s.failed, "error_kinds": json.dumps(dict(sorted(s.error_kinds.items()))),
+         "image_bytes": s.image_bytes, "tar_bytes": s.tar_bytes, "sha256": s.sha256, "seconds": s.seconds}
+        for s in shards
+    ]  # fmt: skip
+    _write(
+        conn,
         f"""INSERT INTO {SCHEMA}.shards AS old (dataset, list, shard, path, images, in_place, failed, error_kinds,
                                                 image_bytes, tar_bytes, sha256, seconds, updated_at)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())
+            SELECT *, now() FROM incoming
             ON CONFLICT (dataset, list, shard) DO UPDATE SET
                 path = excluded.path, images = excluded.images, in_place = excluded.in_place,
                 failed = excluded.failed, error_kinds = excluded.error_kinds, image_bytes = excluded.image_bytes,
                 tar_bytes = excluded.tar_bytes, sha256 = excluded.sha256,
                 seconds = coalesce(excluded.seconds, old.seconds),
                 updated_at = CASE WHEN excluded.seconds IS NULL THEN old.updated_at ELSE now() END""",
-        [
-            [dataset, list_path, s.index, s.path, s.images, s.in_place, s.failed,
-             json.dumps(dict(sorted(s.error_kinds.items()))), s.image_bytes, s.tar_bytes, s.sha256, s.seconds]
-            for s in shards
-        ],
-    )  # fmt: skip
+        rows,
+        SHARD_COLUMNS,
+    )
 
 
 def forget_files_under(conn: duckdb.DuckDBPyConnection, dataset: str, folder: Path, keep: Iterable[str]) -> None:
