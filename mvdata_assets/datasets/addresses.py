@@ -8,6 +8,7 @@ them, and their redirects), so they reach only public addresses, unless a networ
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address, ip_network
@@ -23,6 +24,7 @@ class AddressPolicy:
         """For URLs nobody of the project chose: public addresses only, and the networks `allowed`."""
         return cls(True, tuple(ip_network(network, strict=False) for network in allowed))
 
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - a few policies, each living as long as the process
     def refusal(self, ip: str) -> str | None:
         """Why a connection to `ip` is refused (None: it is not)."""
         try:

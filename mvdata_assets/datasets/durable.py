@@ -22,6 +22,7 @@ from mvdata_assets.datasets.files import FileResult
 # syncfs also commits the filesystem's journal, which slows the file creations going on meanwhile
 BATCH_FILES = 500
 BATCH_WAIT_S = 0.25
+HELD_BYTES = 64 * 1024 * 1024  # bodies held in memory for the committer to write before the downloads wait
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -65,6 +66,11 @@ class Verified:
     part: str
     dest: str
     leftovers: set[str] = field(default_factory=set)  # files deleted once it is in place (its validator sidecar)
+    content: list[bytes] | None = None  # a small body still in memory: written to `part` here
+
+    @property
+    def held(self) -> int:
+        return sum(map(len, self.content)) if self.content is not None else 0
 
 
 class Committer:
@@ -76,10 +82,18 @@ class Committer:
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Verified | None] = queue.SimpleQueue()
+        self._held = 0  # bytes of bodies in memory, not written yet
+        self._room = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="mvdata-commit", daemon=True)
         self._thread.start()
 
     def add(self, verified: Verified) -> None:
+        """Queues a verified file; waits while the bodies held in memory exceed HELD_BYTES."""
+        if verified.content is not None:
+            with self._room:
+                while self._held > HELD_BYTES and self._thread.is_alive():
+                    self._room.wait(1.0)
+                self._held += verified.held
         self._queue.put(verified)
 
     def close(self) -> None:
@@ -95,15 +109,42 @@ class Committer:
                 except queue.Empty:
                     break
                 if item is None:
-                    commit(batch)
+                    self._commit(batch)
                     return
                 batch.append(item)
-            commit(batch)
+            self._commit(batch)
+
+    def _commit(self, batch: list[Verified]) -> None:
+        for item in batch:
+            if item.content is not None:
+                held = item.held
+                _write(item)
+                item.content = None
+                with self._room:
+                    self._held -= held
+                    self._room.notify_all()
+        commit(batch)
+
+
+def _write(item: Verified) -> None:
+    """Creates a body's `.part`; a failure fails that file alone, with the reason."""
+    assert item.content is not None
+    try:
+        fd = os.open(item.part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            if os.writev(fd, item.content) != item.held:
+                raise OSError(f"short write to {item.part} (disk full?)")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        item.result.error = f"writing {os.path.basename(item.part)}: {type(exc).__name__}: {exc}"
 
 
 def commit(batch: list[Verified]) -> None:
     """One syncfs per file system for the batch, the renames, one fsync per folder, then the report."""
     for item in batch:  # a rename keeps the mtime: read now, it is what `Known` recalls next time
+        if item.result.error is not None:  # its .part could not be written
+            continue
         try:
             item.result.mtime_ns = os.stat(item.part).st_mtime_ns
         except OSError as exc:

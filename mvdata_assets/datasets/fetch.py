@@ -270,7 +270,7 @@ class Downloader:
             result.error = f"{type(exc).__name__}: {exc}"
         else:
             result.seconds = time.monotonic() - started
-            committer.add(Verified(result, part.path, os.fspath(task.dest), part.companions))
+            committer.add(Verified(result, part.path, os.fspath(task.dest), part.companions, part.content))
             return
         result.seconds = time.monotonic() - started
 
@@ -354,8 +354,10 @@ class Downloader:
         whole_up_to = task.size + GATHER_BELOW if small and task.size is not None else 0
         try:
             request = yield Request(url, headers, body, whole_up_to)
-        finally:  # also when the loop stopped: the bytes received are kept for a resume
-            body.close()
+        except BaseException:  # the loop stopped: the bytes received are kept for a resume
+            body.close(complete=False)
+            raise
+        body.close(complete=not (request.failure or request.error) and body.total in (None, body.written))
         if request.failure is not None:
             raise request.failure
         if request.error_code == BODY_TOO_BIG and request.status == 200:  # an error page is refused by its status

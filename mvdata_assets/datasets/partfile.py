@@ -38,6 +38,7 @@ class PartFile:
         self.path = f"{dest}.part"  # a string: a Path per file costs more than the loop can spare for small files
         self.validator: str | None = None  # of the bytes in the .part
         self.companions: set[str] = set()  # files to delete with the .part (the sidecar once written)
+        self.content: list[bytes] | None = None  # a whole body held in memory instead (see Body.close)
         self._listed = listed  # the .part was in its folder's listing: worth a stat
         self._read = False
 
@@ -95,6 +96,7 @@ class PartFile:
             Path(path).unlink(missing_ok=True)
         self.companions.clear()
         self.validator = None
+        self.content = None
 
 
 class Body:
@@ -149,9 +151,14 @@ class Body:
             raise OSError(f"short write to {self.part.path} (disk full?)")
         self.blocks, self.buffered = [], 0
 
-    def close(self) -> None:
-        """Writes what is left, also the bytes received before a break (kept for a resume)."""
+    def close(self, complete: bool) -> None:
+        """Writes what is left, also the bytes received before a break (kept for a resume). A body that arrived
+        whole without touching the disk stays in memory as the part's `content`: the committer's thread creates its
+        file, off the loop (creating a file costs about what receiving a small body does)."""
         if not self.taken:
+            return
+        if complete and self.fd is None and not self.resumed:
+            self.part.content = self.blocks
             return
         try:
             self._flush()
