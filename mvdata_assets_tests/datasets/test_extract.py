@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from mvdata_assets.datasets import extract as extract_mod
+from mvdata_assets.datasets import placement
 from mvdata_assets.datasets.extract import (
     ARCHIVE_SUFFIXES,
     ArchiveTooBig,
@@ -588,7 +589,7 @@ def test_an_archive_expanding_past_the_ratio_is_refused_before_anything_is_writt
 def test_an_archive_bigger_than_the_free_disk_is_refused(target: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     archive = make_zip(target / "big.zip", GOOD)
     real = shutil.disk_usage
-    monkeypatch.setattr(extract_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=GOOD_BYTES - 1))
+    monkeypatch.setattr(placement.shutil, "disk_usage", lambda p: real(p)._replace(free=GOOD_BYTES - 1))
     with pytest.raises(ArchiveTooBig, match=r"it needs 0.00 GiB and 0.00 GiB is free under"):
         extract(archive, target)
     assert sorted(p.name for p in target.iterdir()) == [archive.name]
