@@ -24,7 +24,8 @@ from mvdata_assets import charts
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
 from mvdata_assets.datasets.download import DatasetRun, download_dataset
-from mvdata_assets.datasets.url_lists import ShardResult, describe_error_kind
+from mvdata_assets.datasets.images import describe_error_kind
+from mvdata_assets.datasets.url_lists import ShardResult
 from mvdata_assets.resources import DatasetsResource, DownloadTrackingResource, WandbResource
 from mvdata_assets.runs.offline import sync_offline
 from mvdata_assets.settings import Settings

@@ -1,13 +1,10 @@
 """Image URL lists (CC3M, CC12M, SBU, LAION-style parquet) into WebDataset tar shards, every URL's outcome recorded.
 
-The list is read as a stream and cut into shards of `shard_size` rows. Every image of every shard is fetched on one
-`CurlLoop` (libcurl's multi interface: pooled keep-alive connections, a per-host connection limit, libcurl's DNS
-cache, a stall timeout), and the next shard's transfers start while the last ones of the previous shard are still
-running, so a slow host holds up one transfer, not a shard. An answer counts as an image only if it is a 200 with an
-image (or unlabelled) content type whose bytes start with JPEG/PNG/GIF/WebP magic and end as that format ends
-(and, when the list asks to `decode`, that Pillow decodes in full); otherwise its URL fails with an error kind
-(`http_404`, `timeout`, `not_an_image`, `truncated`, ...), so link rot is reported as link rot and a parsing mistake
-can't pass for it. A 5xx, a 429 or a refused connection is tried again
+The list is read as a stream (list_files.py) and cut into shards of `shard_size` rows. Every image of every shard is
+fetched on one `CurlLoop` (libcurl's multi interface: pooled keep-alive connections, a per-host connection limit,
+libcurl's DNS cache, a stall timeout), and the next shard's transfers start while the last ones of the previous
+shard are still running, so a slow host holds up one transfer, not a shard. Each answer is an image or fails with an
+error kind (images.py says which). A 5xx, a 429 or a refused connection is tried again
 (`retries` times, after a growing pause or the server's Retry-After) before it counts as failed; a timeout is not,
 since at list scale most timeouts are dead hosts.
 
@@ -23,7 +20,6 @@ nothing here imports Dagster.
 
 from __future__ import annotations
 
-import csv
 import io
 import itertools
 import json
@@ -36,21 +32,19 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pycurl
 
 from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.addresses import AddressPolicy
-from mvdata_assets.datasets.catalog import Column, UrlList
+from mvdata_assets.datasets.catalog import UrlList
 from mvdata_assets.datasets.digests import Digests, sha256_of
+from mvdata_assets.datasets.images import ERROR_KINDS, classify, decode, describe_error_kind, is_transient
+from mvdata_assets.datasets.list_files import Row, UrlListError, is_url, read_list
 from mvdata_assets.datasets.transport import (
-    BODY_TOO_BIG,
     CurlLoop,
     Job,
     Request,
-    TransientError,
     Writer,
     retry_after,
-    status_error,
 )
 
 __all__ = [
@@ -64,10 +58,7 @@ __all__ = [
     "read_list",
 ]
 
-CHECK_ROWS = 100  # rows whose URL column is checked before anything is fetched
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-# labels that don't say what the bytes are: the magic bytes decide
-UNLABELLED_TYPES = {"", "application/octet-stream", "binary/octet-stream", "application/binary"}
 NO_RETRY_KINDS = {"invalid_url"}  # fetching again can't help
 MAX_RETRY_PAUSE_S = 30.0  # a longer Retry-After is not waited for: the URL fails as http_429 / http_503
 
@@ -88,37 +79,8 @@ OUTCOME_SCHEMA = pa.schema(
     ]
 )
 
-Row = tuple[str, str | None]  # (url, caption)
 
 # what each error kind usually means, for the reports; "link rot" are the kinds saying the image is gone for good
-ERROR_KINDS = {
-    "http_404": "link rot: the image is gone",
-    "http_410": "link rot: the image was removed",
-    "http_403": "refused: a removed photo or hot-link protection",
-    "dns": "link rot: the host name no longer resolves",
-    "connection": "host down or refusing connections (after retries)",
-    "blocked_address": "the name or a redirect led to a private, loopback or link-local address (never fetched)",
-    "timeout": "no data within the timeout (a dead or overloaded host)",
-    "not_an_image": "a page or placeholder instead of an image (often a removed photo)",
-    "truncated": "the image was cut off",
-    "too_large": "larger than the size limit",
-    "undecodable": "image bytes that do not decode (corrupt inside)",
-    "invalid_url": "not an http(s) URL in the list",
-}
-
-
-def describe_error_kind(kind: str) -> str:
-    if kind in ERROR_KINDS:
-        return ERROR_KINDS[kind]
-    if kind.startswith("http_5") or kind == "http_429":
-        return "server error or rate limit (after retries)"
-    return "HTTP error" if kind.startswith("http_") else "other"
-
-
-class UrlListError(ValueError):
-    """A list that can't be read as its catalog entry says (a missing column, a URL column holding no URLs)."""
-
-
 @dataclass
 class ShardResult:
     """One shard's counts for this run: `skipped` are the images already in place from an earlier run."""
@@ -182,167 +144,6 @@ class UrlListRun:
         return self.downloaded / self.seconds if self.seconds else 0.0
 
 
-# --- reading the list ------------------------------------------------------------------------------------------------
-
-
-def _is_url(value: str | None) -> bool:
-    return bool(value) and value.startswith(("http://", "https://")) and " " not in value.strip()
-
-
-def _describe(column: Column) -> str:
-    return f"column {column}" if isinstance(column, int) else f"column {column!r}"
-
-
-def _tsv_rows(path: Path, spec: UrlList) -> Iterator[Row]:
-    csv.field_size_limit(1 << 24)
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        url_at, caption_at = spec.url_column, spec.caption_column
-        if spec.header:
-            names = next(reader, [])
-            for column in (url_at, caption_at):
-                if isinstance(column, str) and column not in names:
-                    raise UrlListError(f"{path}: no column {column!r} in the header ({', '.join(names)})")
-            url_at = names.index(url_at) if isinstance(url_at, str) else url_at
-            caption_at = names.index(caption_at) if isinstance(caption_at, str) else caption_at
-        for fields in reader:
-            url = fields[url_at].strip() if url_at < len(fields) else ""
-            caption = fields[caption_at] if caption_at is not None and caption_at < len(fields) else None
-            yield url, caption
-
-
-def _parquet_rows(path: Path, spec: UrlList) -> Iterator[Row]:
-    parquet = pq.ParquetFile(path)
-    columns = [c for c in (spec.url_column, spec.caption_column) if c is not None]
-    for column in columns:
-        if column not in parquet.schema_arrow.names:
-            raise UrlListError(f"{path}: no column {column!r} (it has {', '.join(parquet.schema_arrow.names)})")
-    for batch in parquet.iter_batches(columns=columns):
-        urls = batch.column(str(spec.url_column)).to_pylist()
-        captions = batch.column(str(spec.caption_column)).to_pylist() if spec.caption_column is not None else None
-        for i, url in enumerate(urls):
-            yield (url or "").strip(), captions[i] if captions is not None else None
-
-
-def _json_rows(path: Path, spec: UrlList) -> Iterator[Row]:
-    """A JSON object of parallel arrays (SBU: `{"image_urls": [...], "captions": [...]}`) or an array of records.
-
-    Read whole (the stdlib has no streaming JSON reader, and a JSON list is one value): fine for SBU's 1 M pairs; a
-    list of hundreds of millions belongs in parquet or TSV, which are streamed.
-    """
-    try:
-        doc = json.loads(path.read_bytes())
-    except ValueError as exc:
-        raise UrlListError(f"{path}: not JSON: {exc}") from None
-    names = [c for c in (spec.url_column, spec.caption_column) if c is not None]
-    if isinstance(doc, list):  # records
-        first = doc[0] if doc and isinstance(doc[0], dict) else {}
-        for name in names:
-            if doc and name not in first:
-                raise UrlListError(f"{path}: no key {name!r} in its records (the first has {', '.join(first)})")
-        for record in doc:
-            url = record.get(spec.url_column) if isinstance(record, dict) else None
-            caption = record.get(spec.caption_column) if isinstance(record, dict) and spec.caption_column else None
-            yield _json_url(url), caption
-        return
-    if not isinstance(doc, dict):
-        raise UrlListError(f"{path}: expected an object of arrays or an array of records, not {type(doc).__name__}")
-    for name in names:
-        if not isinstance(doc.get(name), list):
-            raise UrlListError(f"{path}: no array {name!r} (it has {', '.join(doc)})")
-    urls = doc[spec.url_column]
-    captions = doc[spec.caption_column] if spec.caption_column is not None else None
-    if captions is not None and len(captions) != len(urls):
-        raise UrlListError(f"{path}: {len(urls)} {spec.url_column!r} but {len(captions)} {spec.caption_column!r}")
-    for i, url in enumerate(urls):
-        yield _json_url(url), captions[i] if captions is not None else None
-
-
-def _json_url(value: object) -> str:
-    """A JSON value where a URL should be: anything but a string (null, a number) counts as no URL."""
-    return value.strip() if isinstance(value, str) else ""
-
-
-def _count_lines(path: Path) -> int:
-    count, last = 0, b"\n"
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            count += block.count(b"\n")
-            last = block[-1:]
-    return count + (last != b"\n")  # a last line without its newline
-
-
-def _line_rows(path: Path, captions: Path | None) -> Iterator[Row]:
-    """SBU's layout: a URL per line, and line i of the captions file is the caption of URL i."""
-    if captions is not None and (urls := _count_lines(path)) != (texts := _count_lines(captions)):
-        raise UrlListError(
-            f"{path} has {urls} lines but its captions file {captions} has {texts}: they can't be paired"
-        )
-    with path.open(encoding="utf-8") as url_lines:
-        if captions is None:
-            for line in url_lines:
-                yield line.strip(), None
-            return
-        with captions.open(encoding="utf-8") as caption_lines:
-            for line, caption in zip(url_lines, caption_lines, strict=True):
-                yield line.strip(), caption.rstrip("\r\n")
-
-
-def read_list(path: Path, spec: UrlList, captions: Path | None = None) -> Iterator[Row]:
-    """(url, caption) per row, after checking that the URL column of the first rows holds http(s) URLs.
-
-    The check is what stops a swapped-column mistake (CC3M read as url<TAB>caption) before millions of "URLs" are
-    requested and their failures reported as link rot. `captions` is the paired captions file of a `lines` list.
-    """
-    if spec.format == "lines":
-        rows = _line_rows(path, captions)
-    elif spec.format == "json":
-        rows = _json_rows(path, spec)
-    else:
-        rows = _tsv_rows(path, spec) if spec.format == "tsv" else _parquet_rows(path, spec)
-    head = list(itertools.islice(rows, CHECK_ROWS))
-    if head and sum(_is_url(url) for url, _ in head) * 2 < len(head):
-        row, bad = next((i, url) for i, (url, _) in enumerate(head, 1) if not _is_url(url))
-        holds_urls = sum(_is_url(caption) for _, caption in head) * 2 >= len(head)
-        if spec.format == "lines":
-            where = "the lines"
-            hint = f"; the captions file {captions} holds the URLs: are the two swapped?" if holds_urls else ""
-        else:
-            where = f"url_column ({_describe(spec.url_column)})"
-            hint = ""
-            if holds_urls:
-                hint = f"; {_describe(spec.caption_column)} (caption_column) holds the URLs: are the two swapped?"
-        raise UrlListError(f"{path}: {where} does not hold http(s) URLs (row {row}: {bad[:80]!r}){hint}")
-    return itertools.chain(head, rows)
-
-
-# --- checking an answer ----------------------------------------------------------------------------------------------
-
-
-def sniff(body: bytes) -> str | None:
-    """The image format the bytes start as (its file extension), or None."""
-    if body.startswith(b"\xff\xd8\xff"):
-        return "jpg"
-    if body.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if body.startswith((b"GIF87a", b"GIF89a")):
-        return "gif"
-    if body[:4] == b"RIFF" and body[8:12] == b"WEBP":
-        return "webp"
-    return None
-
-
-def complete(ext: str, body: bytes) -> bool:
-    """Whether the bytes end as their format ends: a cut-off body is caught without decoding it."""
-    if ext == "jpg":
-        return body.rstrip(b"\x00\r\n ").endswith(b"\xff\xd9")
-    if ext == "png":
-        return body.endswith(b"IEND\xaeB`\x82")
-    if ext == "gif":
-        return body.rstrip(b"\x00").endswith(b";")
-    return len(body) >= 8 + int.from_bytes(body[4:8], "little")  # webp: the RIFF size
-
-
 class _Body:
     """Takes a 200 answer's body, gathered whole by libcurl up to the size limit (images are small)."""
 
@@ -351,37 +152,6 @@ class _Body:
 
     def begin(self, request: Request) -> Writer | None:
         return self.parts.append if request.status == 200 else None
-
-
-def classify(request: Request, body: bytes) -> tuple[str | None, str | None, str | None]:
-    """(error kind, error, extension) of a finished transfer; the kind is None for an image."""
-    if request.error_code == BODY_TOO_BIG:  # libcurl stopped the body at the limit
-        if request.status != 200:
-            return f"http_{request.status}", f"HTTP {request.status}", None
-        return "too_large", f"larger than {request.whole_up_to} bytes", None
-    if request.failure is not None:
-        raise request.failure
-    if request.blocked:
-        return "blocked_address", f"refused to connect: {request.blocked}", None
-    if request.error_code == pycurl.E_OPERATION_TIMEDOUT:
-        return "timeout", request.error, None
-    if request.error_code == pycurl.E_PARTIAL_FILE:
-        return "truncated", request.error, None
-    if request.error_code == pycurl.E_COULDNT_RESOLVE_HOST:
-        return "dns", request.error, None
-    if request.error_code:
-        return "connection", request.error, None
-    if request.status != 200:
-        return f"http_{request.status}", f"HTTP {request.status}", None
-    content_type = request.response_headers.get("content-type", "").split(";")[0].strip().lower()
-    if not content_type.startswith("image/") and content_type not in UNLABELLED_TYPES:
-        return "not_an_image", f"content type {content_type}", None
-    ext = sniff(body)
-    if ext is None:
-        return "not_an_image", f"not JPEG/PNG/GIF/WebP (starts {body[:8]!r})", None
-    if not complete(ext, body):
-        return "truncated", f"{ext} cut off after {len(body)} bytes", None
-    return None, None, ext
 
 
 # --- shards ----------------------------------------------------------------------------------------------------------
@@ -419,25 +189,6 @@ class _Fetching:
     retries: int
     backoff_s: float
     decode: bool = False
-
-
-def decode(body: bytes) -> tuple[str | None, tuple[int, int] | None]:
-    """(error, (width, height)) of decoding the image fully with Pillow: corruption inside the file shows here."""
-    from PIL import Image  # only when a list asks for decoding
-
-    try:
-        with Image.open(io.BytesIO(body)) as image:
-            image.load()
-            return None, image.size
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many kinds for a bad file; each is this URL's outcome
-        return f"does not decode: {exc}", None
-
-
-def _transient(request: Request, kind: str | None) -> bool:
-    """A failure worth another attempt: the server was busy or refused the connection, not gone or wrong."""
-    if kind == "connection":  # not timeouts: at list scale those are mostly dead hosts
-        return request.error_code in (pycurl.E_COULDNT_CONNECT, pycurl.E_RECV_ERROR, pycurl.E_GOT_NOTHING)
-    return isinstance(status_error(request.status, request.url, None), TransientError)  # the downloader's rule
 
 
 class _Shard:
@@ -489,7 +240,7 @@ class _Shard:
     def jobs(self, fetching: _Fetching) -> Iterator[Job]:
         for i in self.todo:
             outcome = self.outcomes[i]
-            if _is_url(outcome["url"]):
+            if is_url(outcome["url"]):
                 self.pending += 1
                 yield self._fetch(i, fetching)
             else:
@@ -508,7 +259,7 @@ class _Shard:
                 error, size = decode(data)
                 kind = "undecodable" if error else None
                 self.outcomes[i]["width"], self.outcomes[i]["height"] = size or (None, None)
-            if kind is None or attempt > fetching.retries or not _transient(request, kind):
+            if kind is None or attempt > fetching.retries or not is_transient(request, kind):
                 break
             asked = retry_after(request.response_headers.get("retry-after"))
             if asked is not None and asked > MAX_RETRY_PAUSE_S:
