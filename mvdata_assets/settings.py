@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mvdata_assets.datasets.addresses import check_network
+from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO
 
 WEEK_S = 7 * 24 * 3600.0
 MOST_AT_ONCE = 4096  # more transfers or requests at once than any machine here gains from
@@ -106,7 +107,7 @@ def load_settings() -> Settings:
         image_concurrency=_count("MVDATA_IMAGE_CONCURRENCY", 64),
         image_host_connections=_count("MVDATA_IMAGE_HOST_CONNECTIONS", 16),
         image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", 10.0),
-        extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", 100),
+        extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", DEFAULT_MAX_RATIO),
         image_allowed_networks=tuple(map(check_network, _list("MVDATA_IMAGE_ALLOWED_NETWORKS", ""))),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
         sensor_enabled=_switch(

@@ -22,7 +22,8 @@ from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, shards_folder
 from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO, extract
-from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, Known, Progress
+from mvdata_assets.datasets.fetch import Downloader
+from mvdata_assets.datasets.files import FileResult, FileTask, Known, Progress
 from mvdata_assets.datasets.url_lists import ShardResult, UrlListError, UrlListRun, fetch_url_list
 from mvdata_assets.db import exclusive
 from mvdata_assets.settings import Settings

@@ -41,7 +41,7 @@ from mvdata_assets.datasets.files import (
     mismatch,
     present,
 )
-from mvdata_assets.datasets.partfile import Body, PartFile, validator_of
+from mvdata_assets.datasets.partfile import VALIDATOR_SUFFIX, Body, PartFile, validator_of
 from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer, proxied
 from mvdata_assets.datasets.transport import (
     BODY_TOO_BIG,
@@ -57,8 +57,6 @@ HF_HOST = "https://huggingface.co"
 # a body of known size below this is gathered whole by libcurl and written at once: a Python call per 16 KiB block
 # cost ~40% of the CPU on 768 KiB files
 GATHER_BELOW = 1024 * 1024
-
-__all__ = ["Downloader", "FileResult", "FileTask", "InsufficientSpace", "Known", "Progress"]
 
 
 @dataclass(frozen=True)
@@ -164,7 +162,9 @@ class Downloader:
         for task in to_fetch:
             probe = probes.get(task.url)
             size = task.size or (probe.size if isinstance(probe, Probe) else None) or 0
-            have = os.stat(f"{task.dest}.part").st_size if listing.has(task.dest, ".part") else 0
+            # only a .part with its validator is resumed (partfile.py): any other starts again from byte 0
+            resumable = listing.has(task.dest, ".part") and listing.has(task.dest, ".part" + VALIDATOR_SUFFIX)
+            have = os.stat(f"{task.dest}.part").st_size if resumable else 0
             needed += max(0, size - have)
         root = tasks[0].dest.parent if tasks else Path(".")
         root.mkdir(parents=True, exist_ok=True)

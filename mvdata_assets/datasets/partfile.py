@@ -21,6 +21,7 @@ from mvdata_assets.datasets.transport import WRITE_BLOCKS, WRITE_BYTES, Request,
 # Bodies from this size on record their validator as they start, so that a killed process can resume them; smaller
 # ones only when an attempt breaks (a file created per download would cost as much as a small file's transfer).
 SIDECAR_BYTES = 1024 * 1024
+VALIDATOR_SUFFIX = ".validator"  # added to the .part's name: where the validator of its bytes is kept
 
 
 def validator_of(headers: dict[str, str]) -> str | None:
@@ -44,7 +45,7 @@ class PartFile:
 
     @property
     def validator_path(self) -> str:
-        return f"{self.path}.validator"
+        return self.path + VALIDATOR_SUFFIX
 
     @property
     def segments_path(self) -> str:

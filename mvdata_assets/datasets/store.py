@@ -16,7 +16,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from mvdata_assets.datasets.fetch import FileResult, Known
+from mvdata_assets.datasets.files import FileResult, Known
 
 SCHEMA = "datasets"
 
