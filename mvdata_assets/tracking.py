@@ -1,4 +1,4 @@
-"""Logs every dataset download run to Weights & Biases, as the old downloader did, but right.
+"""Logs every dataset download run to Weights & Biases, numbered in order, with each dataset's counts.
 
 One W&B run per download run (a Dagster run, or one `mvdata download`), whatever the executor: the run
 number, the W&B run id and every dataset finished so far live in a small state file per download run
@@ -53,7 +53,7 @@ class TrackedRun:
 
 
 class RunCounter:
-    """The download run number: one integer file, incremented under a file lock (the old one raced)."""
+    """The download run number: one integer file, incremented under a file lock (two runs at once get two)."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / "run_counter"

@@ -92,7 +92,14 @@ def _shard_logger(context: AssetExecutionContext, name: str, every_s: float = 5.
     return report
 
 
-MAX_SHARD_ROWS = 200  # the shard table in the UI; the warehouse's datasets.shards holds them all
+MAX_TABLE_ROWS = 200  # rows of a file or shard table in the UI; the warehouse's table holds them all
+
+
+def _capped_table(header: tuple[str, ...], rows: list[tuple], table: str) -> MetadataValue:
+    """A Markdown table of the first MAX_TABLE_ROWS rows, saying how many more `table` holds: a dataset's files
+    may number in the thousands, and the whole metadata entry is one event-log write."""
+    more = f"\n\n... and {len(rows) - MAX_TABLE_ROWS} more ({table})" if len(rows) > MAX_TABLE_ROWS else ""
+    return MetadataValue.md(charts.markdown_table(header, rows[:MAX_TABLE_ROWS]) + more)
 
 
 def _images_metadata(run: DatasetRun) -> dict:
@@ -103,7 +110,7 @@ def _images_metadata(run: DatasetRun) -> dict:
     shards = [(lr.list, s) for lr in run.lists for s in lr.run.shards]
     shard_rows = [
         (listed, f"{s.index:05d}", s.state, s.total, s.in_place, s.failed, f"{s.tar_bytes / 1e6:.1f} MB")
-        for listed, s in shards[:MAX_SHARD_ROWS]
+        for listed, s in shards
     ]
     return {
         "images_downloaded": images["downloaded"],
@@ -125,13 +132,8 @@ def _images_metadata(run: DatasetRun) -> dict:
             if kinds
             else "no image failed"
         ),
-        "shards": MetadataValue.md(
-            charts.markdown_table(("list", "shard", "state", "images", "in place", "failed", "tar"), shard_rows)
-            + (
-                f"\n\n... and {len(shards) - MAX_SHARD_ROWS} more (datasets.shards)"
-                if len(shards) > MAX_SHARD_ROWS
-                else ""
-            )
+        "shards": _capped_table(
+            ("list", "shard", "state", "images", "in place", "failed", "tar"), shard_rows, "datasets.shards"
         ),
     }
 
@@ -150,14 +152,13 @@ def _dataset_metadata(run: DatasetRun) -> dict:
         "throughput_mb_s": MetadataValue.float(round(run.bytes_transferred / 1e6 / seconds, 2) if seconds else 0.0),
         "seconds": MetadataValue.float(round(seconds, 3)),
         "extracted": MetadataValue.json(run.extracted),
-        "files": MetadataValue.md(
-            charts.markdown_table(
-                ("path", "status", "bytes", "attempts", "error"),
-                [
-                    (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or "")
-                    for r in run.results
-                ],
-            )
+        "files": _capped_table(
+            ("path", "status", "bytes", "attempts", "error"),
+            [  # the failed files first
+                (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or "")
+                for r in sorted(run.results, key=lambda r: r.status != "failed")
+            ],
+            "datasets.files",
         ),
     }
 
@@ -283,7 +284,7 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
         group_name=GROUP,
         kinds={"duckdb"},
         deps=[dataset_key(name) for name in datasets],
-        description="datasets.download_summary: per dataset status and counts, as the old report showed them; "
+        description="datasets.download_summary: per dataset status and counts, the download report's columns; "
         "brings the download runs' own W&B logs (offline, under $MVDATA_HOME/tracking) into the wandb tables.",
         metadata=declared_table(store.SCHEMA, "download_summary"),
         # follows any dataset's materialisation by itself, even while other datasets were never downloaded

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy
+from mvdata_assets.datasets.connections import proxied
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.durable import Committer, Verified
 from mvdata_assets.datasets.files import (
@@ -42,7 +43,7 @@ from mvdata_assets.datasets.files import (
     present,
 )
 from mvdata_assets.datasets.partfile import VALIDATOR_SUFFIX, Body, PartFile, validator_of
-from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer, proxied
+from mvdata_assets.datasets.segments import RangesRefused, SegmentedTransfer
 from mvdata_assets.datasets.transport import (
     BODY_TOO_BIG,
     CurlLoop,

@@ -23,15 +23,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from http.client import HTTPConnection, HTTPException, HTTPResponse, HTTPSConnection
+from http.client import HTTPConnection, HTTPException, HTTPResponse
 from pathlib import Path
-from urllib.parse import SplitResult, urljoin, urlsplit
-from urllib.request import proxy_bypass_environment
 
 from mvdata_assets.datasets import durable
-from mvdata_assets.datasets.addresses import CATALOG
+from mvdata_assets.datasets.connections import Connections
 from mvdata_assets.datasets.digests import Digests
-from mvdata_assets.datasets.transport import USER_AGENT, PermanentError, TransientError, status_error
+from mvdata_assets.datasets.transport import USER_AGENT, TransientError, status_error
 
 # A receive buffer is written to the .part, then hashed, each time it is full; a connection may run this many buffers
 # ahead of the digest before it waits (fewer, bigger buffers cost less CPU: bench/README.md)
@@ -47,25 +45,8 @@ READ_BYTES = 4 * 1024 * 1024  # what a resumed download re-reads (and hashes) pe
 POLL_S = 0.005  # how often the job looks for new bytes when it has hashed all there was
 SAVE_EVERY_BYTES = 64 * 1024 * 1024  # progress is made durable this often, or every SAVE_EVERY_S
 SAVE_EVERY_S = 5.0
-MAX_REDIRECTS = 10
-REDIRECTS = {301, 302, 303, 307, 308}
 STALE_TARGET_STATUSES = {401, 403, 404, 410}  # from a redirect's target: asked again through the first URL
 MAX_SEGMENTS = 1024  # bigger files get bigger segments: fewer requests, and a state file that stays small
-
-
-def proxied(url: str) -> bool:
-    """Whether libcurl would reach `url` through a proxy named in the environment.
-
-    Segments connect directly, so such a file goes as one libcurl stream instead. The variables as libcurl reads
-    them: `<scheme>_proxy` (also upper case, except HTTP_PROXY, which libcurl ignores), then `all_proxy`/`ALL_PROXY`;
-    `no_proxy`/`NO_PROXY` lists hosts (and their subdomains) to reach directly, or is `*`.
-    """
-    parts, env = urlsplit(url), os.environ
-    name = f"{parts.scheme}_proxy"
-    upper = env.get(name.upper()) if parts.scheme != "http" else None
-    if not (env.get(name) or upper or env.get("all_proxy") or env.get("ALL_PROXY")):
-        return False
-    return not proxy_bypass_environment(parts.hostname or "", {"no": env.get("no_proxy") or env.get("NO_PROXY") or ""})
 
 
 class RangesRefused(Exception):
@@ -116,81 +97,6 @@ class _Buffers:
 
     def give_back(self, buffer: memoryview) -> None:
         self._free.put(buffer)
-
-
-_Origin = tuple[str, str, "int | None"]  # scheme, host, port as the URL gives them
-
-
-class _Connections:
-    """One thread's keep-alive connections, one per origin: its segments after the first pay no new TCP (or TLS)
-    handshake, which on a distant HTTPS server would cost several round trips per segment."""
-
-    def __init__(self, timeout_s: float) -> None:
-        self.timeout_s = timeout_s
-        self._idle: dict[_Origin, HTTPConnection] = {}
-        self._origins: dict[HTTPConnection, _Origin] = {}  # of each connection open
-
-    def get(
-        self, url: str, headers: dict[str, str], first: str | None = None
-    ) -> tuple[HTTPConnection, HTTPResponse, str]:
-        """A GET following redirects as libcurl does for the loop: Authorization goes only to the host of `first` (by
-        default `url`'s). Also returns the URL that answered."""
-        origin = urlsplit(first or url)[:2]
-        for _ in range(MAX_REDIRECTS + 1):
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise PermanentError(f"unsupported URL {url}")
-            if parts[:2] != origin:
-                headers = {name: value for name, value in headers.items() if name.lower() != "authorization"}
-            connection, response = self._request(parts, headers)
-            location = response.getheader("location")
-            if response.status not in REDIRECTS or not location:
-                return connection, response, url
-            response.read()  # a redirect's short body: the connection stays usable
-            self.put_back(connection, response)
-            url = urljoin(url, location)
-        raise PermanentError(f"more than {MAX_REDIRECTS} redirects for {url}")
-
-    def _request(self, parts: SplitResult, headers: dict[str, str]) -> tuple[HTTPConnection, HTTPResponse]:
-        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        origin: _Origin = (parts.scheme, parts.hostname or "", parts.port)
-        kept = self._idle.pop(origin, None)
-        if kept is not None:
-            try:
-                kept.request("GET", target, headers=headers)
-                return kept, kept.getresponse()
-            except ConnectionError:  # the server closed it while it waited (RemoteDisconnected, a reset): a new one
-                self.discard(kept)
-        kind = HTTPSConnection if parts.scheme == "https" else HTTPConnection
-        connection = kind(origin[1], parts.port, timeout=self.timeout_s)
-        self._origins[connection] = origin
-        try:
-            connection.connect()
-            refused = CATALOG.refusal(connection.sock.getpeername()[0])  # the address DNS gave, on every hop
-            if refused:
-                raise PermanentError(f"refused to connect for {parts.geturl()}: {refused}")
-            connection.request("GET", target, headers=headers)
-            return connection, connection.getresponse()
-        except BaseException:
-            self.discard(connection)
-            raise
-
-    def put_back(self, connection: HTTPConnection, response: HTTPResponse) -> None:
-        """A connection whose answer was read whole (and closed) is kept for the next request to its origin; any
-        other is closed."""
-        if response.isclosed() and not response.will_close:
-            self._idle[self._origins[connection]] = connection
-        else:
-            self.discard(connection)
-
-    def discard(self, connection: HTTPConnection) -> None:
-        connection.close()
-        self._origins.pop(connection, None)
-
-    def close(self) -> None:
-        for connection in list(self._origins):
-            self.discard(connection)
-        self._idle.clear()
 
 
 STATE_SUFFIX = ".segments.json"  # added to the .part's name: where a segmented download keeps its progress
@@ -280,7 +186,7 @@ class SegmentedTransfer:
     def _work(self, todo: deque[Segment]) -> None:
         """One connection's thread: the next segment in file order until none is left, or one has failed (the others
         then finish the segments they hold, and the retry fetches only what is missing)."""
-        connections = _Connections(self.timeout_s)
+        connections = Connections(self.timeout_s)
         buffers = _Buffers(BUFFERS_PER_CONNECTION, RECEIVE_BYTES)  # per thread, not per segment: fresh memory is dear
         try:
             while not self.errors and not self.stopped:
@@ -292,7 +198,7 @@ class SegmentedTransfer:
         finally:
             connections.close()
 
-    def _fetch(self, segment: Segment, connections: _Connections, buffers: _Buffers) -> None:
+    def _fetch(self, segment: Segment, connections: Connections, buffers: _Buffers) -> None:
         """One segment's request; what went wrong is left in `errors`."""
         lines = [*self.headers, *self._range(segment)]
         headers = {"User-Agent": USER_AGENT, **dict(line.split(": ", 1) for line in lines)}
@@ -317,7 +223,7 @@ class SegmentedTransfer:
         except BaseException as exc:
             self.errors.append(exc)
 
-    def _get(self, connections: _Connections, headers: dict[str, str]) -> tuple[HTTPConnection, HTTPResponse]:
+    def _get(self, connections: Connections, headers: dict[str, str]) -> tuple[HTTPConnection, HTTPResponse]:
         """A segment's GET, straight to where the first one's redirects led (a signed CDN address, say): a GiB in
         segments would otherwise ask the first host (Hugging Face's resolver, with its rate limits) 128 times."""
         direct = self._redirected_to

@@ -52,7 +52,7 @@ SHARD_COLUMNS = pa.schema(
      ("image_bytes", pa.int64()), ("tar_bytes", pa.int64()), ("sha256", pa.string()), ("seconds", pa.float64())]
 )  # fmt: skip
 
-# The old report's table, as shown in the UI and logged to W&B.
+# The download report's columns, as shown in the UI and logged to W&B (the team's download log has these).
 REPORT_COLUMNS = ("Dataset", "Status", "Downloaded", "Failed", "Skipped", "Total", "Success Rate", "Est. Size")
 
 
@@ -159,7 +159,7 @@ class Summary:
 
     @property
     def success_rate(self) -> float:
-        """Share of the files that are in place, downloaded now or verified before (the old report lied here)."""
+        """Share of the files that are in place, downloaded now or verified before (skipped ones count)."""
         return (self.downloaded + self.skipped) / self.total if self.total else 0.0
 
     def report_row(self) -> tuple:

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import queue
-import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +24,18 @@ from typing import Any
 import pyarrow as pa
 
 from mvdata_assets.runs.values import KeyPath
+from mvdata_assets.runs.wandb_format import (
+    BLOCK,
+    CONFIG,
+    ENVIRONMENT,
+    EXIT,
+    HEADER,
+    HEADER_BYTES,
+    MAGIC,
+    RUN,
+    STATS,
+    SUMMARY_SEPARATOR,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,25 +52,7 @@ else:
 
         log.warning("the C .wandb scanner is not built: run files are read by the slower pure-Python one")
 
-HEADER = struct.Struct("<4sHB")
-HEADER_BYTES = HEADER.size
-MAGIC = (b":W&B", 0xBEE1, 0)
-BLOCK = 32768
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
-SUMMARY_PART_SEPARATOR = "\x1f"  # how the scanner joins a summary key's nested_key parts
-
-# Record oneof field numbers the C scanner hands back (see wandb_internal.proto).
-CONFIG, STATS, RUN, EXIT, FINAL, HEADER_RECORD, FOOTER, PREEMPTING, ENVIRONMENT = (
-    5,
-    7,
-    17,
-    18,
-    20,
-    21,
-    22,
-    23,
-    26,
-)
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -230,7 +223,7 @@ def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:
         end_offset=result["stop"],
         history=history,
         history_records=result["history_records"],
-        summary=[(tuple(key.split(SUMMARY_PART_SEPARATOR)), value) for key, value in result["summary"]],
+        summary=[(tuple(key.split(SUMMARY_SEPARATOR)), value) for key, value in result["summary"]],
         problem=problem,
     )
     if result["others"]:

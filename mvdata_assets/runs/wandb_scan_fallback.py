@@ -25,20 +25,33 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf.message import DecodeError
 
-BLOCK = 32768
-FRAG_HEADER = 7
-FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
-STATUS_CLEAN, STATUS_INCOMPLETE, STATUS_CORRUPT = 0, 1, 2
+from mvdata_assets.runs.wandb_format import (
+    BLOCK,
+    CONFIG,
+    ENVIRONMENT,
+    EXIT,
+    FINAL,
+    FIRST,
+    FOOTER,
+    FRAG_HEADER,
+    FULL,
+    HEADER_RECORD,
+    HISTORY,
+    HISTORY_SEPARATOR,
+    LAST,
+    MIDDLE,
+    NOT_A_KIND,
+    PREEMPTING,
+    RUN,
+    STATS,
+    SUMMARY,
+    SUMMARY_SEPARATOR,
+)
 
-HISTORY, SUMMARY = 2, 3
-# Record fields that carry no record kind: control, uuid, _info
-NOT_A_KIND = frozenset({16, 19, 200})
-# Record kinds handed back raw, as the C scanner's `wanted_other`: config, stats, run, exit, final, header,
-# footer, preempting, environment
-WANTED_OTHER = frozenset({5, 7, 17, 18, 20, 21, 22, 23, 26})
+STATUS_CLEAN, STATUS_INCOMPLETE, STATUS_CORRUPT = 0, 1, 2
+# Record kinds handed back raw, as the C scanner's `wanted_other`
+WANTED_OTHER = frozenset({CONFIG, STATS, RUN, EXIT, FINAL, HEADER_RECORD, FOOTER, PREEMPTING, ENVIRONMENT})
 SYSTEM_KEYS = ("_step", "_timestamp", "_runtime")
-HISTORY_SEPARATOR = "."
-SUMMARY_SEPARATOR = "\x1f"
 
 _FRAGMENT = struct.Struct("<IHB")
 # The format's checksum is IEEE CRC-32 (zlib's), not CRC32C; binascii computes it even where zlib is missing.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mvdata_assets.datasets import segments
+from mvdata_assets.datasets import connections
 from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy, check_network
 from mvdata_assets.datasets.catalog import UrlList
 from mvdata_assets.datasets.fetch import Downloader, FileTask
@@ -115,7 +115,7 @@ def test_a_catalog_file_at_a_refused_address_fails_at_once_with_the_reason(tmp_p
 
 
 def test_a_segment_at_a_refused_address_is_never_requested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(segments, "CATALOG", AddressPolicy.third_party())  # loopback stands in for link-local
+    monkeypatch.setattr(connections, "CATALOG", AddressPolicy.third_party())  # loopback stands in for link-local
     data = bytes(range(256)) * 8192  # 2 MiB
     with FileServer() as server:
         task = FileTask(server.add("big.bin", data), tmp_path / "big.bin", len(data))

@@ -21,7 +21,7 @@ from dagster import DagsterInstance, materialize
 from PIL import Image
 
 from mvdata_assets.cli import main, status
-from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.datasets.assets import MAX_TABLE_ROWS, dataset_assets
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.datasets.fileserver import FileServer
@@ -427,11 +427,13 @@ def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.Mon
         assert "url_list.lists[0] 'dataset/elsewhere.json' is not in" in failure.step_failure_data.error.cause.message
 
 
-def test_progress_of_many_files_is_a_few_log_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each log line is an event-log write: a dataset's progress is at most one line every few seconds."""
+def test_many_files_make_few_log_lines_and_a_capped_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each log line or metadata entry is an event-log write: a dataset's progress is at most one line every few
+    seconds, and its files table shows the failed files first and at most MAX_TABLE_ROWS rows."""
     with FileServer() as server:
-        datas = {f"parts/{i:03d}.bin": bytes([i]) * (100 + i) for i in range(120)}
+        datas = {f"parts/{i:03d}.bin": bytes([i % 256]) * (100 + i) for i in range(MAX_TABLE_ROWS + 40)}
         files = [{**_entry(server, name, data), "size": None} for name, data in datas.items()]
+        files[-1]["url"] += ".gone"  # the last file listed fails (404)
         catalog = {"datasets": {"parts": {"description": "many small files", "access": "public", "files": files}}}
         (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
         monkeypatch.setenv("MVDATA_CATALOG", str(tmp_path / "catalog.yaml"))
@@ -445,3 +447,8 @@ def test_progress_of_many_files_is_a_few_log_lines(tmp_path: Path, monkeypatch: 
     lines = [e.user_message for e in instance.all_logs(result.run_id) if "MiB" in (e.user_message or "")]
     assert len(lines) <= 1 + seconds / 5, lines
     assert len(instance.all_logs(result.run_id)) < len(datas)  # the whole run logs fewer events than it has files
+    (event,) = result.get_asset_materialization_events()
+    table = event.event_specific_data.materialization.metadata["files"].value
+    rows = [line for line in table.splitlines() if ".bin" in line]
+    assert len(rows) == MAX_TABLE_ROWS and "| failed |" in rows[0] and "404" in rows[0], rows[:2]
+    assert table.endswith("... and 40 more (datasets.files)")
