@@ -35,7 +35,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mvdata_assets.runs.api import PAGE_RUNS, sync_api  # noqa: E402
+from mvdata_assets.runs.api import sync_api  # noqa: E402
+from mvdata_assets.runs.wandb_api import PAGE_RUNS  # noqa: E402
 from mvdata_assets_tests.runs.wandb_server import WandbServer  # noqa: E402
 
 ENTITY, PROJECT = "microvlm", "bench"

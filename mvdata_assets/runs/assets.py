@@ -27,9 +27,10 @@ from dagster import (
 from mvdata_assets import charts
 from mvdata_assets.resources import WandbResource
 from mvdata_assets.runs import exports, leaderboard, run_datasets, store
-from mvdata_assets.runs.api import ApiSyncReport, Client, sync_api
+from mvdata_assets.runs.api import ApiSyncReport, sync_api
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
+from mvdata_assets.runs.wandb_api import Client
 from mvdata_assets.tracking import PROJECT as DOWNLOAD_LOGS
 from mvdata_assets.warehouse import WarehouseResource, declared_table, table_metadata
 

@@ -14,9 +14,9 @@ from dagster import (
 )
 
 from mvdata_assets.resources import WandbResource
-from mvdata_assets.runs.api import ApiSourceError, Client, poll_project, without_secrets
 from mvdata_assets.runs.assets import GROUP
 from mvdata_assets.runs.offline import file_states
+from mvdata_assets.runs.wandb_api import ApiSourceError, Client, poll_project, without_secrets
 from mvdata_assets.settings import load_settings
 
 _settings = load_settings()  # how often and whether the sensors run: fixed when the definitions load

@@ -19,11 +19,12 @@ import wandb
 from dagster import DagsterInstance, build_sensor_context, materialize
 
 from mvdata_assets.resources import WandbResource, project_resources
-from mvdata_assets.runs import api
-from mvdata_assets.runs.api import DOCUMENTS, ApiFilters, ApiSourceError, Client, sync_api
+from mvdata_assets.runs import api, wandb_api
+from mvdata_assets.runs.api import ApiFilters, sync_api
 from mvdata_assets.runs.assets import wandb_assets
 from mvdata_assets.runs.sensors import wandb_api_runs
 from mvdata_assets.runs.values import leaf_paths, split_value
+from mvdata_assets.runs.wandb_api import DOCUMENTS, ApiSourceError, Client
 from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.runs.wandb_server import API_KEY, WandbServer, check_document
 
@@ -428,7 +429,7 @@ def test_nulls_where_w_and_b_may_send_them(sdk: WandbServer, tmp_path: Path, mon
     for i in range(3, 8):
         sdk.add_run(E, "nulls", f"n{i}", history=rows[:5])
     conn = duckdb.connect(str(tmp_path / "w.duckdb"))
-    monkeypatch.setattr(api, "PAGE_RUNS", 2)
+    monkeypatch.setattr(wandb_api, "PAGE_RUNS", 2)
     sdk.claims_more_pages = True  # ... and past the last run comes an empty page, null endCursor, "has next page"
     sdk.clear_requests()
     try:
