@@ -1,17 +1,16 @@
 """Syncs local W&B run folders (offline-run-* / run-*) into the warehouse, incrementally.
 
-Each run file has a watermark row (size, mtime, inode, a fingerprint of its head and the byte
-offset read up to). Unchanged files are not opened; grown files are read from the watermark;
+Each run file has a watermark row (run_files.py: size, mtime, inode, a fingerprint of its head and
+the byte offset read up to). Unchanged files are not opened; grown files are read from the watermark;
 shrunk or replaced files are read again whole. A file's rows and its watermark are written in one
 transaction, so a kill at any point leaves either the old or the new state, never duplicates.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +18,15 @@ import duckdb
 import pyarrow.compute as pc
 
 from mvdata_assets.runs import store
+from mvdata_assets.runs.run_files import (
+    Watermark,
+    discover_run_files,
+    head_fingerprint,
+    load_watermarks,
+    resumed_runs,
+    same_head,
+    save_watermark,
+)
 from mvdata_assets.runs.store import SCHEMA, RunKey
 from mvdata_assets.runs.values import NestedState, finite_or_none, to_json
 from mvdata_assets.runs.wandb_file import (
@@ -29,8 +37,6 @@ from mvdata_assets.runs.wandb_file import (
     legacy_metadata,
     read_chunks,
 )
-
-FINGERPRINT_BYTES = 4096
 
 
 @dataclass
@@ -68,28 +74,6 @@ class SyncReport:
         return self.count("new", "grown", "replaced", "refreshed") > 0 or self.state_changes > 0
 
 
-def discover_run_files(dirs: Iterable[Path]) -> list[Path]:
-    """Run files under each folder: the folder may be a `wandb/` dir or the dir holding one."""
-    found: set[Path] = set()
-    for base in dirs:
-        for root in (base, base / "wandb"):
-            for pattern in ("offline-run-*/run-*.wandb", "run-*/run-*.wandb"):
-                found.update(p.resolve() for p in root.glob(pattern) if p.is_file())
-    return sorted(found)
-
-
-def file_states(dirs: Iterable[Path]) -> dict[str, list[int]]:
-    """{path: [size, mtime_ns]} of every run file: what a sensor compares between ticks (no file is opened)."""
-    states = {}
-    for path in discover_run_files(dirs):
-        try:
-            st = path.stat()
-        except OSError:
-            continue  # gone between the listing and the stat
-        states[str(path)] = [st.st_size, st.st_mtime_ns]
-    return states
-
-
 def sync_offline(
     conn: duckdb.DuckDBPyConnection,
     dirs: Iterable[Path],
@@ -100,11 +84,8 @@ def sync_offline(
     started = time.monotonic()
     store.ensure_schema(conn)
     report = SyncReport()
-    columns = ", ".join(f.name for f in fields(Watermark))
-    known = {
-        row[0]: Watermark(*row) for row in conn.execute(f"SELECT {columns} FROM {SCHEMA}._offline_files").fetchall()
-    }
-    segmented, singles = _segmented(discover_run_files(dirs))
+    known = load_watermarks(conn)
+    segmented, singles = resumed_runs(discover_run_files(dirs))
     for segments in segmented:  # first: a copy of one of their files is then seen as already synced
         for outcome in _store_segments(conn, segments, known, force_refresh, running_window_s):
             report.files.append(outcome)
@@ -133,43 +114,6 @@ def sync_offline(
 
 
 @dataclass
-class Watermark:
-    """A row of `_offline_files`: how far a run file was read, how it looked then, and the run's
-    config / summary / metadata state (key paths), which later appended updates apply to."""
-
-    path: str
-    entity: str | None
-    project: str | None
-    run_id: str | None
-    size: int
-    mtime_ns: int
-    inode: int
-    fingerprint: str
-    read_offset: int
-    problem: str | None = None
-    config_state: str | None = None
-    summary_state: str | None = None
-    metadata_state: str | None = None
-
-    @property
-    def run_key(self) -> RunKey | None:
-        return (self.entity or "", self.project or "", self.run_id) if self.run_id else None
-
-
-def _fingerprint(path: Path, length: int = FINGERPRINT_BYTES) -> str:
-    """`<n>:<sha256 of the first n bytes>`; a grown file keeps the fingerprint of the bytes it had."""
-    with path.open("rb") as f:
-        head = f.read(length)
-    return f"{len(head)}:{hashlib.sha256(head).hexdigest()}"
-
-
-def _same_head(path: Path, fingerprint: str | None) -> bool:
-    if not fingerprint or ":" not in fingerprint:
-        return False
-    return _fingerprint(path, int(fingerprint.split(":", 1)[0])) == fingerprint
-
-
-@dataclass
 class _Plan:
     """A file to read: whole, or from its watermark (`resumed`)."""
 
@@ -193,9 +137,11 @@ def _plan(path: Path, prev: Watermark | None, force_refresh: bool) -> _Plan | Fi
         ):  # fmt: skip
             return FileOutcome(str(path), "unchanged", run="/".join(prev.run_key) if prev.run_key else None)
         grown = bool(prev and not force_refresh and prev.run_key and st.st_size >= prev.size)
-        grown = grown and _same_head(path, prev.fingerprint)
+        grown = grown and same_head(path, prev.fingerprint)
         action = "grown" if grown else ("refreshed" if force_refresh else "replaced") if prev else "new"
-        watermark = Watermark(str(path), None, None, None, st.st_size, st.st_mtime_ns, st.st_ino, _fingerprint(path), 0)
+        watermark = Watermark(
+            str(path), None, None, None, st.st_size, st.st_mtime_ns, st.st_ino, head_fingerprint(path), 0
+        )
     except OSError as exc:
         return FileOutcome(str(path), "skipped", problem=f"{path}: {exc}")
     return _Plan(path, FileOutcome(str(path), action), watermark, prev, prev if grown else None, st.st_mtime)
@@ -206,7 +152,7 @@ def _store_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, 
     conn.begin()
     try:
         _read_file(conn, plan, chunks, running_window_s)
-        _save_watermark(conn, plan.watermark)
+        save_watermark(conn, plan.watermark)
         if plan.outcome.action != "skipped":  # with the rows: a kill after the commit still leaves exports to catch up
             store.bump_generation(conn)
         conn.commit()
@@ -215,50 +161,6 @@ def _store_file(conn: duckdb.DuckDBPyConnection, plan: _Plan, chunks: Prefetch, 
         chunks.close()
         return FileOutcome(str(plan.path), "skipped", problem=f"{plan.path}: {type(exc).__name__}: {exc}")
     return plan.outcome
-
-
-def _save_watermark(conn: duckdb.DuckDBPyConnection, watermark: Watermark) -> None:
-    names = [f.name for f in fields(Watermark)]
-    placeholders = ", ".join("?" * len(names))
-    conn.execute(
-        f"INSERT OR REPLACE INTO {SCHEMA}._offline_files ({', '.join(names)}) VALUES ({placeholders})",
-        [getattr(watermark, name) for name in names],
-    )
-
-
-def _segmented(files: list[Path]) -> tuple[list[list[Path]], list[Path]]:
-    """The resumed runs among the files, each as its segments in order, and the other files.
-
-    A W&B run resumed by several processes (the download log under a multi-process executor) leaves a folder per
-    process, each with its own `run-<id>.wandb`. Files of one run id whose heads differ are its segments; a file
-    with the same head as another is a copy, read (and found already synced) alone.
-    """
-    by_name: dict[str, list[Path]] = {}
-    for path in files:
-        by_name.setdefault(path.name, []).append(path)
-    segmented, singles = [], []
-    for paths in by_name.values():
-        heads: dict[str, Path] = {}
-        for path in sorted(paths, key=_segment_order):
-            try:
-                heads.setdefault(_fingerprint(path), path)
-            except OSError:
-                singles.append(path)  # gone meanwhile: reported by the single-file path
-        segments = list(heads.values())
-        if len(segments) > 1:
-            segmented.append(segments)
-            singles += [path for path in paths if path not in segments and path not in singles]
-        else:
-            singles += [path for path in paths if path not in singles]
-    return segmented, sorted(singles)
-
-
-def _segment_order(path: Path) -> tuple[str, int, str]:
-    """`offline-run-<YYYYMMDD_HHMMSS>-<id>[-<n>]`: by start time, then the SDK's `-1`, `-2` for a folder name taken."""
-    parts = path.parent.name.split("-")
-    started = parts[2] if len(parts) > 2 else ""
-    again = int(parts[-1]) if len(parts) > 4 and parts[-1].isdigit() else 0
-    return started, again, str(path)
 
 
 def _store_segments(
@@ -283,7 +185,7 @@ def _store_segments(
                 earlier = _read_file(conn, plan, chunks, running_window_s, earlier, segment=True) or earlier
             finally:
                 chunks.close()
-            _save_watermark(conn, plan.watermark)
+            save_watermark(conn, plan.watermark)
         store.bump_generation(conn)
         conn.commit()
     except Exception as exc:  # noqa: BLE001 - one unreadable run never stops the others; what was stored stays

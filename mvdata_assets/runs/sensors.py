@@ -15,7 +15,7 @@ from dagster import (
 
 from mvdata_assets.resources import WandbResource
 from mvdata_assets.runs.assets import GROUP
-from mvdata_assets.runs.offline import file_states
+from mvdata_assets.runs.run_files import file_states
 from mvdata_assets.runs.wandb_api import ApiSourceError, Client, poll_project, without_secrets
 from mvdata_assets.settings import load_settings
 

@@ -22,7 +22,8 @@ import duckdb
 import pytest
 
 from mvdata_assets.demo import wait_for_exit
-from mvdata_assets.runs.offline import SyncReport, discover_run_files, sync_offline
+from mvdata_assets.runs.offline import SyncReport, sync_offline
+from mvdata_assets.runs.run_files import discover_run_files
 from mvdata_assets_tests.runs import reference, truth
 from mvdata_assets_tests.runs.conftest import (
     LEGACY_FIXTURE,
