@@ -50,15 +50,20 @@ from mvdata_assets.datasets.transport import (
 __all__ = [
     "ERROR_KINDS",
     "OUTCOME_SCHEMA",
+    "ListPlan",
     "ShardResult",
     "UrlListError",
     "UrlListRun",
     "describe_error_kind",
     "fetch_url_list",
+    "finished_shards",
+    "plan_url_list",
     "read_list",
 ]
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
+TAR_SHA256, TAR_BYTES = "tar_sha256", "tar_bytes"  # in a shard parquet's metadata: the tar it was finished with
+LIST_RECORD = "_list.json"  # which list, and which reading of it, the shards of a folder come from
 NO_RETRY_KINDS = {"invalid_url"}  # fetching again can't help
 MAX_RETRY_PAUSE_S = 30.0  # a longer Retry-After is not waited for: the URL fails as http_429 / http_503
 
@@ -95,7 +100,7 @@ class ShardResult:
     bytes: int = 0  # of the images fetched by this run
     error_kinds: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
-    sha256: str | None = None  # of the tar, when this run wrote it
+    sha256: str | None = None  # of the tar: written now, or recorded in its parquet
     tar_bytes: int = 0
     image_bytes: int = 0  # of every image in the shard, fetched now or before
 
@@ -293,12 +298,14 @@ class _Shard:
         self.tar.close()
         self.tar_file.close()
         durable.replace(self.tar_part, self.tar_path)  # on disk, name and all, before the parquet saying it is finished
-        parquet_part = self.parquet_path.with_name(self.parquet_path.name + ".part")
-        pq.write_table(pa.Table.from_pylist(self.outcomes, schema=OUTCOME_SCHEMA), parquet_part)
-        durable.replace(parquet_part, self.parquet_path)
-        again = set(self.todo)
         result = self.result
         result.sha256, result.tar_bytes = self.tar_file.digests.sha256, self.tar_path.stat().st_size
+        parquet_part = self.parquet_path.with_name(self.parquet_path.name + ".part")
+        table = pa.Table.from_pylist(self.outcomes, schema=OUTCOME_SCHEMA)
+        tar = {TAR_SHA256: result.sha256, TAR_BYTES: str(result.tar_bytes)}  # so whoever records it need not hash it
+        pq.write_table(table.replace_schema_metadata(tar), parquet_part)
+        durable.replace(parquet_part, self.parquet_path)
+        again = set(self.todo)
         for i, o in enumerate(self.outcomes):
             result.image_bytes += o["bytes"] or 0
             if o["status"] == "failed":
@@ -314,8 +321,12 @@ class _Shard:
 
 
 def _finished(index: int, tar_path: Path, table: pa.Table) -> ShardResult:
-    """Counts of a shard an earlier run finished: its images are skipped, its failures still count as failed."""
+    """Counts of a shard an earlier run finished: its images are skipped, its failures still count as failed. The
+    tar's sha256 is the one its parquet records, while the tar still has the size recorded with it."""
     result = ShardResult(index, "skipped", tar_path, total=table.num_rows, tar_bytes=tar_path.stat().st_size)
+    written = {key.decode(): value.decode() for key, value in (table.schema.metadata or {}).items()}
+    if written.get(TAR_BYTES) == str(result.tar_bytes):
+        result.sha256 = written.get(TAR_SHA256)
     columns = (table.column(name).to_pylist() for name in ("status", "error_kind", "bytes"))
     for status, kind, size in zip(*columns, strict=True):
         result.image_bytes += size or 0
@@ -345,10 +356,16 @@ def _fingerprint(list_path: Path, captions: Path | None, spec: UrlList, list_sha
     }
 
 
+def _recorded(out_dir: Path) -> dict | None:
+    """The fingerprint of the list the shards in `out_dir` come from (None: no shards were planned there)."""
+    record = out_dir / LIST_RECORD
+    return json.loads(record.read_text()) if record.exists() else None
+
+
 def _remove_stale(out_dir: Path, fingerprint: dict) -> int:
     """Removes shards written from another list or another reading of it; returns how many."""
-    record = out_dir / "_list.json"
-    if record.exists() and json.loads(record.read_text()) == fingerprint:
+    record = out_dir / LIST_RECORD
+    if _recorded(out_dir) == fingerprint:
         return 0
     stale = [p for pattern in ("*.tar", "*.parquet", "*.part") for p in out_dir.glob(pattern)]
     for path in stale:
@@ -375,6 +392,7 @@ def fetch_url_list(
     retry_failed: bool = False,
     on_shard: Callable[[ShardResult], None] | None = None,
     allowed_networks: Sequence[str] = (),
+    shards: range | None = None,
 ) -> UrlListRun:
     """Fetch the images of one URL list into `out_dir` as WebDataset shards; finished shards are skipped.
 
@@ -382,10 +400,22 @@ def fetch_url_list(
     known. `timeout_s` ends a transfer that received nothing for that long. `retry_failed` fetches the failed URLs
     of finished shards again and rewrites them. `on_shard` hears of each shard as it is finished or found finished.
     Images reach public addresses only, and the `allowed_networks` (see addresses.py).
+
+    `shards` fetches only those shard indexes: one part of a list that several processes or machines fetch at once,
+    after `plan_url_list` has removed stale shards for all of them (a part never removes anything).
     """
     started = time.monotonic()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = _remove_stale(out_dir, _fingerprint(list_path, captions, spec, list_sha256))
+    fingerprint = _fingerprint(list_path, captions, spec, list_sha256)
+    if shards is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stale = _remove_stale(out_dir, fingerprint)
+    elif _recorded(out_dir) == fingerprint:
+        stale = 0
+    else:
+        raise UrlListError(
+            f"{out_dir} holds no shards planned from this version of {list_path.name} (or its reading): "
+            "plan the list again (materialise its dataset asset) before fetching parts of it"
+        )
     width = len(str(spec.shard_size - 1))
     fetching = _Fetching(max_bytes, retries, retry_backoff_s, spec.decode)
     results: list[ShardResult] = []
@@ -397,6 +427,10 @@ def fetch_url_list(
 
     def jobs() -> Iterator[Job]:
         for index, rows in enumerate(_batches(read_list(list_path, spec, captions), spec.shard_size)):
+            if shards is not None and index not in shards:
+                if index >= shards.stop:
+                    return
+                continue
             tar_path, parquet_path = out_dir / f"{index:05d}.tar", out_dir / f"{index:05d}.parquet"
             previous = None
             if tar_path.exists() and parquet_path.exists():
@@ -412,3 +446,35 @@ def fetch_url_list(
         loop.run(jobs(), at_once=concurrency)
     results.sort(key=lambda r: r.index)
     return UrlListRun(results, time.monotonic() - started, stale)
+
+
+@dataclass(frozen=True)
+class ListPlan:
+    """A list made ready to be fetched in parts: how many shards it makes."""
+
+    rows: int
+    shards: int
+    stale_removed: int  # shards of an earlier list (or reading of it) removed
+
+
+def plan_url_list(
+    list_path: Path, out_dir: Path, spec: UrlList, *, captions: Path | None = None, list_sha256: str | None = None
+) -> ListPlan:
+    """Once, before a list's shards are fetched in parts (`fetch_url_list(shards=...)`, perhaps on other machines):
+    removes the shards of an earlier list or reading of it and records which list the shards come from, so no part
+    removes another's work; counts the list's rows (one streaming read)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stale = _remove_stale(out_dir, _fingerprint(list_path, captions, spec, list_sha256))
+    rows = sum(1 for _ in read_list(list_path, spec, captions))
+    return ListPlan(rows, -(-rows // spec.shard_size), stale)
+
+
+def finished_shards(out_dir: Path) -> list[ShardResult]:
+    """The counts of every finished shard in `out_dir` (a tar and its parquet), in index order: what the parts of a
+    list left, for the one step that records them in the warehouse."""
+    results = []
+    for parquet in sorted(out_dir.glob("[0-9]*.parquet")):
+        tar = parquet.with_suffix(".tar")
+        if tar.exists():
+            results.append(_finished(int(parquet.stem), tar, pq.read_table(parquet)))
+    return results

@@ -402,3 +402,57 @@ def test_sbu_json_of_parallel_arrays_and_json_records(tmp_path: Path) -> None:
     records.write_text(json.dumps({"image_urls": ["http://x.org/a.jpg"], "captions": ["a dog"]}))
     with pytest.raises(UrlListError, match=r"url_column \(column 'captions'\) does not hold .* are the two swapped"):
         list(read_list(records, swapped))
+
+
+def test_a_list_fetched_in_parts_gives_every_image_once(tmp_path: Path, server: FileServer) -> None:
+    """Parts of a planned list (partitions, perhaps on other machines) fetch disjoint shards, the same ones a whole
+    fetch makes; a part run again after a crash fetches only its unfinished shard; the recorded tar hashes hold."""
+    png = image("PNG", 9)
+    rows = [(f"img{i}", server.add(f"img{i}.png", png, content_type="image/png")) for i in range(14)]
+    list_path = write_tsv(tmp_path / "list.tsv", rows)
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    fetch_url_list(list_path, whole, CC3M)
+
+    plan = url_lists.plan_url_list(list_path, parted, CC3M)
+    assert (plan.rows, plan.shards, plan.stale_removed) == (14, 4, 0)
+    server.clear_requests()
+    first = fetch_url_list(list_path, parted, CC3M, shards=range(0, 2))
+    second = fetch_url_list(list_path, parted, CC3M, shards=range(2, 4))
+    assert [s.index for s in first.shards] == [0, 1] and [s.index for s in second.shards] == [2, 3]
+    assert sorted(r.name for r in server.requests) == sorted(f"img{i}.png" for i in range(14))  # each image once
+    assert outcomes(parted) == outcomes(whole)
+    for i in range(4):
+        assert members(parted / f"0000{i}.tar") == members(whole / f"0000{i}.tar")
+
+    finished = url_lists.finished_shards(parted)
+    assert [s.index for s in finished] == [0, 1, 2, 3] and sum(s.skipped for s in finished) == 14
+    assert [s.sha256 for s in finished] == [hashlib.sha256((parted / f"0000{i}.tar").read_bytes()).hexdigest()
+                                            for i in range(4)]  # fmt: skip
+
+    (parted / "00003.parquet").unlink()  # the part was killed before its last shard was marked finished
+    server.clear_requests()
+    redone = fetch_url_list(list_path, parted, CC3M, shards=range(2, 4))
+    assert [s.state for s in redone.shards] == ["skipped", "fetched"]
+    assert sorted(r.name for r in server.requests) == ["img12.png", "img13.png"]
+
+
+def test_a_part_of_a_list_changed_since_its_plan_is_refused(tmp_path: Path, server: FileServer) -> None:
+    """Only the plan removes stale shards: a part finding another list (or no plan) stops, and removes nothing."""
+    png = image("PNG", 3)
+    list_path = write_tsv(tmp_path / "list.tsv", [(f"a{i}", server.add(f"a{i}.png", png)) for i in range(8)])
+    out = tmp_path / "shards"
+    with pytest.raises(UrlListError, match=r"holds no shards planned from this version of list.tsv"):
+        fetch_url_list(list_path, out, CC3M, shards=range(0, 1))
+
+    url_lists.plan_url_list(list_path, out, CC3M)
+    fetch_url_list(list_path, out, CC3M, shards=range(0, 1))
+    before = sorted(p.name for p in out.iterdir())
+    write_tsv(list_path, [(f"b{i}", server.add(f"b{i}.png", png)) for i in range(8)])
+    server.clear_requests()
+    with pytest.raises(UrlListError, match=r"plan the list again"):
+        fetch_url_list(list_path, out, CC3M, shards=range(1, 2))
+    assert sorted(p.name for p in out.iterdir()) == before and server.requests == []
+
+    replanned = url_lists.plan_url_list(list_path, out, CC3M)
+    assert (replanned.shards, replanned.stale_removed) == (2, 1)
+    assert sorted(p.name for p in out.iterdir()) == ["_list.json"]
