@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from mvdata_assets.runs.wandb_file import BLOCK, NotAWandbFile, check_header, read_chunks
+from mvdata_assets.runs.wandb_file import NotAWandbFile, check_header, read_chunks
+from mvdata_assets.runs.wandb_format import BLOCK
 from mvdata_assets_tests.runs import reference, truth
 from mvdata_assets_tests.runs.conftest import SdkRun
 from mvdata_assets_tests.runs.sdk_writer import SQL_KEY

@@ -23,7 +23,8 @@ import pytest
 from wandb.proto import wandb_internal_pb2 as pb
 
 from mvdata_assets.runs import wandb_file, wandb_scan_fallback
-from mvdata_assets.runs.wandb_file import BLOCK, DEFAULT_CHUNK_BYTES, HEADER_BYTES
+from mvdata_assets.runs.wandb_file import DEFAULT_CHUNK_BYTES
+from mvdata_assets.runs.wandb_format import BLOCK, HEADER_BYTES
 from mvdata_assets_tests.runs import reference
 from mvdata_assets_tests.runs.conftest import LEGACY_FIXTURE, SdkRun, copy_tree_writable, place_run_file
 from mvdata_assets_tests.runs.test_offline import sync
