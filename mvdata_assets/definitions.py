@@ -24,6 +24,7 @@ from dagster import (
 
 from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
 from mvdata_assets.datasets.assets import dataset_assets, dataset_key
+from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets.resources import project_resources
 from mvdata_assets.runs.assets import GROUP as WANDB_GROUP
 from mvdata_assets.runs.assets import build_run_datasets_asset, wandb_assets, wandb_checks
@@ -32,17 +33,24 @@ from mvdata_assets.settings import load_settings
 
 settings = load_settings()
 
+datasets = dataset_assets(settings)
+catalog_keys = [dataset_key(name) for name in load_catalog(settings.catalog)]
+# URL-list images in parts are partitioned: a backfill runs them, never a job over unpartitioned assets
+image_parts = AssetSelection.assets(
+    *(key for assets_def in datasets if assets_def.partitions_def for key in assets_def.keys)
+)
+
 wandb_sync_job = define_asset_job("wandb_sync", selection=f"group:{WANDB_GROUP}")
-datasets_job = define_asset_job("datasets_download", selection=f"group:{DATASETS_GROUP}")
+datasets_job = define_asset_job("datasets_download", selection=AssetSelection.groups(DATASETS_GROUP) - image_parts)
 # runs the assets' automation conditions (exports, leaderboard, download summary follow their upstream);
 # Dagster's default automation sensor starts stopped, this one starts running
 automation = AutomationConditionSensorDefinition(
     "mvdata_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING
 )
-main_job = define_asset_job("mvdata_main", selection="*", description="Both halves: every dataset and W&B asset.")
+main_job = define_asset_job(
+    "mvdata_main", selection=AssetSelection.all() - image_parts, description="Both halves: every dataset and W&B asset."
+)
 
-datasets = dataset_assets(settings)
-catalog_keys = [key for assets_def in datasets for key in assets_def.keys if key != dataset_key("download_summary")]
 CODE_VERSION = version("mvdata_assets")  # the engines' logic changes with the package's releases
 
 

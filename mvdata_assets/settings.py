@@ -62,6 +62,7 @@ class Settings:
     image_host_connections: int  # ... of which at most this many to one host
     image_timeout_s: float  # an image transfer that receives nothing for this long fails as `timeout`
     image_allowed_networks: tuple[str, ...]  # URL-list images may reach these networks besides public addresses
+    image_part_shards: int  # > 0: URL-list images as a partitioned asset, this many shards a partition (0: one step)
     extract_max_ratio: int  # an archive expanding to more than this many times its size is refused
     sensor_interval_s: int
     sensor_enabled: bool  # on by default when a W&B source is configured
@@ -109,6 +110,7 @@ def load_settings() -> Settings:
         image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", 10.0),
         extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", DEFAULT_MAX_RATIO),
         image_allowed_networks=tuple(map(check_network, _list("MVDATA_IMAGE_ALLOWED_NETWORKS", ""))),
+        image_part_shards=_count("MVDATA_IMAGE_PART_SHARDS", 0),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
         sensor_enabled=_switch(
             "MVDATA_WANDB_SENSOR", "on" if dirs or os.environ.get("MVDATA_WANDB_PROJECTS") else "off"

@@ -1,8 +1,8 @@
 """Dagster wiring for the datasets half: one asset per catalog dataset, and the download summary."""
 
-import os
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from dagster import (
@@ -23,13 +23,13 @@ from dagster import (
 from mvdata_assets import charts
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
-from mvdata_assets.datasets.download import DatasetRun, download_dataset
-from mvdata_assets.datasets.images import describe_error_kind
+from mvdata_assets.datasets.download import download_dataset
+from mvdata_assets.datasets.metadata import dataset_metadata, images_metadata, tracking_metadata
+from mvdata_assets.datasets.parts import build_images_asset, build_shards_asset, register_parts, shards_key
 from mvdata_assets.datasets.url_lists import ShardResult
 from mvdata_assets.resources import DatasetsResource, DownloadTrackingResource, WandbResource
 from mvdata_assets.runs.offline import sync_offline
 from mvdata_assets.settings import Settings
-from mvdata_assets.tracking import DownloadTracker, TrackedRun
 from mvdata_assets.warehouse import WarehouseResource, declared_table
 
 GROUP = "datasets"
@@ -40,19 +40,6 @@ class DownloadConfig(Config):
     """Re-hash files already on disk (and image shards) instead of trusting their recorded size and checksum."""
     retry_failed: bool = False
     """URL-list datasets: fetch the images that failed in finished shards again, and rewrite those shards."""
-
-
-def _tracking_metadata(tracked: TrackedRun | None, tracker: DownloadTracker | None) -> dict:
-    if tracker is None:
-        return {"wandb_tracking": "off"}
-    if tracked is None:
-        return {"wandb_tracking": "skipped (see the run's warnings)"}
-    where = (
-        {"wandb_run_url": MetadataValue.url(tracked.url)}
-        if tracked.url
-        else {"wandb_offline_dir": MetadataValue.path(str(tracked.offline_dir))}
-    )
-    return {"wandb_run_number": tracked.number, "wandb_run_name": tracked.name, **where}
 
 
 def dataset_key(name: str) -> AssetKey:
@@ -92,87 +79,18 @@ def _shard_logger(context: AssetExecutionContext, name: str, every_s: float = 5.
     return report
 
 
-MAX_TABLE_ROWS = 200  # rows of a file or shard table in the UI; the warehouse's table holds them all
-
-
-def _capped_table(header: tuple[str, ...], rows: list[tuple], table: str) -> MetadataValue:
-    """A Markdown table of the first MAX_TABLE_ROWS rows, saying how many more `table` holds: a dataset's files
-    may number in the thousands, and the whole metadata entry is one event-log write."""
-    more = f"\n\n... and {len(rows) - MAX_TABLE_ROWS} more ({table})" if len(rows) > MAX_TABLE_ROWS else ""
-    return MetadataValue.md(charts.markdown_table(header, rows[:MAX_TABLE_ROWS]) + more)
-
-
-def _images_metadata(run: DatasetRun) -> dict:
-    """A URL-list dataset's images: counts, speed, and what the failures were, per error kind."""
-    images, kinds = run.images, run.error_kinds
-    listed = sum(images[k] for k in ("downloaded", "failed", "skipped"))
-    seconds = sum(listed_run.run.seconds for listed_run in run.lists)
-    shards = [(lr.list, s) for lr in run.lists for s in lr.run.shards]
-    shard_rows = [
-        (listed, f"{s.index:05d}", s.state, s.total, s.in_place, s.failed, f"{s.tar_bytes / 1e6:.1f} MB")
-        for listed, s in shards
-    ]
-    return {
-        "images_downloaded": images["downloaded"],
-        "images_failed": images["failed"],
-        "images_skipped": images["skipped"],
-        "images_total": listed,
-        "images_per_second": MetadataValue.float(round(images["downloaded"] / seconds, 1) if seconds else 0.0),
-        "image_bytes_fetched": MetadataValue.int(images["fetched"]),
-        "shards_written": sum(s.state != "skipped" for _, s in shards),
-        "shards_skipped": sum(s.state == "skipped" for _, s in shards),
-        "shards_refetched_after_check": MetadataValue.json(run.redone),
-        "stale_shards_removed": sum(lr.run.stale_removed for lr in run.lists),
-        "shard_folders": MetadataValue.json([str(lr.shards_dir) for lr in run.lists]),
-        "image_errors": MetadataValue.md(
-            charts.markdown_table(
-                ("error kind", "images", "share of the list", "usually means"),
-                [(k, n, f"{n / listed:.1%}", describe_error_kind(k)) for k, n in kinds.most_common()],
-            )
-            if kinds
-            else "no image failed"
-        ),
-        "shards": _capped_table(
-            ("list", "shard", "state", "images", "in place", "failed", "tar"), shard_rows, "datasets.shards"
-        ),
-    }
-
-
-def _dataset_metadata(run: DatasetRun) -> dict:
-    summary, seconds = run.summary, run.summary.seconds
-    return {
-        "status": summary.status,
-        "downloaded": summary.downloaded,
-        "failed": summary.failed,
-        "skipped": summary.skipped,
-        "total": summary.total,
-        "success_rate": MetadataValue.float(round(summary.success_rate, 4)),
-        "bytes_on_disk": MetadataValue.int(summary.bytes_on_disk),
-        "bytes_transferred": MetadataValue.int(run.bytes_transferred),
-        "throughput_mb_s": MetadataValue.float(round(run.bytes_transferred / 1e6 / seconds, 2) if seconds else 0.0),
-        "seconds": MetadataValue.float(round(seconds, 3)),
-        "extracted": MetadataValue.json(run.extracted),
-        "files": _capped_table(
-            ("path", "status", "bytes", "attempts", "error"),
-            [  # the failed files first
-                (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or "")
-                for r in sorted(run.results, key=lambda r: r.status != "failed")
-            ],
-            "datasets.files",
-        ),
-    }
-
-
 def as_markdown_text(text: str | None) -> str | None:
     """The UI renders descriptions as Markdown: `caption<TAB>url` would lose `<TAB>` as an HTML tag."""
     return re.sub(r"([<>])", r"\\\1", text) if text else text
 
 
-def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDefinition:
+def build_dataset_asset(dataset: Dataset, catalog_names: list[str], part_shards: int = 0) -> AssetsDefinition:
+    """`part_shards` > 0: a URL-list dataset's images are planned here and fetched by partitions (parts.py)."""
     key = dataset_key(dataset.name)
+    in_parts = bool(dataset.url_list and part_shards)
     image_checks = (
         [AssetCheckSpec("images_fetched", asset=key, description="Every image of the URL lists is in a shard.")]
-        if dataset.url_list
+        if dataset.url_list and not in_parts
         else []
     )
 
@@ -221,6 +139,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
                 lock_timeout_s=warehouse.lock_timeout_s,
                 extract_max_ratio=datasets.extract_max_ratio,
                 say=context.log.info,
+                images_in_parts=in_parts,
             )
         except Exception:
             if tracker:  # the download run's W&B log still counts this dataset, as failed
@@ -236,9 +155,11 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
         for result in failed:
             context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
         unverified = [r for r in files if r.status != "failed" and not r.sha256]
-        metadata = _dataset_metadata(run) | _tracking_metadata(tracked, tracker)
-        if dataset.url_list:
-            metadata |= _images_metadata(run)
+        metadata = dataset_metadata(run) | tracking_metadata(tracked, tracker)
+        if in_parts:
+            metadata |= register_parts(context, dataset.name, run.plans, part_shards)
+        elif dataset.url_list:
+            metadata |= images_metadata(run)
             for listed in run.lists:
                 if listed.run.stale_removed:
                     context.log.info(f"{listed.list} changed: removed {listed.run.stale_removed} shards made from its "
@@ -266,7 +187,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
             severity=AssetCheckSeverity.ERROR,
             metadata={"without_sha256": MetadataValue.json([r.path for r in unverified])},
         )
-        if dataset.url_list:  # link rot is expected at list scale: reported as a warning, per error kind
+        if image_checks:  # link rot is expected at list scale: reported as a warning, per error kind
             kinds = run.error_kinds
             yield AssetCheckResult(
                 check_name="images_fetched",
@@ -278,12 +199,14 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str]) -> AssetsDef
     return _dataset
 
 
-def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
+def build_summary_asset(datasets: dict[str, Dataset], recorded_apart: Sequence[AssetKey] = ()) -> AssetsDefinition:
+    """`recorded_apart`: the writers of datasets whose images are fetched in parts, which complete their summaries."""
+
     @asset(
         key=dataset_key("download_summary"),
         group_name=GROUP,
         kinds={"duckdb"},
-        deps=[dataset_key(name) for name in datasets],
+        deps=[*(dataset_key(name) for name in datasets), *recorded_apart],
         description="datasets.download_summary: per dataset status and counts, the download report's columns; "
         "brings the download runs' own W&B logs (offline, under $MVDATA_HOME/tracking) into the wandb tables.",
         metadata=declared_table(store.SCHEMA, "download_summary"),
@@ -340,5 +263,10 @@ def build_summary_asset(datasets: dict[str, Dataset]) -> AssetsDefinition:
 def dataset_assets(settings: Settings) -> list[AssetsDefinition]:
     """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary."""
     datasets = load_catalog(settings.catalog)
-    names = list(datasets)
-    return [*(build_dataset_asset(d, names) for d in datasets.values()), build_summary_asset(datasets)]
+    names, part_shards = list(datasets), settings.image_part_shards
+    in_parts = [d for d in datasets.values() if d.url_list and part_shards]
+    return [
+        *(build_dataset_asset(d, names, part_shards) for d in datasets.values()),
+        *(build(d) for d in in_parts for build in (build_images_asset, build_shards_asset)),
+        build_summary_asset(datasets, [shards_key(d.name) for d in in_parts]),
+    ]

@@ -11,7 +11,7 @@ import dataclasses
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +24,16 @@ from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO, extract
 from mvdata_assets.datasets.fetch import Downloader
 from mvdata_assets.datasets.files import FileResult, FileTask, Known, Progress
-from mvdata_assets.datasets.url_lists import ShardResult, UrlListError, UrlListRun, fetch_url_list
+from mvdata_assets.datasets.url_lists import (
+    ListPlan,
+    ShardResult,
+    UrlListError,
+    UrlListRun,
+    count_list,
+    fetch_url_list,
+    finished_shards,
+    plan_url_list,
+)
 from mvdata_assets.db import exclusive
 from mvdata_assets.settings import Settings
 
@@ -67,6 +76,7 @@ class DatasetRun:
     lists: list[ListRun] = field(default_factory=list)
     shards: list[FileResult] = field(default_factory=list)  # the shard tars, as `datasets.files` rows
     redone: list[str] = field(default_factory=list)  # shards whose tar no longer matched its record: fetched again
+    plans: dict[str, ListPlan] = field(default_factory=dict)  # per list, when its images are fetched in parts
 
     @property
     def bytes_transferred(self) -> int:
@@ -104,18 +114,21 @@ def download_dataset(
     lock_timeout_s: float = 600.0,
     say: Callable[[str], None] | None = None,
     extract_max_ratio: int = DEFAULT_MAX_RATIO,
+    images_in_parts: bool = False,
 ) -> DatasetRun:
     """One download of a dataset at a time, whoever runs it (a Dagster step, `mvdata download`): a second one waits
     for the first (`say` hears of the wait when it starts and how long it took), then finds its files in place.
+
+    `images_in_parts`: a URL-list dataset's lists are planned (`run.plans`) instead of fetched; their shards are
+    then fetched by `fetch_image_part`, part by part, and recorded by `record_image_parts`.
 
     Raises Busy when the other download outlasts `lock_timeout_s`, and UrlListError (after recording the files) when
     a list can't be read as its catalog entry says.
     """
     waited = (lambda s: say(f"waited {s:.1f} s for another download of dataset {dataset.name}")) if say else None
     with exclusive(data_root / LOCKS / f"{dataset.name}.lock", f"dataset {dataset.name}", lock_timeout_s, waited, say):
-        return _download(
-            dataset, data_root, connect, verify, concurrency, progress, images, shard_progress, extract_max_ratio
-        )
+        return _download(dataset, data_root, connect, verify, concurrency, progress, images, shard_progress,
+                         extract_max_ratio, images_in_parts)  # fmt: skip
 
 
 def _download(
@@ -128,6 +141,7 @@ def _download(
     images: ImageOptions | None,
     shard_progress: ShardProgress | None,
     extract_max_ratio: int,
+    images_in_parts: bool,
 ) -> DatasetRun:
     started = time.monotonic()
     folder = data_root / dataset.name
@@ -163,7 +177,12 @@ def _download(
         with connect() as conn:  # before the images: a list that can't be read, or a full disk, keeps these records
             store.record_files(conn, dataset.name, results)
         try:
-            _fetch_images(dataset, run, known, verify, images or ImageOptions(), shard_progress, connect)
+            if images_in_parts:
+                run.plans = {listed: plan_url_list(where.list_path, where.shards_dir, dataset.url_list,
+                                                   captions=where.captions, list_sha256=where.list_sha256)
+                             for listed, where in _lists(dataset, run)}  # fmt: skip
+            else:
+                _fetch_images(dataset, run, known, verify, images or ImageOptions(), shard_progress, connect)
         except UrlListError:
             summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started)
             run.summary = dataclasses.replace(summary, status="failed")
@@ -206,16 +225,29 @@ def _shard_row(url: str, shard: ShardResult, known: dict[Path, Known]) -> FileRe
                       bytes_transferred=shard.bytes, mtime_ns=st.st_mtime_ns)  # fmt: skip
 
 
-def _fetch_images(
-    dataset: Dataset,
-    run: DatasetRun,
-    known: dict[Path, Known],
-    verify: bool,
-    options: ImageOptions,
-    shard_progress: ShardProgress | None,
-    connect: Connect,
-) -> None:
-    """Each list of a URL-list dataset into its shards; a list whose file or archive failed is left for next time."""
+@dataclass(frozen=True)
+class ListPlace:
+    """Where one URL list of a dataset is, and where its shards go."""
+
+    list_path: Path
+    shards_dir: Path
+    captions: Path | None
+    list_sha256: str | None  # when known already: saves hashing the list
+    url: str  # of the catalog file it comes from (itself, or the archive holding it): the shard tars' url
+
+
+def _place(dataset: Dataset, folder: Path, listed: str, list_sha256: str | None) -> ListPlace:
+    spec = dataset.url_list
+    assert spec is not None
+    own = next((f for f in dataset.files if f.path == listed), None)
+    source = own or next(f for f in dataset.files if f.extract)  # the catalog checks one of them exists
+    captions = folder / spec.captions[spec.lists.index(listed)] if spec.captions else None
+    return ListPlace(folder / listed, folder / shards_folder(listed), captions, list_sha256, source.url)
+
+
+def _lists(dataset: Dataset, run: DatasetRun) -> Iterator[tuple[str, ListPlace]]:
+    """Each list of a URL-list dataset whose file (or archive) is in place; one whose file failed is left for next
+    time (its failure is already counted, as a failed file)."""
     spec = dataset.url_list
     assert spec is not None
     by_path = {r.path: r for r in run.results}
@@ -225,24 +257,39 @@ def _fetch_images(
         own = by_path.get(str(list_path))
         source = own if own is not None else (archives[0] if archives else None)
         if source is None or source.status == "failed":
-            continue  # the list's own failure is already counted, as a failed file
+            continue
         if not list_path.is_file():
             raise UrlListError(
                 f"{dataset.name}: url_list.lists[{i}] {listed!r} is not in {run.folder} after extraction"
             )
-        shards_dir = run.folder / shards_folder(listed)
-        run.redone += _recheck_shards(shards_dir, known, verify) if shards_dir.is_dir() else []
+        yield listed, _place(dataset, run.folder, listed, own.sha256 if own is not None else None)
+
+
+def _fetch_images(
+    dataset: Dataset,
+    run: DatasetRun,
+    known: dict[Path, Known],
+    verify: bool,
+    options: ImageOptions,
+    shard_progress: ShardProgress | None,
+    connect: Connect,
+) -> None:
+    """Each list of a URL-list dataset into its shards, recorded list by list."""
+    spec = dataset.url_list
+    assert spec is not None
+    for listed, where in _lists(dataset, run):
+        run.redone += _recheck_shards(where.shards_dir, known, verify) if where.shards_dir.is_dir() else []
 
         def finished(shard: ShardResult, listed: str = listed) -> None:
             if shard_progress is not None:
                 shard_progress(listed, shard)
 
         images = fetch_url_list(
-            list_path,
-            shards_dir,
+            where.list_path,
+            where.shards_dir,
             spec,
-            captions=run.folder / spec.captions[i] if spec.captions else None,
-            list_sha256=own.sha256 if own is not None else None,
+            captions=where.captions,
+            list_sha256=where.list_sha256,
             concurrency=options.concurrency,
             max_host_connections=options.max_host_connections,
             timeout_s=options.timeout_s,
@@ -250,19 +297,94 @@ def _fetch_images(
             allowed_networks=options.allowed_networks,
             on_shard=finished,
         )
-        run.lists.append(ListRun(listed, shards_dir, images))
-        rows = [_shard_row(source.url, shard, known) for shard in images.shards]
-        run.shards += rows
-        with connect() as conn:  # per list, so a later list's failure keeps this one's records
-            store.record_files(conn, dataset.name, rows)
-            store.forget_files_under(conn, dataset.name, shards_dir, [r.path for r in rows])
-            store.record_shards(
-                conn,
-                dataset.name,
-                listed,
-                [
-                    store.Shard(listed, s.index, str(s.tar_path), s.total, s.in_place, s.failed, s.error_kinds,
-                                s.image_bytes, s.tar_bytes, row.sha256, None if s.state == "skipped" else s.seconds)
-                    for s, row in zip(images.shards, rows, strict=True)
-                ],
-            )  # fmt: skip
+        _record_list(dataset.name, run, listed, where, images, known, connect)
+
+
+def _record_list(
+    name: str,
+    run: DatasetRun,
+    listed: str,
+    where: ListPlace,
+    images: UrlListRun,
+    known: dict[Path, Known],
+    connect: Connect,
+) -> None:
+    """A list's shards into the run and the warehouse: per list, so a later list's failure keeps this one's."""
+    run.lists.append(ListRun(listed, where.shards_dir, images))
+    rows = [_shard_row(where.url, shard, known) for shard in images.shards]
+    run.shards += rows
+    with connect() as conn:
+        store.record_files(conn, name, rows)
+        store.forget_files_under(conn, name, where.shards_dir, [r.path for r in rows])
+        store.record_shards(
+            conn,
+            name,
+            listed,
+            [
+                store.Shard(listed, s.index, str(s.tar_path), s.total, s.in_place, s.failed, s.error_kinds,
+                            s.image_bytes, s.tar_bytes, row.sha256, None if s.state == "skipped" else s.seconds)
+                for s, row in zip(images.shards, rows, strict=True)
+            ],
+        )  # fmt: skip
+
+
+def fetch_image_part(
+    dataset: Dataset, data_root: Path, listed: str, shards: range, options: ImageOptions
+) -> UrlListRun:
+    """One part of a list's shards, as a partition fetches it (perhaps on another machine): shards and their
+    parquet only, never the warehouse, and no dataset lock, so parts run side by side. Raises UrlListError when
+    the list is not the one planned by `download_dataset(images_in_parts=True)`."""
+    spec = dataset.url_list
+    if spec is None or listed not in spec.lists:
+        raise UrlListError(f"{dataset.name} has no URL list {listed!r}")
+    own = next((f for f in dataset.files if f.path == listed), None)
+    where = _place(dataset, data_root / dataset.name, listed, own.sha256 if own is not None else None)
+    if not where.list_path.is_file():
+        raise UrlListError(f"{where.list_path} is missing: materialise datasets/{dataset.name} first")
+    return fetch_url_list(
+        where.list_path,
+        where.shards_dir,
+        spec,
+        captions=where.captions,
+        list_sha256=where.list_sha256,
+        concurrency=options.concurrency,
+        max_host_connections=options.max_host_connections,
+        timeout_s=options.timeout_s,
+        allowed_networks=options.allowed_networks,
+        shards=shards,
+    )
+
+
+def record_image_parts(
+    dataset: Dataset, data_root: Path, connect: Connect, lock_timeout_s: float = 600.0
+) -> DatasetRun:
+    """The one warehouse writer of a dataset fetched in parts: every finished shard into datasets.files and
+    datasets.shards, and the dataset's summary with its images. Holds the dataset's lock, as a download does.
+    `run.plans` says how many shards each list makes, so a part not finished yet shows as missing shards."""
+    started = time.monotonic()
+    folder = data_root / dataset.name
+    spec = dataset.url_list
+    assert spec is not None
+    with exclusive(data_root / LOCKS / f"{dataset.name}.lock", f"dataset {dataset.name}", lock_timeout_s):
+        with connect() as conn:
+            store.ensure_schema(conn)
+            known = store.known_files(conn, dataset.name)
+        results = [_recorded_file(f.url, folder / f.path, known) for f in dataset.files]
+        run = DatasetRun(store.Summary(dataset.name, "failed", 0, 0, 0, 0, None, 0, 0.0), folder, results)
+        for listed, where in _lists(dataset, run):
+            run.plans[listed] = count_list(where.list_path, spec, where.captions)
+            shards = finished_shards(where.shards_dir) if where.shards_dir.is_dir() else []
+            _record_list(dataset.name, run, listed, where, UrlListRun(shards, 0.0), known, connect)
+        run.summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started,
+                                      images=run.images)  # fmt: skip
+        with connect() as conn:
+            store.record_summary(conn, run.summary)
+    return run
+
+
+def _recorded_file(url: str, path: Path, known: dict[Path, Known]) -> FileResult:
+    """A catalog file as its dataset's download recorded it: in place, or failed (the download says why)."""
+    record = known.get(path)
+    if record is None:
+        return FileResult(url, str(path), "failed", error="not downloaded (see its dataset's materialisation)")
+    return FileResult(url, str(path), "skipped", bytes=record.bytes, sha256=record.sha256, mtime_ns=record.mtime_ns)

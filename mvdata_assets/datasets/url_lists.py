@@ -20,6 +20,7 @@ nothing here imports Dagster.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
@@ -51,6 +52,7 @@ __all__ = [
     "ERROR_KINDS",
     "OUTCOME_SCHEMA",
     "ListPlan",
+    "count_list",
     "ShardResult",
     "UrlListError",
     "UrlListRun",
@@ -465,8 +467,13 @@ def plan_url_list(
     removes another's work; counts the list's rows (one streaming read)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = _remove_stale(out_dir, _fingerprint(list_path, captions, spec, list_sha256))
+    return dataclasses.replace(count_list(list_path, spec, captions), stale_removed=stale)
+
+
+def count_list(list_path: Path, spec: UrlList, captions: Path | None = None) -> ListPlan:
+    """How many rows and shards a list makes (one streaming read); nothing is removed."""
     rows = sum(1 for _ in read_list(list_path, spec, captions))
-    return ListPlan(rows, -(-rows // spec.shard_size), stale)
+    return ListPlan(rows, -(-rows // spec.shard_size), 0)
 
 
 def finished_shards(out_dir: Path) -> list[ShardResult]:

@@ -21,7 +21,8 @@ from dagster import DagsterInstance, materialize
 from PIL import Image
 
 from mvdata_assets.cli import main, status
-from mvdata_assets.datasets.assets import MAX_TABLE_ROWS, dataset_assets
+from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.datasets.metadata import MAX_TABLE_ROWS
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.datasets.fileserver import FileServer
@@ -363,7 +364,10 @@ def test_url_list_status_and_terminal_download(url_list_setup, capsys: pytest.Ca
 def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_list_setup) -> None:
     server, home, _, catalog_path = url_list_setup
     catalog = yaml.safe_load(catalog_path.read_text())
-    catalog["datasets"]["mini_cc"]["url_list"] |= {"url_column": 0, "caption_column": 1}  # the old downloader's bug
+    catalog["datasets"]["mini_cc"]["url_list"] |= {
+        "url_column": 0,
+        "caption_column": 1,
+    }  # swapped: the mistake CC3M vs CC12M invites
     catalog_path.write_text(yaml.safe_dump(catalog))
     result = materialize(
         dataset_assets(load_settings()),

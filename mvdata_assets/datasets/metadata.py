@@ -1,0 +1,98 @@
+"""What a dataset's materialisation shows in the UI: its files, its images and shards, and its W&B log.
+
+Tables are capped at MAX_TABLE_ROWS rows, failed files first: a metadata entry is one event-log write, and the
+warehouse's tables hold every row.
+"""
+
+import os
+
+from dagster import MetadataValue
+
+from mvdata_assets import charts
+from mvdata_assets.datasets.download import DatasetRun
+from mvdata_assets.datasets.images import describe_error_kind
+from mvdata_assets.tracking import DownloadTracker, TrackedRun
+
+
+def tracking_metadata(tracked: TrackedRun | None, tracker: DownloadTracker | None) -> dict:
+    if tracker is None:
+        return {"wandb_tracking": "off"}
+    if tracked is None:
+        return {"wandb_tracking": "skipped (see the run's warnings)"}
+    where = (
+        {"wandb_run_url": MetadataValue.url(tracked.url)}
+        if tracked.url
+        else {"wandb_offline_dir": MetadataValue.path(str(tracked.offline_dir))}
+    )
+    return {"wandb_run_number": tracked.number, "wandb_run_name": tracked.name, **where}
+
+
+MAX_TABLE_ROWS = 200  # rows of a file or shard table in the UI; the warehouse's table holds them all
+
+
+def _capped_table(header: tuple[str, ...], rows: list[tuple], table: str) -> MetadataValue:
+    """A Markdown table of the first MAX_TABLE_ROWS rows, saying how many more `table` holds: a dataset's files
+    may number in the thousands, and the whole metadata entry is one event-log write."""
+    more = f"\n\n... and {len(rows) - MAX_TABLE_ROWS} more ({table})" if len(rows) > MAX_TABLE_ROWS else ""
+    return MetadataValue.md(charts.markdown_table(header, rows[:MAX_TABLE_ROWS]) + more)
+
+
+def images_metadata(run: DatasetRun) -> dict:
+    """A URL-list dataset's images: counts, speed, and what the failures were, per error kind."""
+    images, kinds = run.images, run.error_kinds
+    listed = sum(images[k] for k in ("downloaded", "failed", "skipped"))
+    seconds = sum(listed_run.run.seconds for listed_run in run.lists)
+    shards = [(lr.list, s) for lr in run.lists for s in lr.run.shards]
+    shard_rows = [
+        (listed, f"{s.index:05d}", s.state, s.total, s.in_place, s.failed, f"{s.tar_bytes / 1e6:.1f} MB")
+        for listed, s in shards
+    ]
+    return {
+        "images_downloaded": images["downloaded"],
+        "images_failed": images["failed"],
+        "images_skipped": images["skipped"],
+        "images_total": listed,
+        "images_per_second": MetadataValue.float(round(images["downloaded"] / seconds, 1) if seconds else 0.0),
+        "image_bytes_fetched": MetadataValue.int(images["fetched"]),
+        "shards_written": sum(s.state != "skipped" for _, s in shards),
+        "shards_skipped": sum(s.state == "skipped" for _, s in shards),
+        "shards_refetched_after_check": MetadataValue.json(run.redone),
+        "stale_shards_removed": sum(lr.run.stale_removed for lr in run.lists),
+        "shard_folders": MetadataValue.json([str(lr.shards_dir) for lr in run.lists]),
+        "image_errors": MetadataValue.md(
+            charts.markdown_table(
+                ("error kind", "images", "share of the list", "usually means"),
+                [(k, n, f"{n / listed:.1%}", describe_error_kind(k)) for k, n in kinds.most_common()],
+            )
+            if kinds
+            else "no image failed"
+        ),
+        "shards": _capped_table(
+            ("list", "shard", "state", "images", "in place", "failed", "tar"), shard_rows, "datasets.shards"
+        ),
+    }
+
+
+def dataset_metadata(run: DatasetRun) -> dict:
+    summary, seconds = run.summary, run.summary.seconds
+    return {
+        "status": summary.status,
+        "downloaded": summary.downloaded,
+        "failed": summary.failed,
+        "skipped": summary.skipped,
+        "total": summary.total,
+        "success_rate": MetadataValue.float(round(summary.success_rate, 4)),
+        "bytes_on_disk": MetadataValue.int(summary.bytes_on_disk),
+        "bytes_transferred": MetadataValue.int(run.bytes_transferred),
+        "throughput_mb_s": MetadataValue.float(round(run.bytes_transferred / 1e6 / seconds, 2) if seconds else 0.0),
+        "seconds": MetadataValue.float(round(seconds, 3)),
+        "extracted": MetadataValue.json(run.extracted),
+        "files": _capped_table(
+            ("path", "status", "bytes", "attempts", "error"),
+            [  # the failed files first
+                (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or "")
+                for r in sorted(run.results, key=lambda r: r.status != "failed")
+            ],
+            "datasets.files",
+        ),
+    }

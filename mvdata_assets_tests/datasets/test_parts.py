@@ -1,0 +1,113 @@
+"""URL-list images in parts (MVDATA_IMAGE_PART_SHARDS): the plan adds partitions, partitions write shards only, one
+writer records them; materialised with Dagster in this process against a loopback image server."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import duckdb
+import pytest
+import yaml
+from dagster import DagsterInstance, materialize
+from PIL import Image
+
+from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.datasets.parts import part_keys, shards_of
+from mvdata_assets.datasets.url_lists import ListPlan
+from mvdata_assets.resources import DownloadTrackingResource, project_resources
+from mvdata_assets.settings import load_settings
+from mvdata_assets_tests.datasets.fileserver import FileServer
+
+IMAGES = 20  # in shards of 2: 10 shards, in parts of 3 shards: 4 partitions
+
+
+def _jpeg(shade: int) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (shade, 10, 10)).save(out, "JPEG")
+    return out.getvalue()
+
+
+def _resources() -> dict:
+    settings = load_settings()
+    return {**project_resources(settings), "tracking": DownloadTrackingResource(enabled=False, home=str(settings.home))}
+
+
+def _write_list(server: FileServer, catalog: Path, names: list[str]) -> None:
+    rows = "".join(f"caption {name}\t{server.url_for(f'img/{name}.jpg')}\n" for name in names).encode()
+    url = server.add("lists/big.tsv", rows)  # a changed list comes with its new sha256 in the catalog
+    url_list = {"format": "tsv", "url_column": 1, "caption_column": 0, "shard_size": 2}
+    entry = {"url": url, "sha256": hashlib.sha256(rows).hexdigest()}
+    dataset = {"description": "a list fetched in parts", "access": "public", "files": [entry], "url_list": url_list}
+    catalog.write_text(yaml.safe_dump({"datasets": {"big_cc": dataset}}))
+
+
+@pytest.fixture
+def parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with FileServer() as server:
+        for i in range(IMAGES - 1):  # the last one is gone (404)
+            server.add(f"img/i{i:02d}.jpg", _jpeg(i * 10), content_type="image/jpeg")
+        catalog = tmp_path / "catalog.yaml"
+        _write_list(server, catalog, [f"i{i:02d}" for i in range(IMAGES)])
+        monkeypatch.setenv("MVDATA_CATALOG", str(catalog))
+        monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
+        monkeypatch.setenv("MVDATA_IMAGE_PART_SHARDS", "3")
+        yield server, catalog, tmp_path / "home"
+
+
+def _run(instance: DagsterInstance, selection: list[str], partition: str | None = None) -> None:
+    result = materialize(dataset_assets(load_settings()), selection=selection, partition_key=partition,
+                         resources=_resources(), instance=instance)  # fmt: skip
+    assert result.success
+
+
+def test_partition_keys_cover_every_shard_once() -> None:
+    keys = part_keys({"a/list.tsv": ListPlan(rows=21, shards=11, stale_removed=0), "b.tsv": ListPlan(2, 1, 0)}, 4)
+    assert keys == ["a/list.tsv@00000-00003", "a/list.tsv@00004-00007", "a/list.tsv@00008-00010", "b.tsv@00000-00000"]
+    covered = [(listed, i) for key in keys for listed, shards in [shards_of(key)] for i in shards]
+    assert covered == [("a/list.tsv", i) for i in range(11)] + [("b.tsv", 0)]
+
+
+def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
+    server, catalog, home = parts
+    instance = DagsterInstance.ephemeral()
+    _run(instance, ["datasets/big_cc"])
+    keys = instance.get_dynamic_partitions("big_cc_images")
+    assert keys == ["big.tsv@00000-00002", "big.tsv@00003-00005", "big.tsv@00006-00008", "big.tsv@00009-00009"]
+    assert not [r for r in server.requests if r.name.startswith("img/")]  # the plan fetches no image
+
+    warehouse = home / "warehouse.duckdb"
+    for key in keys:
+        _run(instance, ["datasets/big_cc_images"], key)
+        with duckdb.connect(str(warehouse), read_only=True) as conn:  # parts never write the warehouse
+            assert conn.execute("SELECT count(*) FROM datasets.shards").fetchone() == (0,)
+    shards = home / "datasets" / "big_cc" / "shards" / "big"
+    assert sorted(p.name for p in shards.glob("*.tar")) == [f"{i:05d}.tar" for i in range(10)]
+    fetched = sorted(r.name for r in server.requests if r.name.startswith("img/"))
+    assert fetched == sorted(f"img/i{i:02d}.jpg" for i in range(IMAGES))  # each image once
+
+    result = materialize(dataset_assets(load_settings()), selection=["datasets/big_cc_shards"],
+                         resources=_resources(), instance=instance)  # fmt: skip
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    assert checks == {"all_parts_finished": True, "images_fetched": False}  # one image is gone
+    with duckdb.connect(str(warehouse), read_only=True) as conn:
+        shard_rows = conn.execute("SELECT count(*), count(DISTINCT shard), sum(images), sum(failed) "
+                                  "FROM datasets.shards WHERE dataset = 'big_cc'").fetchone()  # fmt: skip
+        assert shard_rows == (10, 10, IMAGES, 1)
+        summary = conn.execute("SELECT downloaded + skipped, failed, total FROM datasets.download_summary").fetchone()
+        assert summary == (1 + IMAGES - 1, 1, 1 + IMAGES)  # the list file and the images
+        tars = conn.execute("SELECT count(*), count(sha256) FROM datasets.files WHERE path LIKE '%.tar'").fetchone()
+        assert tars == (10, 10)
+
+
+def test_a_changed_list_replans_its_partitions(parts) -> None:
+    server, catalog, home = parts
+    instance = DagsterInstance.ephemeral()
+    _run(instance, ["datasets/big_cc"])
+    _run(instance, ["datasets/big_cc_images"], "big.tsv@00000-00002")
+    _write_list(server, catalog, [f"i{i:02d}" for i in range(8)])  # 4 shards now, whose keys follow other rows
+    _run(instance, ["datasets/big_cc"])
+    assert instance.get_dynamic_partitions("big_cc_images") == ["big.tsv@00000-00002", "big.tsv@00003-00003"]
+    shards = home / "datasets" / "big_cc" / "shards" / "big"
+    assert not list(shards.glob("*.tar"))  # the plan removed the shards of the earlier list
