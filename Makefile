@@ -11,7 +11,7 @@ export MVDATA_HOME ?= $(CURDIR)/.mvdata
 $(VENV)/.installed: pyproject.toml mvdata_assets/runs/_wandb_scan.c
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,cluster]"
 	touch $@
 
 install: $(VENV)/.installed

@@ -35,20 +35,27 @@ settings = load_settings()
 
 datasets = dataset_assets(settings)
 catalog_keys = [dataset_key(name) for name in load_catalog(settings.catalog)]
-# URL-list images in parts are partitioned: a backfill runs them, never a job over unpartitioned assets
-image_parts = AssetSelection.assets(
-    *(key for assets_def in datasets if assets_def.partitions_def for key in assets_def.keys)
-)
+# URL-list images in parts are partitioned: backfills run them (one job each, for `dagster job backfill`), never the
+# jobs over unpartitioned assets
+image_part_keys = [key for assets_def in datasets if assets_def.partitions_def for key in assets_def.keys]
+image_parts = AssetSelection.assets(*image_part_keys)
+image_jobs = [define_asset_job(key.path[-1], selection=AssetSelection.assets(key)) for key in image_part_keys]
 
-wandb_sync_job = define_asset_job("wandb_sync", selection=f"group:{WANDB_GROUP}")
-datasets_job = define_asset_job("datasets_download", selection=AssetSelection.groups(DATASETS_GROUP) - image_parts)
+WRITES_WAREHOUSE = {"mvdata/warehouse": "write"}  # cluster/dagster.yaml runs such jobs one at a time
+wandb_sync_job = define_asset_job("wandb_sync", selection=f"group:{WANDB_GROUP}", tags=WRITES_WAREHOUSE)
+datasets_job = define_asset_job(
+    "datasets_download", selection=AssetSelection.groups(DATASETS_GROUP) - image_parts, tags=WRITES_WAREHOUSE
+)
 # runs the assets' automation conditions (exports, leaderboard, download summary follow their upstream);
 # Dagster's default automation sensor starts stopped, this one starts running
 automation = AutomationConditionSensorDefinition(
     "mvdata_automation", target=AssetSelection.all(), default_status=DefaultSensorStatus.RUNNING
 )
 main_job = define_asset_job(
-    "mvdata_main", selection=AssetSelection.all() - image_parts, description="Both halves: every dataset and W&B asset."
+    "mvdata_main",
+    selection=AssetSelection.all() - image_parts,
+    description="Both halves: every dataset and W&B asset.",
+    tags=WRITES_WAREHOUSE,
 )
 
 CODE_VERSION = version("mvdata_assets")  # the engines' logic changes with the package's releases
@@ -89,7 +96,7 @@ def project_definitions(executor: ExecutorDefinition = in_process_executor) -> D
     return Definitions(
         assets=project_assets,
         asset_checks=wandb_checks,
-        jobs=[main_job, wandb_sync_job, datasets_job],
+        jobs=[main_job, wandb_sync_job, datasets_job, *image_jobs],
         sensors=[wandb_offline_runs, wandb_api_runs, automation],
         resources=project_resources(settings),
         executor=executor,

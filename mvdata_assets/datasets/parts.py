@@ -37,6 +37,7 @@ from mvdata_assets.warehouse import DATASETS as GROUP
 from mvdata_assets.warehouse import WarehouseResource
 
 SPAN = "@"  # a partition key is `<list path>@<first shard>-<last shard>`
+CELERY_QUEUE, IMAGES_QUEUE = "dagster-celery/queue", "images"  # the tag dagster-celery routes a step by, and where
 
 
 def images_key(name: str) -> AssetKey:
@@ -96,6 +97,9 @@ def build_images_asset(dataset: Dataset) -> AssetsDefinition:
         kinds={"download"},
         deps=[AssetKey([GROUP, dataset.name])],
         partitions_def=image_partitions(dataset.name),
+        # on a cluster (cluster.py) the partitions go to the Celery queue of the image workers; every other step
+        # stays on the one worker beside the warehouse
+        op_tags={CELERY_QUEUE: IMAGES_QUEUE},
         description=f"The images of {dataset.name}'s URL lists, a range of shards per partition: tars and their "
         f"parquet under the data root, recorded in the warehouse by datasets/{dataset.name}_shards.",
     )
