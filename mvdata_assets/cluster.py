@@ -27,10 +27,16 @@ from mvdata_assets.definitions import project_definitions
 
 BROKER = os.environ.get("MVDATA_CELERY_BROKER", "redis://localhost:6379/0")
 BACKEND = os.environ.get("MVDATA_CELERY_BACKEND", "redis://localhost:6379/1")
+VISIBILITY_S = int(os.environ.get("MVDATA_CELERY_VISIBILITY_S", "3600"))
 CELERY = {
     "task_acks_late": True,  # a step's task stays in the broker until it ends, so a lost worker's step runs again
     "task_reject_on_worker_lost": True,
-    "broker_transport_options": {"visibility_timeout": int(os.environ.get("MVDATA_CELERY_VISIBILITY_S", "3600"))},
+    "broker_transport_options": {
+        "visibility_timeout": VISIBILITY_S,
+        # the broker looks for lost tasks every tenth of the timeout (kombu's default sweep is every ~100 s)
+        "unacked_restore_interval": max(1, VISIBILITY_S // 10),
+        "unacked_restore_throttle": 1,
+    },
 }
 
 defs = project_definitions(celery_executor.configured({"broker": BROKER, "backend": BACKEND, "config_source": CELERY}))
