@@ -29,10 +29,13 @@ from mvdata_assets_tests.datasets.fileserver import FileServer  # noqa: E402
 DEFAULT_PEER = "/tmp/i2d-venv/bin/img2dataset"
 
 
-def _serve(count: int, ready: multiprocessing.Queue, stop: multiprocessing.Event) -> None:
+def serve_jpegs(
+    count: int, ready: multiprocessing.Queue, stop: multiprocessing.Event, root: Path | None = None
+) -> None:
+    """`count` small JPEGs at /img/<i>.jpg (and the files under `root`, if given) until `stop`."""
     from PIL import Image
 
-    with FileServer() as server:
+    with FileServer(root) as server:
         for i in range(count):
             out = io.BytesIO()
             Image.new("RGB", (16, 16), (i % 256, i // 256 % 256, 0)).save(out, "JPEG")
@@ -49,7 +52,7 @@ def main() -> None:
 
     ready: multiprocessing.Queue = multiprocessing.Queue()
     stop = multiprocessing.Event()
-    server = multiprocessing.Process(target=_serve, args=(args.images, ready, stop), daemon=True)
+    server = multiprocessing.Process(target=serve_jpegs, args=(args.images, ready, stop), daemon=True)
     server.start()
     base = ready.get(timeout=300)
     try:
