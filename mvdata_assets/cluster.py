@@ -9,8 +9,8 @@ Two kinds of Celery worker take the steps, each started as `celery -A mvdata_ass
 
 A task is acknowledged only once it ends (`task_acks_late`), so a worker killed mid-step leaves its step to another
 worker once the broker's visibility timeout (MVDATA_CELERY_VISIBILITY_S) has passed; a partition started again
-redoes only its unfinished shards. The timeout must outlast the longest step: a step still running past it is
-started a second time elsewhere (its shards are skipped or written whole, never mixed).
+redoes only its unfinished shards. The timeout should outlast the longest step: a step still running past it is
+started a second time elsewhere, which costs work but no data (a shard has one writer at a time, see url_lists.py).
 
 Why Celery and not dagster-dask: dagster-dask names a step's Dask task after the job and the step alone
 (dagster-io/dagster#21418), so the concurrent runs of a backfill, which share both, would be merged into one.

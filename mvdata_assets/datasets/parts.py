@@ -115,6 +115,8 @@ def build_images_asset(dataset: Dataset) -> AssetsDefinition:
                 "images_skipped": run.skipped,
                 "images_per_second": MetadataValue.float(round(run.images_per_second, 1)),
                 "shards": MetadataValue.json({f"{s.index:05d}": s.state for s in run.shards}),
+                # another run of this partition (a step the broker started again) was writing them
+                "shards_left_to_another_run": MetadataValue.json(run.busy),
             }
         )
 

@@ -21,6 +21,7 @@ nothing here imports Dagster.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import itertools
 import json
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.addresses import AddressPolicy
@@ -65,6 +67,7 @@ __all__ = [
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
 TAR_SHA256, TAR_BYTES = "tar_sha256", "tar_bytes"  # in a shard parquet's metadata: the tar it was finished with
+CLAIM_SUFFIX = ".lock"  # `<shard>.lock`: held by the process writing a shard of a part
 LIST_RECORD = "_list.json"  # which list, and which reading of it, the shards of a folder come from
 NO_RETRY_KINDS = {"invalid_url"}  # fetching again can't help
 MAX_RETRY_PAUSE_S = 30.0  # a longer Retry-After is not waited for: the URL fails as http_429 / http_503
@@ -118,6 +121,7 @@ class UrlListRun:
     shards: list[ShardResult]
     seconds: float
     stale_removed: int = 0  # shards of an earlier list (or reading of it) removed before this run
+    busy: list[int] = field(default_factory=list)  # shards of a part that another process was writing, left to it
 
     def _sum(self, name: str) -> int:
         return sum(getattr(s, name) for s in self.shards)
@@ -369,7 +373,7 @@ def _remove_stale(out_dir: Path, fingerprint: dict) -> int:
     record = out_dir / LIST_RECORD
     if _recorded(out_dir) == fingerprint:
         return 0
-    stale = [p for pattern in ("*.tar", "*.parquet", "*.part") for p in out_dir.glob(pattern)]
+    stale = [p for pattern in ("*.tar", "*.parquet", "*.part", f"*{CLAIM_SUFFIX}") for p in out_dir.glob(pattern)]
     for path in stale:
         path.unlink()
     part = record.with_name(record.name + ".part")
@@ -421,6 +425,7 @@ def fetch_url_list(
     width = len(str(spec.shard_size - 1))
     fetching = _Fetching(max_bytes, retries, retry_backoff_s, spec.decode)
     results: list[ShardResult] = []
+    busy: list[int] = []  # shards another process was writing: left to it
 
     def finished(result: ShardResult) -> None:
         results.append(result)
@@ -433,21 +438,35 @@ def fetch_url_list(
                 if index >= shards.stop:
                     return
                 continue
+            done = finished
+            if shards is not None:  # a part may run twice at once (a step started again elsewhere): one writer a shard
+                claim = FileLock(out_dir / f"{index:05d}{CLAIM_SUFFIX}")
+                try:
+                    claim.acquire(timeout=0)
+                except Timeout:
+                    busy.append(index)
+                    continue
+                done = functools.partial(_release_then, claim, finished)
             tar_path, parquet_path = out_dir / f"{index:05d}.tar", out_dir / f"{index:05d}.parquet"
             previous = None
             if tar_path.exists() and parquet_path.exists():
                 table = pq.read_table(parquet_path)
                 if not (retry_failed and "failed" in table.column("status").to_pylist()):
-                    finished(_finished(index, tar_path, table))
+                    done(_finished(index, tar_path, table))
                     continue
                 previous = table
-            yield from _Shard(out_dir, index, rows, width, previous, finished).jobs(fetching)
+            yield from _Shard(out_dir, index, rows, width, previous, done).jobs(fetching)
 
     addresses = AddressPolicy.third_party(allowed_networks)
     with CurlLoop(timeout_s=timeout_s, max_host_connections=max_host_connections, addresses=addresses) as loop:
         loop.run(jobs(), at_once=concurrency)
     results.sort(key=lambda r: r.index)
-    return UrlListRun(results, time.monotonic() - started, stale)
+    return UrlListRun(results, time.monotonic() - started, stale, busy)
+
+
+def _release_then(claim: FileLock, finished: Callable[[ShardResult], None], result: ShardResult) -> None:
+    claim.release()
+    finished(result)
 
 
 @dataclass(frozen=True)

@@ -456,3 +456,28 @@ def test_a_part_of_a_list_changed_since_its_plan_is_refused(tmp_path: Path, serv
     replanned = url_lists.plan_url_list(list_path, out, CC3M)
     assert (replanned.shards, replanned.stale_removed) == (2, 1)
     assert sorted(p.name for p in out.iterdir()) == ["_list.json"]
+
+
+def test_a_shard_another_process_writes_is_left_to_it(tmp_path: Path, server: FileServer) -> None:
+    """A part started twice (a step the broker gave to a second worker) never writes a shard the first one holds."""
+    png = image("PNG", 4)
+    list_path = write_tsv(tmp_path / "list.tsv", [(f"c{i}", server.add(f"c{i}.png", png)) for i in range(8)])
+    out = tmp_path / "shards"
+    url_lists.plan_url_list(list_path, out, CC3M)
+    holder = subprocess.Popen(  # another process holds shard 1's claim
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
+         "l.acquire(); print('held', flush=True); time.sleep(60)", str(out / f"00001{url_lists.CLAIM_SUFFIX}")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        server.clear_requests()
+        run = fetch_url_list(list_path, out, CC3M, shards=range(0, 2))
+        assert [s.index for s in run.shards] == [0] and run.busy == [1]
+        assert sorted(r.name for r in server.requests) == [f"c{i}.png" for i in range(4)]
+        assert not (out / "00001.tar").exists() and not (out / "00001.tar.part").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    again = fetch_url_list(list_path, out, CC3M, shards=range(0, 2))
+    assert [s.state for s in again.shards] == ["skipped", "fetched"] and again.busy == []
