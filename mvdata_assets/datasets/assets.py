@@ -24,7 +24,7 @@ from mvdata_assets import charts
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, load_catalog
 from mvdata_assets.datasets.download import download_dataset
-from mvdata_assets.datasets.metadata import dataset_metadata, images_metadata, tracking_metadata
+from mvdata_assets.datasets.metadata import dataset_metadata, images_fetched_check, images_metadata, tracking_metadata
 from mvdata_assets.datasets.parts import build_images_asset, build_shards_asset, register_parts, shards_key
 from mvdata_assets.datasets.url_lists import ShardResult
 from mvdata_assets.resources import DatasetsResource, DownloadTrackingResource, WandbResource
@@ -187,14 +187,8 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str], part_shards:
             severity=AssetCheckSeverity.ERROR,
             metadata={"without_sha256": MetadataValue.json([r.path for r in unverified])},
         )
-        if image_checks:  # link rot is expected at list scale: reported as a warning, per error kind
-            kinds = run.error_kinds
-            yield AssetCheckResult(
-                check_name="images_fetched",
-                passed=not kinds,
-                severity=AssetCheckSeverity.WARN,
-                metadata={"failed_by_kind": MetadataValue.json(dict(kinds.most_common()))},
-            )
+        if image_checks:
+            yield images_fetched_check(run)
 
     return _dataset
 

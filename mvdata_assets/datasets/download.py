@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
 from mvdata_assets.datasets import store
-from mvdata_assets.datasets.catalog import Dataset, shards_folder
+from mvdata_assets.datasets.catalog import Dataset, UrlList, shards_folder
 from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO, extract
 from mvdata_assets.datasets.fetch import Downloader
@@ -284,19 +285,7 @@ def _fetch_images(
             if shard_progress is not None:
                 shard_progress(listed, shard)
 
-        images = fetch_url_list(
-            where.list_path,
-            where.shards_dir,
-            spec,
-            captions=where.captions,
-            list_sha256=where.list_sha256,
-            concurrency=options.concurrency,
-            max_host_connections=options.max_host_connections,
-            timeout_s=options.timeout_s,
-            retry_failed=options.retry_failed,
-            allowed_networks=options.allowed_networks,
-            on_shard=finished,
-        )
+        images = _fetch_list(spec, where, options, on_shard=finished)
         _record_list(dataset.name, run, listed, where, images, known, connect)
 
 
@@ -341,6 +330,11 @@ def fetch_image_part(
     where = _place(dataset, data_root / dataset.name, listed, own.sha256 if own is not None else None)
     if not where.list_path.is_file():
         raise UrlListError(f"{where.list_path} is missing: materialise datasets/{dataset.name} first")
+    return _fetch_list(spec, where, options, shards=shards)
+
+
+def _fetch_list(spec: UrlList, where: ListPlace, options: ImageOptions, **extra: Any) -> UrlListRun:
+    """`fetch_url_list` of one list of a dataset, as `options` say; `extra`: its per-call arguments."""
     return fetch_url_list(
         where.list_path,
         where.shards_dir,
@@ -350,8 +344,9 @@ def fetch_image_part(
         concurrency=options.concurrency,
         max_host_connections=options.max_host_connections,
         timeout_s=options.timeout_s,
+        retry_failed=options.retry_failed,
         allowed_networks=options.allowed_networks,
-        shards=shards,
+        **extra,
     )
 
 

@@ -30,7 +30,7 @@ from dagster import (
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset
 from mvdata_assets.datasets.download import fetch_image_part, record_image_parts
-from mvdata_assets.datasets.metadata import dataset_metadata, images_metadata
+from mvdata_assets.datasets.metadata import dataset_metadata, images_fetched_check, images_metadata
 from mvdata_assets.datasets.url_lists import ListPlan
 from mvdata_assets.resources import DatasetsResource
 from mvdata_assets.warehouse import DATASETS as GROUP
@@ -154,12 +154,6 @@ def build_shards_asset(dataset: Dataset) -> AssetsDefinition:
             severity=AssetCheckSeverity.ERROR,
             metadata={"finished": finished, "planned": planned},
         )
-        kinds = run.error_kinds
-        yield AssetCheckResult(
-            check_name="images_fetched",
-            passed=not kinds,
-            severity=AssetCheckSeverity.WARN,
-            metadata={"failed_by_kind": MetadataValue.json(dict(kinds.most_common()))},
-        )
+        yield images_fetched_check(run)
 
     return _shards
