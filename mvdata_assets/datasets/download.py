@@ -372,6 +372,8 @@ def record_image_parts(
             _record_list(dataset.name, run, listed, where, UrlListRun(shards, 0.0), known, connect)
         run.summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started,
                                       images=run.images)  # fmt: skip
+        if sum(len(listed.run.shards) for listed in run.lists) < sum(plan.shards for plan in run.plans.values()):
+            run.summary = dataclasses.replace(run.summary, status="partial")  # parts not finished yet
         with connect() as conn:
             store.record_summary(conn, run.summary)
     return run
