@@ -101,29 +101,36 @@ class Committer:
         self._thread.join()
 
     def _run(self) -> None:
-        while (first := self._queue.get()) is not None:
-            batch, deadline = [first], time.monotonic() + BATCH_WAIT_S
-            while len(batch) < BATCH_FILES:
-                try:
-                    item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._commit(batch)
-                    return
-                batch.append(item)
-            self._commit(batch)
-
-    def _commit(self, batch: list[Verified]) -> None:
-        for item in batch:
+        """Creates each body's file as it arrives, so that committing a batch is only its syncfs and renames."""
+        batch: list[Verified] = []
+        deadline = 0.0
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()) if batch else None)
+            except queue.Empty:  # the batch's first file has waited BATCH_WAIT_S
+                commit(batch)
+                batch = []
+                continue
+            if item is None:
+                break
             if item.content is not None:
-                held = item.held
-                _write(item)
-                item.content = None
-                with self._room:
-                    self._held -= held
-                    self._room.notify_all()
-        commit(batch)
+                self._write(item)
+            if not batch:
+                deadline = time.monotonic() + BATCH_WAIT_S
+            batch.append(item)
+            if len(batch) >= BATCH_FILES:
+                commit(batch)
+                batch = []
+        if batch:
+            commit(batch)
+
+    def _write(self, item: Verified) -> None:
+        held = item.held
+        _write(item)
+        item.content = None
+        with self._room:
+            self._held -= held
+            self._room.notify_all()
 
 
 def _write(item: Verified) -> None:

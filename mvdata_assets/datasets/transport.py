@@ -8,8 +8,8 @@ the host); what is left in Python per transfer is a few calls to start and finis
 
 The downloader keeps its per-file logic (resume, retry, verify) as plain sequential code: each file is a generator
 that yields what it waits for - a `Request`, or a pause in seconds - and `CurlLoop.run` resumes it with the finished
-request, or after the pause. A request may ask for its body whole (`whole_up_to`): libcurl then appends it to a
-bytearray itself (no Python call per block) and the sink gets it as one block when the transfer ends. Nothing here
+request, or after the pause. A request may ask for its body whole (`whole_up_to`): libcurl then appends its blocks
+to a list itself (no Python call per block) and the sink gets it as one block when the transfer ends. Nothing here
 imports Dagster.
 """
 
@@ -83,8 +83,8 @@ class Request:
     _lines: list[bytes] = field(default_factory=list)
     _head: bytes = b""  # the final answer's header lines, without its status line, once the answer began
     _headers: dict[str, str] | None = None  # those parsed, when first asked for
-    _gathered: bytearray | None = None  # the body so far, with `whole_up_to`
-    _gathered_seen: int = 0  # its length when the stall timer last looked
+    _gathered: list[bytes] | None = None  # the body so far, with `whole_up_to`
+    _gathered_seen: int = 0  # its block count when the stall timer last looked
 
     @property
     def taken(self) -> bool:
@@ -133,7 +133,7 @@ class Request:
         """The transfer ended: the sink learns about the answer, and gets a gathered body in one block."""
         body, self._gathered = self._gathered, None
         if body:
-            self._on_body(body)
+            self._on_body(b"".join(body))
         elif not self._begun:  # no body: the sink still learns about an answer that came whole
             self._begin(take=not code)
 
@@ -244,8 +244,8 @@ class CurlLoop:
             handle.setopt(pycurl.HTTPGET, 1)
         handle.setopt(pycurl.HEADERFUNCTION, request._lines.append)
         if request.whole_up_to:
-            request._gathered = bytearray()
-            handle.setopt(pycurl.WRITEFUNCTION, request._gathered.extend)
+            request._gathered = []
+            handle.setopt(pycurl.WRITEFUNCTION, request._gathered.append)
         else:
             handle.setopt(pycurl.WRITEFUNCTION, request._on_body)
         handle.setopt(pycurl.MAXFILESIZE_LARGE, request.whole_up_to)  # 0: no limit (handles are reused)
