@@ -116,7 +116,7 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
 
     from mvdata_assets.datasets.catalog import load_catalog
     from mvdata_assets.datasets.download import ImageOptions, download_dataset
-    from mvdata_assets.datasets.url_lists import ShardResult
+    from mvdata_assets.datasets.shards import ShardResult
     from mvdata_assets.tracking import DownloadTracker
 
     settings = load_settings()

@@ -26,7 +26,7 @@ from mvdata_assets.datasets.catalog import Dataset, load_catalog
 from mvdata_assets.datasets.download import download_dataset
 from mvdata_assets.datasets.metadata import dataset_metadata, images_fetched_check, images_metadata, tracking_metadata
 from mvdata_assets.datasets.parts import build_images_asset, build_shards_asset, register_parts, shards_key
-from mvdata_assets.datasets.url_lists import ShardResult
+from mvdata_assets.datasets.shards import ShardResult
 from mvdata_assets.resources import DatasetsResource, DownloadTrackingResource, WandbResource
 from mvdata_assets.runs.offline import sync_offline
 from mvdata_assets.settings import Settings

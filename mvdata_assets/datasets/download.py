@@ -25,9 +25,9 @@ from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO, extract
 from mvdata_assets.datasets.fetch import Downloader
 from mvdata_assets.datasets.files import FileResult, FileTask, Known, Progress
+from mvdata_assets.datasets.shards import ShardResult
 from mvdata_assets.datasets.url_lists import (
     ListPlan,
-    ShardResult,
     UrlListError,
     UrlListRun,
     count_list,
