@@ -114,7 +114,7 @@ class Committer:
             if item is None:
                 break
             if item.content is not None:
-                self._write(item)
+                self._create(item)
             if not batch:
                 deadline = time.monotonic() + BATCH_WAIT_S
             batch.append(item)
@@ -124,7 +124,8 @@ class Committer:
         if batch:
             commit(batch)
 
-    def _write(self, item: Verified) -> None:
+    def _create(self, item: Verified) -> None:
+        """Creates a held body's `.part` and gives its room back to the downloads."""
         held = item.held
         _write(item)
         item.content = None
