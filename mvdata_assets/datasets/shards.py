@@ -16,7 +16,7 @@ import json
 import tarfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,17 +227,7 @@ class Shard:
         tar = {TAR_SHA256: result.sha256, TAR_BYTES: str(result.tar_bytes)}  # so whoever records it need not hash it
         pq.write_table(table.replace_schema_metadata(tar), parquet_part)
         durable.replace(parquet_part, self.parquet_path)
-        again = set(self.todo)
-        for i, o in enumerate(self.outcomes):
-            result.image_bytes += o["bytes"] or 0
-            if o["status"] == "failed":
-                result.failed += 1
-                result.error_kinds[o["error_kind"]] += 1
-            elif i in again:
-                result.downloaded += 1
-                result.bytes += o["bytes"]
-            else:
-                result.skipped += 1
+        _count(result, ((o["status"], o["error_kind"], o["bytes"]) for o in self.outcomes), set(self.todo))
         result.seconds = time.monotonic() - self.started
         return result
 
@@ -250,11 +240,22 @@ def finished_shard(index: int, tar_path: Path, table: pa.Table) -> ShardResult:
     if written.get(TAR_BYTES) == str(result.tar_bytes):
         result.sha256 = written.get(TAR_SHA256)
     columns = (table.column(name).to_pylist() for name in ("status", "error_kind", "bytes"))
-    for status, kind, size in zip(*columns, strict=True):
+    _count(result, zip(*columns, strict=True))
+    return result
+
+
+def _count(
+    result: ShardResult, outcomes: Iterable[tuple[str, str | None, int | None]], fetched: Collection[int] = ()
+) -> None:
+    """Adds a shard's outcomes (status, error kind, bytes) to its counts: the failures by kind, and the images in
+    place, `fetched` by this run (by index) or skipped."""
+    for i, (status, kind, size) in enumerate(outcomes):
         result.image_bytes += size or 0
         if status == "failed":
             result.failed += 1
             result.error_kinds[kind] += 1
+        elif i in fetched:
+            result.downloaded += 1
+            result.bytes += size or 0
         else:
             result.skipped += 1
-    return result
