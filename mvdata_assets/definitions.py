@@ -33,8 +33,9 @@ from mvdata_assets.settings import load_settings
 
 settings = load_settings()
 
-datasets = dataset_assets(settings)
-catalog_keys = [dataset_key(name) for name in load_catalog(settings.catalog)]
+catalog = load_catalog(settings.catalog)
+datasets = dataset_assets(settings, catalog)
+catalog_keys = [dataset_key(name) for name in catalog]
 # URL-list images in parts are partitioned: backfills run them (one job each, for `dagster job backfill`), never the
 # jobs over unpartitioned assets
 image_part_keys = [key for assets_def in datasets if assets_def.partitions_def for key in assets_def.keys]

@@ -254,9 +254,10 @@ def build_summary_asset(datasets: dict[str, Dataset], recorded_apart: Sequence[A
     return download_summary
 
 
-def dataset_assets(settings: Settings) -> list[AssetsDefinition]:
-    """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary."""
-    datasets = load_catalog(settings.catalog)
+def dataset_assets(settings: Settings, datasets: dict[str, Dataset] | None = None) -> list[AssetsDefinition]:
+    """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary; `datasets`: that
+    catalog, when the caller has loaded it already."""
+    datasets = datasets if datasets is not None else load_catalog(settings.catalog)
     names, part_shards = list(datasets), settings.image_part_shards
     in_parts = [d for d in datasets.values() if d.url_list and part_shards]
     return [
