@@ -119,8 +119,8 @@ class Dataset:
 # --- loading ---------------------------------------------------------------------------------------------------
 
 
-# libyaml's parser where PyYAML was built with it (its wheels are): the pure-Python one takes ~0.2 ms per catalog file
-# entry, paid by every `dagster` command that loads the definitions
+# libyaml's parser where PyYAML was built with it (its wheels are): the pure-Python one is several times slower, and
+# every `dagster` command that loads the definitions pays it per catalog file entry
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
