@@ -12,7 +12,10 @@ What it measures: a big file and many small files, served by nginx on 127.0.0.1 
     subprocess, MVDATA_CATALOG a catalog of the served files, a fresh MVDATA_HOME per run (the files land in its
     datasets/<name>/), MVDATA_WANDB_TRACKING=off, one DAGSTER_HOME for the script's run;
   - Dagster's fixed start-up: the same for a dataset of one 1-byte file in the same catalog. The asset's time is shown
-    raw and, on a row of its own, minus this start-up (best minus best, median minus median).
+    raw and, on a row of its own, minus this start-up (best minus best, median minus median);
+  - the big file's limits on this machine, each alone: its sha256 from the page cache on one core, and writing as
+    many bytes to the disk (`dd oflag=direct conv=fdatasync`). A download that verifies and makes durable cannot beat
+    either; curl, which does neither, can.
 The engine's and the asset's times include verifying sha256 and making the files durable (fsync or syncfs, renames
 from .part, a folder fsync); curl's and aria2c's include neither.
 
@@ -33,8 +36,8 @@ creating one file cost before and after the runs, and the CPU steal time). Each 
 --repeat runs, and the median CPU seconds (user + system; of the child processes for commands).
 
 Usage: .venv/bin/python bench/downloads.py [--big-mib 1024] [--small 2000] [--small-kib 64] [--repeat 5]
-Needs nginx, curl, aria2c and coreutils (Debian: `apt-get install -y nginx curl aria2`); the bare C stream row also
-needs gcc, libcurl4-openssl-dev and libssl-dev. This script installs nothing.
+Needs nginx, curl, aria2c and coreutils (dd, sha256sum, sync): on Debian `apt-get install -y nginx curl aria2`; the
+bare C stream row also needs gcc, libcurl4-openssl-dev and libssl-dev. This script installs nothing.
 """
 
 from __future__ import annotations
@@ -67,7 +70,14 @@ sys.path.insert(0, str(ROOT))
 
 from mvdata_assets.datasets.fetch import Downloader, FileTask  # noqa: E402
 
-TOOLS = {"nginx": "nginx", "curl": "curl", "aria2c": "aria2", "sha256sum": "coreutils", "sync": "coreutils"}
+TOOLS = {
+    "nginx": "nginx",
+    "curl": "curl",
+    "aria2c": "aria2",
+    "sha256sum": "coreutils",
+    "sync": "coreutils",
+    "dd": "coreutils",
+}
 DAGSTER = Path(sys.executable).with_name("dagster")  # the venv's CLI, as users run it
 BIG_TARGET = 0.9  # engine throughput / curl throughput, big file
 SMALL_TARGET = 0.5  # curl seconds / engine seconds, many small files
@@ -78,6 +88,9 @@ CURL_SMALL = "curl -Z --parallel-max 16"
 CURL_CHECKED = "curl -Z, sha256sum -c, sync -f"
 C_STREAM = "bare C stream, same checks"
 C_STREAM_SOURCE = HERE / "bare_c_stream.c"
+HASH_ALONE = "limit: sha256 alone, one core"
+DISK_ALONE = "limit: disk alone, dd direct+fsync"
+LIMITS = (HASH_ALONE, DISK_ALONE)  # rows listed last: what no tool's row can beat
 ENGINE = "engine"
 ASSET = "asset: dagster asset materialize"
 STARTUP = "dagster start-up (1-byte dataset)"
@@ -337,7 +350,33 @@ def big_runs(tools: dict[str, str], base: str, big: dict, c_stream: str | None, 
     if c_stream:
         rows[C_STREAM] = command(lambda out: [c_stream, url, str(out / name), str(big["size"]), big["sha256"]])
     runs = {label: (tool, [big]) for label, tool in rows.items()} | {ENGINE: (engine(base, [big]), [big])} | dagster
-    return {label: verified(label, tool, files, sha256=True, delete=True) for label, (tool, files) in runs.items()}
+    checked = {label: verified(label, tool, files, sha256=True, delete=True) for label, (tool, files) in runs.items()}
+    return checked | limits(tools, big)
+
+
+def limits(tools: dict[str, str], big: dict) -> dict[str, Callable[[], Timing]]:
+    """What a verified, durable download of the big file cannot beat on this machine, each alone: hashing its bytes
+    (from the page cache, on one core) and writing as many bytes to the disk (dd, O_DIRECT, then fdatasync)."""
+
+    def hash_alone() -> Timing:
+        cpu, started = cpu_now(children=False), time.perf_counter()
+        with open(WWW / big["rel"], "rb") as data:
+            digest = hashlib.file_digest(data, "sha256").hexdigest()
+        timing = time.perf_counter() - started, cpu_now(children=False) - cpu
+        if digest != big["sha256"]:
+            raise RuntimeError(f"{WWW / big['rel']} has sha256 {digest}, not {big['sha256']}")
+        return timing
+
+    def disk_alone() -> Timing:
+        out = fresh_dir("dd")
+        blocks = -(-big["size"] // WRITE_CHUNK)
+        argv = [tools["dd"], "if=/dev/zero", f"of={out / 'zeros'}", f"bs={WRITE_CHUNK}", f"count={blocks}",
+                "oflag=direct", "conv=fdatasync", "status=none"]  # fmt: skip
+        timing = timed(argv)
+        shutil.rmtree(out)
+        return timing
+
+    return {HASH_ALONE: hash_alone, DISK_ALONE: disk_alone}
 
 
 def small_runs(tools: dict[str, str], base: str, smalls: list[dict], dagster: dict) -> dict:
@@ -402,12 +441,14 @@ def conditions(count: int = 300) -> tuple[int, int, float]:
 
 
 def summary(times: dict[str, list[Timing]]) -> dict[str, tuple[float, float, float]]:
-    """(best s, median s, median CPU s) per row, with the asset minus the start-up added after the asset."""
+    """(best s, median s, median CPU s) per row, with the asset minus the start-up added after the asset, and the
+    limits last."""
     rows = {n: (min(w for w, _ in t), statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
             for n, t in times.items()}  # fmt: skip
     asset_row, start = rows[ASSET], rows[STARTUP]
     net = (asset_row[0] - start[0], asset_row[1] - start[1], asset_row[2] - start[2])
-    return {**{n: r for n, r in rows.items() if n != STARTUP}, NET: net, STARTUP: start}
+    tools = {n: r for n, r in rows.items() if n != STARTUP and n not in LIMITS}
+    return {**tools, NET: net, STARTUP: start, **{n: r for n, r in rows.items() if n in LIMITS}}
 
 
 def table(rows: dict[str, tuple[float, float, float]], baseline: str, amount: float, unit: str) -> None:
