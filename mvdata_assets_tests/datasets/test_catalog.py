@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 import textwrap
+from dataclasses import asdict
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
 
+from mvdata_assets.datasets import catalog
 from mvdata_assets.datasets.catalog import BUNDLED_CATALOG, CatalogError, CatalogFile, Dataset, UrlList, load_catalog
 
 EXPECTED_DATASETS = {
@@ -461,3 +466,38 @@ def test_url_list_columns_by_name_with_a_header(tmp_path: Path) -> None:
             "decode": True}  # fmt: skip
     url_list = load_catalog(write_catalog(tmp_path, {"cc": {**URL_LIST_DATASET, "url_list": spec}}))["cc"].url_list
     assert url_list == UrlList(("list.tsv",), "tsv", "url", "caption", header=True, shard_size=5, decode=True)
+
+
+# --- where PyYAML has no libyaml ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def catalog_without_libyaml(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A second copy of catalog.py, imported as where PyYAML was built without libyaml (no CSafeLoader)."""
+    monkeypatch.delattr(yaml, "CSafeLoader", raising=False)
+    spec = importlib.util.spec_from_file_location("catalog_without_libyaml", catalog.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_without_libyaml_the_catalog_reads_the_same(catalog_without_libyaml: ModuleType, tmp_path: Path) -> None:
+    pure = catalog_without_libyaml
+    assert pure._UniqueKeyLoader.__bases__ == (yaml.SafeLoader,)  # the pure-Python parser
+    assert [asdict(d) for d in pure.load_catalog().values()] == [asdict(d) for d in load_catalog().values()]
+    duplicate = tmp_path / "dup.yaml"
+    duplicate.write_text("datasets:\n  coco: {access: manual}\n  coco: {access: manual}\n", encoding="utf-8")
+    with pytest.raises(pure.CatalogError) as info:
+        pure.load_catalog(duplicate)
+    assert info.value.errors == catalog_errors(duplicate)  # the refusal is the project's own: the same words
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("datasets:\n  coco:\n    files: [\n", encoding="utf-8")
+    with pytest.raises(pure.CatalogError) as info:
+        pure.load_catalog(broken)
+    # the two parsers word a syntax error differently; both name the file and the place
+    (pure_error,), (error,) = info.value.errors, catalog_errors(broken)
+    assert (
+        pure_error.split(": ", 2)[:2] == error.split(": ", 2)[:2] == [str(broken), "invalid YAML at line 4, column 1"]
+    )
