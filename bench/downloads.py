@@ -13,8 +13,8 @@ What it measures: a big file and many small files, served by nginx on 127.0.0.1 
     datasets/<name>/), MVDATA_WANDB_TRACKING=off, one DAGSTER_HOME for the script's run;
   - Dagster's fixed start-up: the same for a dataset of one 1-byte file in the same catalog. The asset's time is shown
     raw and, on a row of its own, minus this start-up (best minus best, median minus median);
-  - the big file's limits on this machine, each alone: its sha256 from the page cache on one core, and writing as
-    many bytes to the disk (`dd oflag=direct conv=fdatasync`). A download that verifies and makes durable cannot beat
+  - the big file's limits on this machine, each alone: its sha256 from the page cache on one core, and writing its
+    bytes to the disk (`dd oflag=direct conv=fdatasync`). A download that verifies and makes durable cannot beat
     either; curl, which does neither, can.
 The engine's and the asset's times include verifying sha256 and making the files durable (fsync or syncfs, renames
 from .part, a folder fsync); curl's and aria2c's include neither.
@@ -356,7 +356,7 @@ def big_runs(tools: dict[str, str], base: str, big: dict, c_stream: str | None, 
 
 def limits(tools: dict[str, str], big: dict) -> dict[str, Callable[[], Timing]]:
     """What a verified, durable download of the big file cannot beat on this machine, each alone: hashing its bytes
-    (from the page cache, on one core) and writing as many bytes to the disk (dd, O_DIRECT, then fdatasync)."""
+    (from the page cache, on one core) and writing them to the disk (dd from the page cache, O_DIRECT, fdatasync)."""
 
     def hash_alone() -> Timing:
         cpu, started = cpu_now(children=False), time.perf_counter()
@@ -370,7 +370,7 @@ def limits(tools: dict[str, str], big: dict) -> dict[str, Callable[[], Timing]]:
     def disk_alone() -> Timing:
         out = fresh_dir("dd")
         blocks = -(-big["size"] // WRITE_CHUNK)
-        argv = [tools["dd"], "if=/dev/zero", f"of={out / 'zeros'}", f"bs={WRITE_CHUNK}", f"count={blocks}",
+        argv = [tools["dd"], f"if={WWW / big['rel']}", f"of={out / 'copy'}", f"bs={WRITE_CHUNK}", f"count={blocks}",
                 "oflag=direct", "conv=fdatasync", "status=none"]  # fmt: skip
         timing = timed(argv)
         shutil.rmtree(out)
