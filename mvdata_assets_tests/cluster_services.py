@@ -48,15 +48,16 @@ def wait_for_port(port: int, proc: subprocess.Popen, what: str, timeout_s: float
 
 
 def stop(proc: subprocess.Popen) -> None:
-    """Stops a process started in a session of its own, and everything it started."""
+    """Stops a process started in a session of its own, and everything it started: what outlives it (a code server
+    the daemon started, waiting for its runs once Postgres is gone) is killed."""
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    with contextlib.suppress(ProcessLookupError):  # its group outlives it while any member is alive
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def start(argv: list, env: dict[str, str], log: Path) -> subprocess.Popen:
