@@ -1,8 +1,15 @@
-"""The loopback file server, as a fixture for every test of the datasets half, and a port nobody listens on."""
+"""The loopback file server, as a fixture for every test of the datasets half (and `serve`, a file on it as a download
+task), and a port nobody listens on."""
 
 import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from mvdata_assets_tests.datasets.fileserver import file_server
+import pytest
+
+from mvdata_assets.datasets.fetch import FileTask
+from mvdata_assets_tests.datasets.downloading import sha256
+from mvdata_assets_tests.datasets.fileserver import FileServer, file_server
 
 __all__ = ["closed_port", "file_server"]
 
@@ -12,3 +19,20 @@ def closed_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+@pytest.fixture
+def server(file_server: FileServer) -> Iterator[FileServer]:
+    """The file server, under the name the download engine's tests give it."""
+    yield file_server
+
+
+@pytest.fixture
+def serve(server: FileServer, tmp_path: Path) -> Callable[..., FileTask]:
+    """Add `data` under `name` and return the task that fetches it into tmp_path (with size and sha256 by default)."""
+
+    def add(name: str, data: bytes, *, size: bool = True, checksum: bool = True, **kwargs: object) -> FileTask:
+        url = server.add(name, data, **kwargs)  # type: ignore[arg-type]
+        return FileTask(url, tmp_path / "data" / name, len(data) if size else None, sha256(data) if checksum else None)
+
+    return add

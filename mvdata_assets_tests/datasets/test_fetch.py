@@ -1,92 +1,29 @@
 """The download engine against a real fault-injecting HTTP server on 127.0.0.1.
 
-Every test drives `Downloader` over real sockets (`FileServer`), so resumption, retries, timeouts, checksums,
-skips, Hugging Face auth and the disk-space check meet the same failures they meet on real dataset hosts.
+Every test drives `Downloader` over real sockets (`FileServer`), so retries, timeouts, checksums, skips, Hugging Face
+auth and the disk-space check meet the same failures they meet on real dataset hosts. Resuming a `.part` is tested in
+test_partfile.py, making files durable in test_durable.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import random
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from mvdata_assets.datasets import durable
-from mvdata_assets.datasets import fetch as fetch_module
-from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask, InsufficientSpace, Known
-from mvdata_assets_tests.datasets.fileserver import FileServer, Request, file_server  # noqa: F401 - fixture
+from mvdata_assets.datasets.fetch import FileResult, FileTask, InsufficientSpace, Known
+from mvdata_assets_tests.datasets.downloading import assert_downloaded, blob, downloader, gets, leftovers, sha256
+from mvdata_assets_tests.datasets.fileserver import FileServer
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 HF_FILE = "https://huggingface.co/datasets/x/resolve/main/f.json"
 HF_NAME = "datasets/x/resolve/main/f.json"
-
-
-def blob(size: int, seed: int = 0) -> bytes:
-    return random.Random(seed).randbytes(size)
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def downloader(**kwargs: object) -> Downloader:
-    """A Downloader with short back-offs and timeouts, so fault tests stay fast."""
-    options: dict[str, object] = {"retries": 3, "backoff_s": 0.01, "max_backoff_s": 0.05, "timeout_s": 5.0}
-    options.update(kwargs)
-    return Downloader(**options)  # type: ignore[arg-type]
-
-
-def gets(server: FileServer, name: str) -> list[Request]:
-    return [r for r in server.requests_for(name) if r.method == "GET"]
-
-
-def leftovers(dest: Path) -> list[str]:
-    """The engine's temporary files next to `dest` (should be gone once a file is downloaded or failed for good)."""
-    return sorted(p.name for p in dest.parent.glob(dest.name + ".*"))
-
-
-@pytest.fixture
-def server(file_server: FileServer) -> Iterator[FileServer]:  # noqa: F811 - the imported fixture
-    yield file_server
-
-
-@pytest.fixture
-def serve(server: FileServer, tmp_path: Path) -> Callable[..., FileTask]:
-    """Add `data` under `name` and return the task that fetches it into tmp_path (with size and sha256 by default)."""
-
-    def add(name: str, data: bytes, *, size: bool = True, checksum: bool = True, **kwargs: object) -> FileTask:
-        url = server.add(name, data, **kwargs)  # type: ignore[arg-type]
-        return FileTask(url, tmp_path / "data" / name, len(data) if size else None, sha256(data) if checksum else None)
-
-    return add
-
-
-def assert_downloaded(result: FileResult, task: FileTask, data: bytes, *, clean: bool = True) -> None:
-    """Downloaded with exactly `data` at dest, the result says so, and (with clean) no .part/.etag is left."""
-    assert (result.status, result.error) == ("downloaded", None), result
-    assert task.dest.read_bytes() == data
-    assert result.path == str(task.dest)
-    assert result.bytes == len(data)
-    assert result.sha256 == sha256(data)
-    assert result.mtime_ns == task.dest.stat().st_mtime_ns
-    if clean:
-        assert leftovers(task.dest) == []
-
-
-def range_start(request: Request) -> int:
-    match = re.fullmatch(r"bytes=(\d+)-", request.range or "")
-    assert match, f"expected an open Range request, got {request.range!r}"
-    return int(match.group(1))
 
 
 # -- the happy path --------------------------------------------------------------------------------------------------
@@ -164,89 +101,6 @@ def test_503_forever_fails_after_all_retries(server: FileServer, serve: Callable
     assert result.sha256 is None
 
 
-@pytest.mark.parametrize("kind", ["reset", "stall"])
-def test_interrupted_body_resumes_from_the_bytes_received(
-    server: FileServer, serve: Callable[..., FileTask], kind: str
-) -> None:
-    """A connection reset (or a read timeout) 100 kB into a 500 kB body: only the missing bytes travel again.
-
-    100 kB are reliably in the client's socket before the reset arrives (a raw socket reads all of them), so a
-    correct client keeps them and resumes with ``Range: bytes=100000-``.
-    """
-    size, cut = 500_000, 100_000
-    data = blob(size, 5)
-    task = serve("cut.bin", data)
-    if kind == "reset":
-        server.fault("cut.bin", "reset", after=cut)
-        engine = downloader()
-    else:
-        server.fault("cut.bin", "stall", after=cut, seconds=5)
-        engine = downloader(timeout_s=0.5)
-    (result,) = engine.fetch_all([task])
-    assert_downloaded(result, task, data)
-    assert result.attempts == 2
-    first, retry = gets(server, "cut.bin")
-    assert first.fault == kind
-    assert retry.range is not None, (
-        f"after a {kind} at byte {cut} the retry asked for the whole file again: the received bytes were dropped"
-    )
-    kept = range_start(retry)
-    assert 0 < kept <= cut
-    assert retry.status == 206 and retry.bytes_sent == size - kept
-    assert server.bytes_sent("cut.bin") < size + 16_384
-
-
-def test_truncated_body_resumes_exactly(server: FileServer, serve: Callable[..., FileTask]) -> None:
-    size, cut = 3_000_000, 1_234_567
-    data = blob(size, 6)
-    task = serve("short.bin", data)
-    server.fault("short.bin", "truncate", after=cut)
-    (result,) = downloader().fetch_all([task])
-    assert_downloaded(result, task, data)
-    assert result.attempts == 2
-    first, retry = gets(server, "short.bin")
-    assert first.bytes_sent == cut
-    assert retry.range == f"bytes={cut}-"
-    assert retry.headers.get("if-range") == server.etag("short.bin")
-    assert (retry.status, retry.bytes_sent) == (206, size - cut)
-    assert server.bytes_sent("short.bin") == size
-    assert result.bytes_transferred == size
-
-
-def test_200_answer_to_a_range_request_restarts_the_file(server: FileServer, serve: Callable[..., FileTask]) -> None:
-    size = 3_000_000
-    data = blob(size, 7)
-    task = serve("norange.bin", data)
-    server.fault("norange.bin", "truncate", after=2_000_000)  # leaves a .part behind
-    server.fault("norange.bin", "ignore_range")  # the resume gets 200 and the whole body
-    (result,) = downloader().fetch_all([task])
-    assert_downloaded(result, task, data)  # exact: not appended to the .part, not doubled
-    assert result.attempts == 2
-    first, retry = gets(server, "norange.bin")
-    assert range_start(retry) > 0
-    assert (retry.status, retry.bytes_sent) == (200, size)
-
-
-def test_file_changed_on_the_server_between_attempts_restarts(
-    server: FileServer, serve: Callable[..., FileTask]
-) -> None:
-    old, new = blob(2_500_000, 8), blob(2_500_000, 9)
-    task = serve("moving.bin", old)
-    server.fault("moving.bin", "truncate", after=1_500_000)
-    (failed,) = downloader(retries=0).fetch_all([task])
-    assert failed.status == "failed"
-    part = task.dest.with_name("moving.bin.part")
-    assert part.stat().st_size > 0
-    old_etag = server.etag("moving.bin")
-    server.add("moving.bin", new)
-    new_task = FileTask(task.url, task.dest, len(new), sha256(new))
-    (result,) = downloader().fetch_all([new_task])
-    assert_downloaded(result, new_task, new)
-    retry = gets(server, "moving.bin")[-1]
-    assert retry.headers.get("if-range") == old_etag  # the validator of the bytes in the .part
-    assert retry.status == 200
-
-
 @pytest.mark.parametrize(
     ("length_delta", "send", "checks"),
     [
@@ -273,19 +127,6 @@ def test_wrong_content_length_never_passes_as_downloaded(
         assert result.status == "failed" and result.error, result
         assert not task.dest.exists()
     assert result.status == "downloaded"  # retrying is enough here: one lie, then the server is honest
-
-
-def test_a_part_as_big_as_the_file_is_fetched_again(server: FileServer, serve: Callable[..., FileTask]) -> None:
-    """The whole body arrived but the connection broke (Content-Length promised more): a 416 would prove nothing, so
-    the retry asks for the whole file, not for the bytes after it."""
-    size = 200_000
-    data = blob(size, 20)
-    task = serve("whole.bin", data)
-    server.fault("whole.bin", "wrong_length", length=size + 1000)
-    (result,) = downloader().fetch_all([task])
-    assert_downloaded(result, task, data)
-    first, retry = gets(server, "whole.bin")
-    assert (first.bytes_sent, retry.range, retry.status, retry.bytes_sent) == (size, None, 200, size)
 
 
 def test_slow_drip_completes(server: FileServer, serve: Callable[..., FileTask]) -> None:
@@ -401,59 +242,6 @@ def test_an_error_page_bigger_than_the_file_fails_with_its_status(server: FileSe
     assert result.status == "failed"
     assert result.error == f"HTTP 404 for {url}"
     assert not task.dest.exists() and leftovers(task.dest) == []
-
-
-# -- a killed download resumes -------------------------------------------------------------------------------------
-
-CHILD = """
-import sys
-from pathlib import Path
-from mvdata_assets.datasets.fetch import Downloader, FileTask
-url, dest, size, digest = sys.argv[1:5]
-print(Downloader(retries=0, timeout_s=30).fetch(FileTask(url, Path(dest), int(size), digest)), flush=True)
-"""
-
-
-def test_sigkilled_download_resumes_from_its_part(server: FileServer, serve: Callable[..., FileTask]) -> None:
-    size = 8 * 1024 * 1024
-    data = blob(size, 16)
-    task = serve("big/shard.tar", data)
-    server.fault("big/shard.tar", "drip", rate=2_000_000)  # ~4 s for the whole file
-    part = task.dest.with_name(task.dest.name + ".part")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, task.url, str(task.dest), str(size), task.sha256 or ""],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while not (part.exists() and part.stat().st_size > 0):
-            assert child.poll() is None, child.communicate()
-            assert time.monotonic() < deadline, "the child never wrote to its .part"
-            time.sleep(0.02)
-        time.sleep(0.3)
-        assert child.poll() is None, "the child finished before it could be killed"
-        child.send_signal(signal.SIGKILL)
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.communicate(timeout=10)
-    assert child.returncode == -signal.SIGKILL
-    assert not task.dest.exists()
-    kept = part.stat().st_size
-    assert 0 < kept < size
-
-    result = downloader().fetch(task)
-    assert_downloaded(result, task, data)
-    assert result.attempts == 1
-    assert result.bytes_transferred == size - kept
-    killed, resumed = gets(server, "big/shard.tar")
-    assert killed.fault == "drip"
-    assert resumed.range == f"bytes={kept}-"
-    assert resumed.headers.get("if-range") == server.etag("big/shard.tar")
-    assert (resumed.status, resumed.bytes_sent) == (206, size - kept)
 
 
 # -- skips ----------------------------------------------------------------------------------------------------------
@@ -761,151 +549,6 @@ def test_known_small_sizes_need_no_head_request(server: FileServer, serve: Calla
     assert [r.status for r in results] == ["downloaded"] * 6
     assert [r.method for r in server.requests if r.method == "HEAD"] == ["HEAD"]
     assert [r.name for r in server.requests if r.method == "HEAD"] == ["nosize.bin"]
-
-
-# -- durability in batches -----------------------------------------------------------------------------------------
-
-
-def test_files_are_synced_before_their_rename_and_reported_after_it(
-    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Per batch: one syncfs while every file is a whole .part, then the renames, one folder fsync, then the report."""
-    datas = {f"{i:03d}.bin": blob(20_000, 300 + i) for i in range(40)}
-    tasks = [FileTask(server.add(n, d), tmp_path / n, len(d), sha256(d)) for n, d in datas.items()]
-    batches: list[list[str]] = []
-    problems: list[str] = []  # seen in the committer's thread, asserted here
-    real_commit, real_syncfs, real_fsync_dir = durable.commit, durable.syncfs, durable.fsync_dir
-
-    def commit(batch: list[durable.Verified]) -> None:
-        batches.append([Path(item.dest).name for item in batch])
-        real_commit(batch)
-
-    def syncfs(folder: Path) -> None:
-        for result, part, dest in _batch_of(batches[-1]):
-            if dest.exists() or part.read_bytes() != datas[dest.name] or result.status == "downloaded":
-                problems.append(f"{dest.name}: in place or reported before the sync, or its .part is not whole")
-        real_syncfs(folder)
-
-    def fsync_dir(folder: Path) -> None:
-        for result, part, dest in _batch_of(batches[-1]):
-            if part.exists() or not dest.exists() or result.status == "downloaded":
-                problems.append(f"{dest.name}: not renamed before the folder's fsync, or reported before it")
-        real_fsync_dir(folder)
-
-    def _batch_of(names: list[str]) -> list[tuple[FileResult, Path, Path]]:
-        return [(by_name[n], tmp_path / f"{n}.part", tmp_path / n) for n in names]
-
-    monkeypatch.setattr(durable, "commit", commit)
-    monkeypatch.setattr(durable, "syncfs", syncfs)
-    monkeypatch.setattr(durable, "fsync_dir", fsync_dir)
-    by_name: dict[str, FileResult] = {}
-    real_result = fetch_module.FileResult
-
-    def result(*args: object, **kwargs: object) -> FileResult:
-        made = real_result(*args, **kwargs)  # type: ignore[arg-type]
-        by_name[Path(made.path).name] = made
-        return made
-
-    monkeypatch.setattr(fetch_module, "FileResult", result)
-    results = downloader(concurrency=8).fetch_all(tasks)
-    for task, outcome in zip(tasks, results, strict=True):
-        assert_downloaded(outcome, task, datas[task.dest.name])
-    assert problems == []
-    assert sorted(n for batch in batches for n in batch) == sorted(datas)  # each file in exactly one batch
-
-
-def test_a_file_whose_rename_fails_is_not_downloaded(server: FileServer, tmp_path: Path) -> None:
-    datas = [blob(10_000, 400 + i) for i in range(5)]
-    tasks = [
-        FileTask(server.add(f"r/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
-        for i, data in enumerate(datas)
-    ]
-
-    def progress(url: str, done: int, total: int | None) -> None:  # a folder takes the place while 2.bin arrives
-        if url == tasks[2].url and not (tmp_path / "2.bin").exists():
-            (tmp_path / "2.bin").mkdir()
-            (tmp_path / "2.bin" / "in-the-way").write_text("a folder where the file should go")
-
-    results = downloader(progress=progress).fetch_all(tasks, check_space=False)
-    assert [r.status for r in results] == ["downloaded", "downloaded", "failed", "downloaded", "downloaded"]
-    assert "renaming 2.bin.part into place" in (results[2].error or "")
-    assert results[2].mtime_ns is None
-    assert (tmp_path / "2.bin").is_dir()
-    for i in (0, 1, 3, 4):
-        assert_downloaded(results[i], tasks[i], datas[i])
-
-
-@pytest.mark.parametrize("step", ["syncfs", "fsync_dir"])
-def test_a_failed_sync_fails_its_files_with_the_reason(
-    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
-) -> None:
-    datas = [blob(10_000, 500 + i) for i in range(3)]
-    tasks = [
-        FileTask(server.add(f"s/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
-        for i, data in enumerate(datas)
-    ]
-
-    def broken(folder: Path) -> None:
-        raise OSError(5, "Input/output error", str(folder))
-
-    monkeypatch.setattr(durable, step, broken)
-    results = downloader().fetch_all(tasks)
-    assert [r.status for r in results] == ["failed"] * 3
-    for result in results:
-        assert "Input/output error" in (result.error or "")
-        assert ("durable" if step == "syncfs" else "fsync of") in (result.error or "")
-    if step == "syncfs":  # nothing was renamed over bytes that may not be on disk
-        assert not any(t.dest.exists() for t in tasks)
-        assert all(t.dest.with_name(t.dest.name + ".part").read_bytes() == d for t, d in zip(tasks, datas, strict=True))
-
-
-# -- resuming what an earlier run left ---------------------------------------------------------------------------
-
-
-def test_a_part_without_its_validator_starts_over(server: FileServer, serve: Callable[..., FileTask]) -> None:
-    """A .part whose validator was never recorded (a process killed early) may hold another version's bytes."""
-    data = blob(3_000_000, 22)
-    task = serve("no-validator.bin", data)
-    task.dest.parent.mkdir(parents=True)
-    task.dest.with_name("no-validator.bin.part").write_bytes(b"stale bytes of another version" * 50_000)
-    (result,) = downloader().fetch_all([task])
-    assert_downloaded(result, task, data)
-    (get,) = gets(server, "no-validator.bin")
-    assert get.range is None and get.status == 200
-
-
-def test_with_only_a_weak_etag_a_resume_is_validated_by_last_modified(
-    server: FileServer, serve: Callable[..., FileTask]
-) -> None:
-    size, cut = 3_000_000, 1_234_567
-    data = blob(size, 23)
-    task = serve("no-etag.bin", data)
-    server.add("no-etag.bin", data, etag='W/"v1"')  # not allowed in If-Range
-    server.fault("no-etag.bin", "truncate", after=cut)
-    (result,) = downloader().fetch_all([task])
-    assert_downloaded(result, task, data)
-    first, retry = gets(server, "no-etag.bin")
-    assert (retry.range, retry.status) == (f"bytes={cut}-", 206)
-    assert retry.headers.get("if-range") == first.response_headers["Last-Modified"]
-
-
-@pytest.mark.parametrize("catalog", ["size only", "size and sha256"])
-def test_a_full_size_part_of_zeros_is_never_taken_for_the_file(
-    server: FileServer, serve: Callable[..., FileTask], catalog: str
-) -> None:
-    """What a kill in a segmented download's first moments leaves: the .part at full size, holes only, and neither
-    segment state nor validator. Its zeros must not pass as the file (a 416 to `Range: bytes=<size>-` proves
-    nothing)."""
-    data = blob(1_500_000, 24)
-    task = serve("sparse.bin", data, checksum=catalog == "size and sha256")
-    task.dest.parent.mkdir(parents=True)
-    with open(task.dest.with_name("sparse.bin.part"), "wb") as part:
-        part.truncate(len(data))
-    task.dest.with_name("sparse.bin.part.validator").write_text(server.etag("sparse.bin"))
-    (result,) = downloader().fetch_all([task])
-    assert (result.status, result.sha256) == ("downloaded", sha256(data))
-    assert task.dest.read_bytes() == data
-    assert [(g.range, g.status) for g in gets(server, "sparse.bin")] == [(None, 200)]
 
 
 # -- redirects -----------------------------------------------------------------------------------------------------
