@@ -15,7 +15,10 @@ What it measures: a big file and many small files, served by nginx on 127.0.0.1 
     raw and, on a row of its own, minus this start-up (best minus best, median minus median);
   - the big file's limits on this machine, each alone: its sha256 from the page cache on one core, and writing its
     bytes to the disk (`dd oflag=direct conv=fdatasync`). A download that verifies and makes durable cannot beat
-    either; curl, which does neither, can.
+    either; curl, which does neither, can;
+  - the small files' floor: libcurl's multi interface (pycurl, 16 at once) fetching each body into memory and hashing
+    it on the same thread, with no file, no per-file logic and nothing made durable: what a one-thread engine over
+    libcurl that verifies inline pays before it does any of its own work.
 The engine's and the asset's times include verifying sha256 and making the files durable (fsync or syncfs, renames
 from .part, a folder fsync); curl's and aria2c's include neither.
 
@@ -68,6 +71,8 @@ DATA = HERE / ".data"
 WWW = DATA / "www"
 sys.path.insert(0, str(ROOT))
 
+import pycurl  # noqa: E402
+
 from mvdata_assets.datasets.fetch import Downloader, FileTask  # noqa: E402
 
 TOOLS = {
@@ -90,7 +95,8 @@ C_STREAM = "bare C stream, same checks"
 C_STREAM_SOURCE = HERE / "bare_c_stream.c"
 HASH_ALONE = "limit: sha256 alone, one core"
 DISK_ALONE = "limit: disk alone, dd direct+fsync"
-LIMITS = (HASH_ALONE, DISK_ALONE)  # rows listed last: what no tool's row can beat
+FETCH_HASH_ALONE = "limit: libcurl + sha256, no files"
+LIMITS = (HASH_ALONE, DISK_ALONE, FETCH_HASH_ALONE)  # rows listed last: what a verifying engine cannot beat
 ENGINE = "engine"
 ASSET = "asset: dagster asset materialize"
 STARTUP = "dagster start-up (1-byte dataset)"
@@ -405,7 +411,53 @@ def small_runs(tools: dict[str, str], base: str, smalls: list[dict], dagster: di
 
     rows: dict[str, Tool] = {CURL_SMALL: curl(False), CURL_CHECKED: curl(True), "aria2c -j16": aria2}
     runs = {label: (tool, smalls) for label, tool in rows.items()} | {ENGINE: (engine(base, smalls), smalls)} | dagster
-    return {label: verified(label, tool, files, sha256=False, delete=False) for label, (tool, files) in runs.items()}
+    checked = {label: verified(label, tool, files, sha256=False, delete=False) for label, (tool, files) in runs.items()}
+    return checked | {FETCH_HASH_ALONE: lambda: fetch_and_hash(base, smalls)}
+
+
+def fetch_and_hash(base: str, files: list[dict], at_once: int = 16) -> Timing:
+    """Every file's body fetched into memory over one libcurl multi handle and hashed as it completes, on this thread;
+    each digest is checked after the run, outside its time."""
+    multi, idle, running = pycurl.CurlMulti(), [], {}
+    queue, digests = iter(files), {}
+
+    def start() -> None:
+        file = next(queue, None)
+        if file is None:
+            return
+        handle = idle.pop() if idle else pycurl.Curl()
+        body: list[bytes] = []
+        handle.setopt(pycurl.URL, f"{base}/{file['rel']}")
+        handle.setopt(pycurl.WRITEFUNCTION, body.append)
+        multi.add_handle(handle)
+        running[handle] = (file, body)
+
+    cpu, started = cpu_now(children=False), time.perf_counter()
+    for _ in range(at_once):
+        start()
+    while running:
+        multi.perform()
+        left = 1
+        while left:
+            left, done, failed = multi.info_read()
+            if failed:
+                raise RuntimeError(f"{FETCH_HASH_ALONE}: {failed[0][2]}")
+            for handle in done:
+                multi.remove_handle(handle)
+                idle.append(handle)
+                file, body = running.pop(handle)
+                digests[file["rel"]] = hashlib.sha256(b"".join(body)).hexdigest()
+                start()
+        if running:
+            multi.select(1.0)
+    timing = time.perf_counter() - started, cpu_now(children=False) - cpu
+    for handle in idle:
+        handle.close()
+    multi.close()
+    wrong = [f["rel"] for f in files if digests.get(f["rel"]) != f["sha256"]]
+    if wrong:
+        raise RuntimeError(f"{FETCH_HASH_ALONE}: {len(wrong)} bodies with the wrong sha256, e.g. {wrong[0]}")
+    return timing
 
 
 # ---- measuring ----
