@@ -15,6 +15,7 @@ from dagster import (
     AutomationCondition,
     Config,
     DataVersion,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
@@ -33,6 +34,9 @@ from mvdata_assets.settings import Settings
 from mvdata_assets.warehouse import WarehouseResource, declared_table
 
 GROUP = "datasets"
+# The job `dagster asset materialize` launches. Given a `--select` that names no asset (a misspelt group, tag or
+# pattern), the CLI launches it with no asset selection at all, which runs every asset.
+IMPLICIT_ASSET_JOB = "__ASSET_JOB"
 
 
 class DownloadConfig(Config):
@@ -79,6 +83,17 @@ def _shard_logger(context: AssetExecutionContext, name: str, every_s: float = 5.
     return report
 
 
+def _refuse_a_run_naming_no_asset(context: AssetExecutionContext) -> None:
+    """Such a run would download every dataset of the catalog (hundreds of GB for the bundled one): it is refused
+    before any request, saying why. The UI, `--select '*'`, sensors and the project's jobs name what they run."""
+    if context.run.job_name == IMPLICIT_ASSET_JOB and context.run.asset_selection is None:
+        raise Failure(
+            description="this run names no asset, so it would download every dataset of the catalog: a --select that "
+            "matches nothing (a misspelt group, tag or pattern) makes `dagster asset materialize` run every asset. "
+            "See what a selection names with `dagster asset list --select ...`; `--select '*'` runs everything."
+        )
+
+
 def as_markdown_text(text: str | None) -> str | None:
     """The UI renders descriptions as Markdown: `caption<TAB>url` would lose `<TAB>` as an HTML tag."""
     return re.sub(r"([<>])", r"\\\1", text) if text else text
@@ -119,6 +134,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str], part_shards:
         datasets: DatasetsResource,
         tracking: DownloadTrackingResource,
     ):
+        _refuse_a_run_naming_no_asset(context)
         selection = context.run.asset_selection or set()
         selected = [key.path[-1] for key in selection if key.path[:1] == [GROUP] and key.path[-1] in catalog_names]
         tracker = tracking.tracker(context.run_id, sorted(selected) or catalog_names, datasets.data_root,

@@ -165,6 +165,32 @@ def test_second_run_skips_verified_files_without_network(setup) -> None:
     assert target.read_bytes() == QUESTIONS
 
 
+def test_a_selection_naming_no_asset_downloads_nothing(setup, tmp_path: Path) -> None:
+    """`--select group:dataset` (the group is `datasets`) names nothing, and the dagster CLI then runs every asset:
+    the datasets refuse that run, saying why, before any request; a selection naming them still downloads."""
+    server, home = setup
+    dagster_home = tmp_path / "dagster"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "MVDATA_WANDB_TRACKING": "off"}
+
+    def materialize_cli(selection: str) -> subprocess.CompletedProcess[str]:
+        command = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
+                   "mvdata_assets.definitions", "--select", selection]  # fmt: skip
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+
+    refused = materialize_cli("group:dataset")
+
+    assert refused.returncode != 0
+    assert "this run names no asset, so it would download every dataset of the catalog" in refused.stderr
+    assert server.requests == []
+    assert not (home / "datasets").exists() or not any(p.is_file() for p in (home / "datasets").rglob("*"))
+
+    named = materialize_cli("group:datasets")
+    assert named.returncode == 0, named.stderr[-3000:]
+    assert (home / "datasets" / "mini_vqa" / "questions.json").read_bytes() == QUESTIONS
+
+
 def test_status_is_true_to_the_disk(setup, capsys: pytest.CaptureFixture[str]) -> None:
     server, home = setup
     status()
