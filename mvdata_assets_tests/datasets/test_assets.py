@@ -222,6 +222,28 @@ def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> 
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
 
 
+def test_a_terminal_download_trusts_its_records_until_asked_to_verify(
+    setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file damaged on disk with its size and mtime kept looks as recorded: `--verify` re-hashes and fetches it."""
+    server, home = setup
+    assert main(["download", "mini_coco"]) == 0
+    target = home / "datasets" / "mini_coco" / "val.zip"
+    recorded = target.stat()
+    target.write_bytes(b"X" * recorded.st_size)
+    os.utime(target, ns=(recorded.st_atime_ns, recorded.st_mtime_ns))
+    fetched = len(server.requests_for("coco/val.zip"))
+    capsys.readouterr()
+
+    assert main(["download", "mini_coco"]) == 0
+    assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
+    assert len(server.requests_for("coco/val.zip")) == fetched and target.read_bytes() != GOOD_ZIP
+
+    assert main(["download", "mini_coco", "--verify"]) == 0
+    assert "mini_coco: complete (1 downloaded, 0 skipped, 0 failed)" in capsys.readouterr().out
+    assert target.read_bytes() == GOOD_ZIP
+
+
 def test_the_terminal_says_what_failed_in_one_line_and_goes_on(
     setup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -385,6 +407,24 @@ def test_url_list_status_and_terminal_download(url_list_setup, capsys: pytest.Ca
     status()
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("mini_cc"))
     assert "partial         3/4" in line and "7/10" in line
+
+
+def test_a_terminal_download_fetches_failed_images_again_when_asked(
+    url_list_setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server, home, _, _ = url_list_setup
+    assert main(["download", "mini_cc"]) == 0
+    back = _jpeg(250)
+    server.add("img/gone0.jpg", back, content_type="image/jpeg")  # a lost image is back at its address (row 7)
+    capsys.readouterr()
+
+    assert main(["download", "mini_cc"]) == 0  # finished shards keep their failures
+    assert "mini_cc: partial (0 downloaded, 8 skipped, 3 failed)" in " ".join(capsys.readouterr().out.split())
+    assert main(["download", "mini_cc", "--retry-failed"]) == 0
+    assert "mini_cc: partial (1 downloaded, 8 skipped, 2 failed)" in " ".join(capsys.readouterr().out.split())
+    with tarfile.open(home / "datasets" / "mini_cc" / "shards" / "GCC-mini" / "00001.tar") as tar:  # rows 4 to 7
+        jpegs = [tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".jpg")]
+    assert len(jpegs) == 4 and back in jpegs
 
 
 def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_list_setup) -> None:
