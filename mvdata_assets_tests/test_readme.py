@@ -1,7 +1,9 @@
-"""README's how-to as a user follows it: its commands on the demo's data, its catalog entries, its code.
+"""README as a user follows it: the how-to's commands on the demo's data, its catalog entries, its code, and the
+configuration table.
 
-The blocks are read from README.md itself, so a how-to that stops working fails here. Only the cluster's blocks are
-left out (they start Postgres, Redis and workers on several machines; test_cluster.py runs that setup).
+Everything is read from README.md itself, so a how-to that stops working fails here, as does a setting the table
+leaves out. Only the cluster's blocks are not run (they start Postgres, Redis and workers on several machines;
+test_cluster.py runs that setup).
 """
 
 from __future__ import annotations
@@ -112,6 +114,19 @@ def test_the_executor_of_the_how_to_is_the_one_every_job_gets(tmp_path: Path) ->
                           timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "['multiprocess']"
+
+
+def test_the_configuration_table_names_every_setting_the_project_reads() -> None:
+    """Every MVDATA_* variable the package or the cluster's Dagster instance reads has its row, and no row names one
+    that nothing reads."""
+    sources = [*(REPO / "mvdata_assets").rglob("*.py"), *(REPO / "cluster").glob("*.yaml")]
+    read = {name for path in sources for name in re.findall(r"MVDATA_[A-Z0-9_]*[A-Z0-9]", path.read_text())}
+    table = (REPO / "README.md").read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in re.findall(r"`(MVDATA_[A-Z0-9_]+)`", row.split(" | ")[0])}
+
+    assert read - listed == set(), "read but not in README's configuration table"
+    assert listed - read == set(), "in README's configuration table but read nowhere"
 
 
 def test_the_catalog_entries_of_the_how_to_load(tmp_path: Path) -> None:
