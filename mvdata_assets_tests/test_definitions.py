@@ -20,6 +20,7 @@ from mvdata_assets.demo import DEMO_RUNS, write_demo_runs
 from mvdata_assets.resources import project_resources
 from mvdata_assets.runs.assets import wandb_assets, wandb_checks
 from mvdata_assets.settings import load_settings
+from mvdata_assets_tests import dagster_cli
 
 EXPECTED_KEYS = sorted(
     [
@@ -245,9 +246,7 @@ def test_dagster_cli_materializes_the_group(tmp_path: Path, demo_runs: Path) -> 
         "MVDATA_WANDB_OFFLINE_DIRS": str(demo_runs),
     }
     (tmp_path / "dagster").mkdir()
-    dagster = Path(sys.executable).parent / "dagster"
-    command = [str(dagster), "asset", "materialize", "-m", "mvdata_assets.definitions", "--select", "group:wandb"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = dagster_cli.materialize("mvdata_assets.definitions", "group:wandb", env, timeout_s=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "RUN_SUCCESS" in done.stderr
     with duckdb.connect(str(tmp_path / "home" / "warehouse.duckdb"), read_only=True) as conn:

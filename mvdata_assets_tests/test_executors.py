@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
 
 from mvdata_assets.demo import serve_directory, write_demo_catalog, write_demo_files, write_demo_runs
 from mvdata_assets.tracking import PROJECT
+from mvdata_assets_tests import dagster_cli
 
-BIN = Path(sys.executable).parent
-REPO = Path(__file__).resolve().parents[1]
 # what a download run logs that does not depend on timing: its per-dataset counts and its summary's counts
 LOGGED_COUNTS = r"""(key SIMILAR TO 'dataset/[^/]+/(downloaded|failed|skipped|total|success_rate|bytes)' OR
                      key SIMILAR TO 'summary/(total_files_.*|overall_success_rate|.*_datasets|skipped_special_access)'
@@ -24,8 +21,7 @@ def _materialize_everything(module: str, home: Path, env: dict[str, str]) -> Non
     (home / "dagster").mkdir(parents=True)
     (home / "dagster" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {**env, "MVDATA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
-    command = [str(BIN / "dagster"), "asset", "materialize", "-m", module, "--select", "*"]
-    done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
+    done = dagster_cli.materialize(module, "*", env, timeout_s=900)
     assert done.returncode == 0, done.stderr[-4000:]
 
 

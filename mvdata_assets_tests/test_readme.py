@@ -11,16 +11,14 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import duckdb
 import yaml
 
 from mvdata_assets.datasets.catalog import load_catalog
+from mvdata_assets_tests.dagster_cli import BIN, REPO, materialize, run_demo
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 HOW_TO = "How to"
 NOT_HERE = {"Run on a cluster"}  # needs machines and services of its own
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
@@ -45,9 +43,7 @@ def clean_environment(home: Path) -> dict[str, str]:
 def after_make_demo(home: Path) -> dict[str, str]:
     """`make demo` into `home`: the environment it leaves."""
     env = clean_environment(home)
-    demo = subprocess.run([str(BIN / "mvdata"), "demo"], env=env, cwd=REPO, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
-    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    run_demo(env)
     return env
 
 
@@ -91,8 +87,7 @@ def test_the_users_module_of_the_how_to_builds_on_the_demo(tmp_path: Path) -> No
             "MVDATA_CATALOG": str(home / "demo" / "catalog.yaml"),
             "MVDATA_WANDB_OFFLINE_DIRS": str(home / "demo" / "wandb-runs")}  # fmt: skip
 
-    command = [str(BIN / "dagster"), "asset", "materialize", "-m", "readme_project", "--select", "group:analysis"]
-    done = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    done = materialize("readme_project", "group:analysis", env, cwd=tmp_path)
 
     assert done.returncode == 0 and "RUN_SUCCESS" in done.stderr, done.stderr[-3000:]
     # what the selection names, nothing more: a selection that matches no asset runs every asset of the module

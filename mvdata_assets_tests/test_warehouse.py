@@ -16,9 +16,7 @@ import pytest
 from dagster import AssetIn, AssetKey, AssetSpec, DagsterInstance, asset, materialize
 
 from mvdata_assets.warehouse import DatasetManifest, WarehouseIOManager, WarehouseResource, WarehouseTable
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
+from mvdata_assets_tests import dagster_cli
 
 
 def resources(tmp_path: Path) -> dict:
@@ -156,15 +154,13 @@ def test_a_relation_over_ten_million_rows_keeps_memory_flat(tmp_path: Path) -> N
 def test_a_users_module_builds_on_the_demo_with_the_dagster_cli(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "MVDATA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster")}
-    demo = subprocess.run([str(BIN / "mvdata"), "demo"], env=env, capture_output=True, text=True, timeout=600)
-    assert demo.returncode == 0, demo.stdout[-3000:] + demo.stderr[-3000:]
+    dagster_cli.run_demo(env)
     env.update(MVDATA_CATALOG=str(home / "demo" / "catalog.yaml"),
                MVDATA_WANDB_OFFLINE_DIRS=str(home / "demo" / "wandb-runs"),
                WANDB_MODE="offline", WANDB_SILENT="true")  # fmt: skip
 
     def materialize_cli(module: str, selection: str) -> str:
-        command = [str(BIN / "dagster"), "asset", "materialize", "-m", module, "--select", selection]
-        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+        done = dagster_cli.materialize(module, selection, env)
         assert done.returncode == 0, done.stderr[-4000:]
         return done.stderr
 

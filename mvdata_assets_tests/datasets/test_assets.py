@@ -25,6 +25,7 @@ from mvdata_assets.datasets.assets import dataset_assets
 from mvdata_assets.datasets.metadata import MAX_TABLE_ROWS
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.settings import load_settings
+from mvdata_assets_tests import dagster_cli
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 
@@ -174,19 +175,14 @@ def test_a_selection_naming_no_asset_downloads_nothing(setup, tmp_path: Path) ->
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     env = {**os.environ, "DAGSTER_HOME": str(dagster_home), "MVDATA_WANDB_TRACKING": "off"}
 
-    def materialize_cli(selection: str) -> subprocess.CompletedProcess[str]:
-        command = [str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-m",
-                   "mvdata_assets.definitions", "--select", selection]  # fmt: skip
-        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-
-    refused = materialize_cli("group:dataset")
+    refused = dagster_cli.materialize("mvdata_assets.definitions", "group:dataset", env)
 
     assert refused.returncode != 0
     assert "this run names no asset, so it would download every dataset of the catalog" in refused.stderr
     assert server.requests == []
     assert not (home / "datasets").exists() or not any(p.is_file() for p in (home / "datasets").rglob("*"))
 
-    named = materialize_cli("group:datasets")
+    named = dagster_cli.materialize("mvdata_assets.definitions", "group:datasets", env)
     assert named.returncode == 0, named.stderr[-3000:]
     assert (home / "datasets" / "mini_vqa" / "questions.json").read_bytes() == QUESTIONS
 
