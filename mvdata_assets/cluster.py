@@ -1,5 +1,5 @@
 """The project on a cluster: the same assets, each step a Celery task (dagster-celery; Redis as broker and result
-backend), the Dagster instance on Postgres (cluster/dagster.yaml). README "Running on a cluster" says how to start it.
+backend), the Dagster instance on Postgres (cluster/dagster.yaml). docs/cluster.md says how to start it.
 
 Two kinds of Celery worker take the steps, each started as `celery -A mvdata_assets.cluster worker`:
 - one beside the warehouse, on queue `dagster`, one task at a time: every step that writes DuckDB, so the file has

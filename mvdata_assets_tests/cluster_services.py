@@ -128,15 +128,23 @@ def cluster_env(pg: dict[str, str], broker: str, dagster_home: Path, **settings:
                        "MVDATA_CELERY_BACKEND": f"{broker}/1", "MVDATA_WANDB_TRACKING": "off"} | settings  # fmt: skip
 
 
-def worker(env: dict[str, str], queue: str, name: str, log: Path) -> subprocess.Popen:
-    """A Celery worker of mvdata_assets.cluster on `queue`, one task at a time."""
-    argv = [BIN / "celery", "-A", "mvdata_assets.cluster", "worker", "-Q", queue, "-c", "1", "--prefetch-multiplier=1",
+def worker_argv(queue: str, name: str) -> list:
+    """The command of a Celery worker of mvdata_assets.cluster on `queue`, one task at a time (docs/cluster.md's,
+    named, and without the chatter between workers that a single machine does not need)."""
+    return [BIN / "celery", "-A", "mvdata_assets.cluster", "worker", "-Q", queue, "-c", "1", "--prefetch-multiplier=1",
             "-n", f"{name}@%h", "--without-gossip", "--without-mingle"]  # fmt: skip
-    return start(argv, env, log)
+
+
+def daemon_argv() -> list:
+    return [BIN / "dagster-daemon", "run", "-w", ROOT / "cluster" / "workspace.yaml"]
+
+
+def worker(env: dict[str, str], queue: str, name: str, log: Path) -> subprocess.Popen:
+    return start(worker_argv(queue, name), env, log)
 
 
 def daemon(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return start([BIN / "dagster-daemon", "run", "-w", ROOT / "cluster" / "workspace.yaml"], env, log)
+    return start(daemon_argv(), env, log)
 
 
 def dagster(env: dict[str, str], *args: str) -> None:

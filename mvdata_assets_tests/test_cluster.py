@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shlex
 import signal
 import tarfile
 import time
@@ -30,6 +32,34 @@ def _jpeg(shade: int) -> bytes:
     out = io.BytesIO()
     Image.new("RGB", (8, 8), (shade % 256, 30, 60)).save(out, "JPEG")
     return out.getvalue()
+
+
+def _as_typed(argv: list) -> list[str]:
+    """A command as docs/cluster.md types it: programs by name, the repository's files relative to it."""
+    words = [str(Path(argv[0]).name)]
+    for arg in argv[1:]:
+        words.append(str(arg.relative_to(services.ROOT)) if isinstance(arg, Path) else arg)
+    return words
+
+
+def _in_order(words: list[str], within: list[str]) -> bool:
+    rest = iter(within)
+    return all(word in rest for word in words)
+
+
+def test_docs_cluster_md_starts_the_processes_this_test_starts() -> None:
+    """The daemon's and the workers' commands docs/cluster.md gives are (up to a worker's name and its quieter
+    gossip) the ones the test below starts, so the setup it proves is the one the document tells users to run."""
+    text = (services.ROOT / "docs" / "cluster.md").read_text()
+    commands = [shlex.split(line.split("#", 1)[0].rstrip(" &"))
+                for block in re.findall(r"^```bash\n(.*?)^```$", text, re.MULTILINE | re.DOTALL)
+                for line in block.splitlines() if line.startswith(("celery ", "dagster-daemon "))]  # fmt: skip
+    workers = {words[words.index("-Q") + 1]: words for words in commands if words[0] == "celery"}
+
+    assert [words for words in commands if words[0] == "dagster-daemon"] == [_as_typed(services.daemon_argv())]
+    assert set(workers) == {"dagster", "images"}
+    for queue, words in workers.items():
+        assert _in_order(words, _as_typed(services.worker_argv(queue, "w"))), (queue, words)
 
 
 def test_a_backfill_on_celery_workers_survives_a_killed_worker(tmp_path: Path) -> None:

@@ -1,9 +1,9 @@
 """README as a user follows it: the how-to's commands on the demo's data, its catalog entries, its code, and the
 configuration table.
 
-Everything is read from README.md itself, so a how-to that stops working fails here, as does a setting the table
-leaves out. Only the cluster's blocks are not run (they start Postgres, Redis and workers on several machines;
-test_cluster.py runs that setup).
+Everything is read from README.md itself, so a how-to that stops working fails here, as does a setting the tables
+(README's and docs/cluster.md's) leave out. The cluster's commands start Postgres, Redis and workers on several
+machines: test_cluster.py runs that setup.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets_tests.dagster_cli import BIN, REPO, materialize, run_demo
 
 HOW_TO = "How to"
-NOT_HERE = {"Run on a cluster"}  # needs machines and services of its own
 FENCE = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 
 
@@ -56,7 +55,7 @@ def test_the_how_to_runs_as_written_on_the_demos_data(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = after_make_demo(home)
 
-    bash = [(title, code) for title, language, code in how_to_blocks() if language == "bash" and title not in NOT_HERE]
+    bash = [(title, code) for title, language, code in how_to_blocks() if language == "bash"]
     (first, settings), *commands = bash
     assert first == "" and "export MVDATA_HOME=$PWD/.mvdata" in settings, "README's how-to starts with its settings"
     ran = []
@@ -111,17 +110,24 @@ def test_the_executor_of_the_how_to_is_the_one_every_job_gets(tmp_path: Path) ->
     assert done.stdout.strip().splitlines()[-1] == "['multiprocess']"
 
 
-def test_the_configuration_table_names_every_setting_the_project_reads() -> None:
-    """Every MVDATA_* variable the package or the cluster's Dagster instance reads has its row, and no row names one
-    that nothing reads."""
+def settings_table(document: str, section: str) -> set[str]:
+    """The MVDATA_* variables a document's settings table names in its first column."""
+    table = (REPO / document).read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    return {name for row in rows for name in re.findall(r"`(MVDATA_[A-Z0-9_]+)`", row.split(" | ")[0])}
+
+
+def test_the_settings_tables_name_every_setting_the_project_reads() -> None:
+    """Every MVDATA_* variable the package or the cluster's Dagster instance reads has its row, in README's table or
+    (a cluster's own) in docs/cluster.md's; no row names one that nothing reads, and none is in both."""
     sources = [*(REPO / "mvdata_assets").rglob("*.py"), *(REPO / "cluster").glob("*.yaml")]
     read = {name for path in sources for name in re.findall(r"MVDATA_[A-Z0-9_]*[A-Z0-9]", path.read_text())}
-    table = (REPO / "README.md").read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in table.splitlines() if line.startswith("| `")]
-    listed = {name for row in rows for name in re.findall(r"`(MVDATA_[A-Z0-9_]+)`", row.split(" | ")[0])}
+    readme, cluster = settings_table("README.md", "Configuration"), settings_table("docs/cluster.md", "Settings")
 
-    assert read - listed == set(), "read but not in README's configuration table"
-    assert listed - read == set(), "in README's configuration table but read nowhere"
+    assert read - (readme | cluster) == set(), "read but in neither settings table"
+    assert (readme | cluster) - read == set(), "in a settings table but read nowhere"
+    assert readme & cluster == set(), "in both settings tables"
+    assert {"MVDATA_CELERY_BROKER", "MVDATA_POSTGRES_HOST", "MVDATA_MAX_RUNS"} <= cluster
 
 
 def test_the_catalog_entries_of_the_how_to_load(tmp_path: Path) -> None:
