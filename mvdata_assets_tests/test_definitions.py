@@ -157,15 +157,20 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
     assert "siglip-lr3e-4" in board["newest runs"].value
     checks = result.get_asset_check_evaluations()
     assert {c.check_name: c.passed for c in checks} == {"history_has_no_duplicates": True, "history_runs_exist": True}
+    assert {c.metadata["counts"].value for c in checks} == {"counted in this run"}
 
-    _, second = _materialize(home, instance)
+    again, second = _materialize(home, instance)
     assert second["wandb/history"]["runs_unchanged"].value == len(DEMO_RUNS)
     assert second["wandb/history"]["rows_written"].value == 0
     assert second["wandb/history"]["dagster/row_count"].value == stored
+    checks = again.get_asset_check_evaluations()  # nothing synced: the counts stand, no history is read
+    assert {c.check_name: c.passed for c in checks} == {"history_has_no_duplicates": True, "history_runs_exist": True}
+    assert all(c.metadata["counts"].value.startswith("kept: the history has not changed") for c in checks)
 
-    _, refreshed = _materialize(home, instance, {"ops": {"wandb_tables": {"config": {"force_refresh": True}}}})
+    forced, refreshed = _materialize(home, instance, {"ops": {"wandb_tables": {"config": {"force_refresh": True}}}})
     assert refreshed["wandb/history"]["runs_updated"].value == len(DEMO_RUNS)
     assert refreshed["wandb/history"]["dagster/row_count"].value == stored
+    assert {c.metadata["counts"].value for c in forced.get_asset_check_evaluations()} == {"counted in this run"}
 
 
 def test_downstream_follows_the_tables_by_itself(home: Path) -> None:

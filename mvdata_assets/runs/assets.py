@@ -28,6 +28,7 @@ from mvdata_assets import charts
 from mvdata_assets.resources import WandbResource
 from mvdata_assets.runs import exports, leaderboard, run_datasets, store
 from mvdata_assets.runs.api import ApiSyncReport, sync_api
+from mvdata_assets.runs.checks import check_history
 from mvdata_assets.runs.offline import SyncReport, sync_offline
 from mvdata_assets.runs.store import SCHEMA, generation
 from mvdata_assets.runs.wandb_api import Client
@@ -316,25 +317,22 @@ def build_run_datasets_asset(dataset_keys: Sequence[AssetKey]) -> AssetsDefiniti
 def history_checks(warehouse: WarehouseResource):
     """Both checks in one step: each Dagster step costs more than these queries."""
     with warehouse.get_connection() as conn:
-        duplicates = conn.execute(
-            f"""SELECT count(*) FROM (SELECT 1 FROM {SCHEMA}._history
-                GROUP BY run_ref, step, key_ref HAVING count(*) > 1)"""
-        ).fetchone()[0]
-        orphans = conn.execute(
-            f"""SELECT count(*) FROM {SCHEMA}._history h
-                ANTI JOIN (SELECT run_ref FROM {SCHEMA}._run_refs JOIN {SCHEMA}.runs USING (entity, project, run_id)) r
-                ON h.run_ref = r.run_ref"""
-        ).fetchone()[0]
+        checked = check_history(conn)
+    counted = (
+        "counted in this run"
+        if checked.counted_now
+        else f"kept: the history has not changed since generation {checked.generation} was checked"
+    )
     for check_name, count, label in (
-        ("history_has_no_duplicates", duplicates, "duplicate_keys"),
-        ("history_runs_exist", orphans, "orphan_rows"),
+        ("history_has_no_duplicates", checked.duplicate_keys, "duplicate_keys"),
+        ("history_runs_exist", checked.orphan_rows, "orphan_rows"),
     ):
         yield AssetCheckResult(
             check_name=check_name,
             asset_key=table_key("history"),
             passed=count == 0,
             severity=AssetCheckSeverity.ERROR,
-            metadata={label: MetadataValue.int(count)},
+            metadata={label: MetadataValue.int(count), "generation": checked.generation, "counts": counted},
         )
 
 
