@@ -160,7 +160,7 @@ def main() -> None:
     print(f"  {'':<42}{'best s':>8}{'median s':>10}{'best img/s':>12}")
     for label, (best, median) in stats.items():
         rate = "" if label == STARTUP else f"{args.images / best:,.0f}"
-        print(f"  {label:<42}{best:8.2f}{median:10.2f}{rate:>12}")
+        print(f"  {label:<42}{best:8.2f}{median:10.2f}{rate:>12}".rstrip())
     if not rows.get("img2dataset"):
         print(f"img2dataset: not found at {peer} (see this script's docstring); no ratio")
         return
