@@ -315,7 +315,8 @@ def build_run_datasets_asset(dataset_keys: Sequence[AssetKey]) -> AssetsDefiniti
     ],
 )
 def history_checks(warehouse: WarehouseResource):
-    """Both checks in one step: each Dagster step costs more than these queries."""
+    """Both checks in one step, from counts over the whole history that a re-run with nothing synced does not repeat
+    (runs/checks.py)."""
     with warehouse.get_connection() as conn:
         checked = check_history(conn)
     counted = (
