@@ -1,7 +1,7 @@
 """`wandb.leaderboard`: per run, the best and last value of the main metrics next to its key config values.
 
-Rebuilt whole from the warehouse on each materialisation (an aggregate over a few columns per run, so a
-full rebuild takes milliseconds and can never drift from the tables). One row per run, newest first.
+Rebuilt whole from the warehouse on each materialisation: one aggregate DuckDB runs over a few columns of the
+history, so it can never drift from the tables. One row per run, newest first.
 """
 
 from __future__ import annotations
