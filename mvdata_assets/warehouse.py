@@ -232,9 +232,10 @@ def _as_arrow(obj: Any, key: AssetKey) -> pa.Table | pa.RecordBatchReader:
     )
 
 
-def table_metadata(conn: duckdb.DuckDBPyConnection, schema: str, table: str) -> dict:
-    """What Dagster shows for a warehouse table: its name, row count and column schema."""
-    rows = conn.execute(f"SELECT count(*) FROM {quoted(schema)}.{quoted(table)}").fetchone()[0]
+def table_metadata(conn: duckdb.DuckDBPyConnection, schema: str, table: str, stored_in: str | None = None) -> dict:
+    """What Dagster shows for a warehouse table: its name, row count and column schema. `stored_in`: the table holding
+    the rows of a view with as many rows, counted instead of the view."""
+    rows = conn.execute(f"SELECT count(*) FROM {quoted(schema)}.{quoted(stored_in or table)}").fetchone()[0]
     return {
         "dagster/table_name": f"{schema}.{table}",
         "dagster/row_count": MetadataValue.int(rows),

@@ -63,7 +63,8 @@ class ExportConfig(Config):
 
 
 def _table_metadata(conn, table: str) -> dict:
-    metadata = table_metadata(conn, SCHEMA, table)
+    # wandb.history is a view joining its rows to their run and key names: counted through it, every row is joined
+    metadata = table_metadata(conn, SCHEMA, table, "_history" if table == "history" else None)
     preview = conn.execute(f"SELECT * FROM {SCHEMA}.{table} LIMIT 5").fetchall()
     columns = [c.name for c in metadata["dagster/column_schema"].columns]
     return {**metadata, "preview": MetadataValue.md(charts.markdown_table(columns, preview, width=40))}
