@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvdata_assets.runs.api import sync_api  # noqa: E402
 from mvdata_assets.runs.wandb_api import PAGE_RUNS  # noqa: E402
-from mvdata_assets_tests.dagster_cli import materialize  # noqa: E402
+from mvdata_assets_tests.dagster_cli import timed_project_run  # noqa: E402
 from mvdata_assets_tests.runs.wandb_server import WandbServer  # noqa: E402
 
 ENTITY, PROJECT, TINY = "microvlm", "bench", "bench-startup"
@@ -94,16 +94,10 @@ def timed_sync(server: WandbServer, conn: duckdb.DuckDBPyConnection, label: str)
 def asset_sync(server: WandbServer, home: Path, project: str, label: str, values: int) -> float:
     """`dagster asset materialize --select group:wandb` of `project` into `home`; exits when it failed or stored
     other than `values` history values."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MVDATA_")}  # none of the user's settings
-    env |= {"MVDATA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"), "MVDATA_WANDB_TRACKING": "off",
-            "MVDATA_WANDB_PROJECTS": f"{ENTITY}/{project}"}  # fmt: skip
-    (home / "dagster").mkdir(parents=True, exist_ok=True)
     server.clear_requests()
-    started = time.perf_counter()
-    done = materialize("mvdata_assets.definitions", "group:wandb", env)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0 or "RUN_SUCCESS" not in done.stderr:
-        sys.exit(f"{label}: dagster asset materialize failed:\n{done.stderr[-3000:]}")
+    seconds = timed_project_run(
+        "group:wandb", home, MVDATA_WANDB_TRACKING="off", MVDATA_WANDB_PROJECTS=f"{ENTITY}/{project}"
+    )
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
         stored = conn.execute("SELECT count(*) FROM wandb.history").fetchone()[0]
     if stored != values:

@@ -127,18 +127,7 @@ print(json.dumps({"seconds": time.perf_counter() - started, "rows": report.rows.
 
 
 def materialize(home: Path, dirs: list[Path]) -> float:
-    """Seconds of `dagster asset materialize --select group:wandb` on `dirs` into `home`, with none of the user's
-    MVDATA_* settings (a W&B project of theirs would be pulled too); exits when it fails."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MVDATA_")}
-    env |= {"MVDATA_HOME": str(home), "DAGSTER_HOME": str(home / "dagster"),
-            "MVDATA_WANDB_OFFLINE_DIRS": ":".join(map(str, dirs))}  # fmt: skip
-    (home / "dagster").mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = dagster_cli.materialize("mvdata_assets.definitions", "group:wandb", env)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        sys.exit(result.stderr[-3000:])
-    return seconds
+    return dagster_cli.timed_project_run("group:wandb", home, MVDATA_WANDB_OFFLINE_DIRS=":".join(map(str, dirs)))
 
 
 def timed(action) -> float:

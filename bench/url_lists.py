@@ -8,8 +8,9 @@ img2dataset reads the same URLs from a headered TSV, with resizing and re-encodi
 write shards. Rows, each the best and the median of --repeat rounds:
   - the engine alone: `fetch_url_list` in this process, 64 images at once, all of them from one host;
   - the asset as users run it: `dagster asset materialize --select datasets/bench_urls` in a subprocess, its
-    catalog a URL-list dataset of the served list, a fresh MVDATA_HOME per run, MVDATA_WANDB_TRACKING=off, the
-    engine's concurrency (MVDATA_IMAGE_CONCURRENCY and MVDATA_IMAGE_HOST_CONNECTIONS 64: one host serves them all);
+    catalog a URL-list dataset of the served list, a fresh MVDATA_HOME (and DAGSTER_HOME) per run,
+    MVDATA_WANDB_TRACKING=off, the engine's concurrency (MVDATA_IMAGE_CONCURRENCY and MVDATA_IMAGE_HOST_CONNECTIONS
+    64: one host serves them all);
   - Dagster's start-up: the same for a list of one image, and the asset minus it (best - best, median - median);
   - img2dataset (2 processes, 64 threads), its process start included.
 The target: images per second at least img2dataset's URLs per second (engine, and asset minus start-up).
@@ -22,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
-import os
 import statistics
 import subprocess
 import sys
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mvdata_assets.datasets.catalog import UrlList  # noqa: E402
 from mvdata_assets.datasets.url_lists import fetch_url_list  # noqa: E402
-from mvdata_assets_tests.dagster_cli import materialize  # noqa: E402
+from mvdata_assets_tests.dagster_cli import timed_project_run  # noqa: E402
 from mvdata_assets_tests.datasets.fileserver import FileServer  # noqa: E402
 
 DEFAULT_PEER = "/tmp/i2d-venv/bin/img2dataset"
@@ -68,18 +68,14 @@ def images_in(shards: Path) -> int:
     return total
 
 
-def asset_seconds(catalog: Path, name: str, home: Path, dagster_home: Path, images: int) -> float:
+def asset_seconds(catalog: Path, name: str, home: Path, images: int) -> float:
     """`dagster asset materialize` of the URL-list dataset `name` into the fresh `home`; exits when it failed or
     its shards do not hold every image."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MVDATA_")}  # none of the user's settings
-    env |= {"MVDATA_CATALOG": str(catalog), "MVDATA_HOME": str(home), "MVDATA_WANDB_TRACKING": "off",
-            "DAGSTER_HOME": str(dagster_home), "MVDATA_IMAGE_ALLOWED_NETWORKS": "127.0.0.0/8",
-            "MVDATA_IMAGE_CONCURRENCY": str(AT_ONCE), "MVDATA_IMAGE_HOST_CONNECTIONS": str(AT_ONCE)}  # fmt: skip
-    started = time.perf_counter()
-    done = materialize("mvdata_assets.definitions", f"datasets/{name}", env)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0 or "RUN_SUCCESS" not in done.stderr:
-        sys.exit(f"dagster asset materialize --select datasets/{name} failed:\n{done.stderr[-3000:]}")
+    seconds = timed_project_run(
+        f"datasets/{name}", home, MVDATA_CATALOG=str(catalog), MVDATA_WANDB_TRACKING="off",
+        MVDATA_IMAGE_ALLOWED_NETWORKS="127.0.0.0/8", MVDATA_IMAGE_CONCURRENCY=str(AT_ONCE),
+        MVDATA_IMAGE_HOST_CONNECTIONS=str(AT_ONCE),
+    )  # fmt: skip
     if (got := images_in(home / "datasets" / name)) != images:
         sys.exit(f"datasets/{name}: {got} images in its shards, not {images}")
     return seconds
@@ -142,10 +138,8 @@ def main() -> None:
                 if run.downloaded != args.images:
                     sys.exit(f"engine: {run.downloaded} of {args.images} images downloaded ({run.failed} failed)")
                 rows["engine"].append(run.seconds)
-                dagster_home = out / "dagster"
-                dagster_home.mkdir()
-                rows["asset"].append(asset_seconds(catalog, "bench_urls", out / "asset", dagster_home, args.images))
-                rows[STARTUP].append(asset_seconds(catalog, "bench_urls_startup", out / "startup", dagster_home, 1))
+                rows["asset"].append(asset_seconds(catalog, "bench_urls", out / "asset", args.images))
+                rows[STARTUP].append(asset_seconds(catalog, "bench_urls_startup", out / "startup", 1))
                 if peer.exists():
                     rows["img2dataset"].append(peer_seconds(peer, urls, out))
         finally:
