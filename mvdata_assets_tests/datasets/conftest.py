@@ -2,7 +2,7 @@
 task), and a port nobody listens on."""
 
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,17 +22,11 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def server(file_server: FileServer) -> Iterator[FileServer]:
-    """The file server, under the name the download engine's tests give it."""
-    yield file_server
-
-
-@pytest.fixture
-def serve(server: FileServer, tmp_path: Path) -> Callable[..., FileTask]:
+def serve(file_server: FileServer, tmp_path: Path) -> Callable[..., FileTask]:
     """Add `data` under `name` and return the task that fetches it into tmp_path (with size and sha256 by default)."""
 
     def add(name: str, data: bytes, *, size: bool = True, checksum: bool = True, **kwargs: object) -> FileTask:
-        url = server.add(name, data, **kwargs)  # type: ignore[arg-type]
+        url = file_server.add(name, data, **kwargs)  # type: ignore[arg-type]
         return FileTask(url, tmp_path / "data" / name, len(data) if size else None, sha256(data) if checksum else None)
 
     return add

@@ -15,11 +15,11 @@ from mvdata_assets_tests.datasets.fileserver import FileServer
 
 
 def test_files_are_synced_before_their_rename_and_reported_after_it(
-    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Per batch: one syncfs while every file is a whole .part, then the renames, one folder fsync, then the report."""
     datas = {f"{i:03d}.bin": blob(20_000, 300 + i) for i in range(40)}
-    tasks = [FileTask(server.add(n, d), tmp_path / n, len(d), sha256(d)) for n, d in datas.items()]
+    tasks = [FileTask(file_server.add(n, d), tmp_path / n, len(d), sha256(d)) for n, d in datas.items()]
     batches: list[list[str]] = []
     problems: list[str] = []  # seen in the committer's thread, asserted here
     real_commit, real_syncfs, real_fsync_dir = durable.commit, durable.syncfs, durable.fsync_dir
@@ -62,10 +62,10 @@ def test_files_are_synced_before_their_rename_and_reported_after_it(
     assert sorted(n for batch in batches for n in batch) == sorted(datas)  # each file in exactly one batch
 
 
-def test_a_file_whose_rename_fails_is_not_downloaded(server: FileServer, tmp_path: Path) -> None:
+def test_a_file_whose_rename_fails_is_not_downloaded(file_server: FileServer, tmp_path: Path) -> None:
     datas = [blob(10_000, 400 + i) for i in range(5)]
     tasks = [
-        FileTask(server.add(f"r/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
+        FileTask(file_server.add(f"r/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
         for i, data in enumerate(datas)
     ]
 
@@ -85,11 +85,11 @@ def test_a_file_whose_rename_fails_is_not_downloaded(server: FileServer, tmp_pat
 
 @pytest.mark.parametrize("step", ["syncfs", "fsync_dir"])
 def test_a_failed_sync_fails_its_files_with_the_reason(
-    server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
+    file_server: FileServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
     datas = [blob(10_000, 500 + i) for i in range(3)]
     tasks = [
-        FileTask(server.add(f"s/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
+        FileTask(file_server.add(f"s/{i}.bin", data), tmp_path / f"{i}.bin", len(data), sha256(data))
         for i, data in enumerate(datas)
     ]
 
