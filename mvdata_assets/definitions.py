@@ -34,7 +34,7 @@ from mvdata_assets.settings import load_settings
 settings = load_settings()
 
 catalog = load_catalog(settings.catalog)
-datasets = dataset_assets(settings, catalog)
+datasets = dataset_assets(catalog, settings.image_part_shards)
 catalog_keys = [dataset_key(name) for name in catalog]
 # URL-list images in parts are partitioned: backfills run them (one job each, for `dagster job backfill`), never the
 # jobs over unpartitioned assets

@@ -16,12 +16,12 @@ import yaml
 from dagster import DagsterInstance, materialize
 
 from mvdata_assets.cli import main
-from mvdata_assets.datasets.assets import dataset_assets
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.runs.offline import sync_offline
 from mvdata_assets.settings import load_settings
 from mvdata_assets.tracking import PROJECT, RunCounter
 from mvdata_assets_tests.datasets.conftest import closed_port
+from mvdata_assets_tests.datasets.downloading import catalog_assets
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 FILES = {"coco/a.json": b'{"images": []}' * 50, "coco/b.json": b"[1, 2, 3]", "vqa/q.json": b'{"questions": []}'}
@@ -57,7 +57,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _materialize(home: Path, tracking: DownloadTrackingResource, instance: DagsterInstance | None = None):
     instance = instance or DagsterInstance.ephemeral()
     result = materialize(
-        dataset_assets(load_settings()),
+        catalog_assets(),
         resources={**project_resources(load_settings()), "tracking": tracking},
         instance=instance,
     )
@@ -278,7 +278,7 @@ def test_a_dataset_step_that_raises_is_logged_as_failed(home: Path, tmp_path: Pa
     (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
     instance = DagsterInstance.ephemeral()
     result = materialize(
-        dataset_assets(load_settings()),
+        catalog_assets(),
         resources={
             **project_resources(load_settings()),
             "tracking": DownloadTrackingResource(enabled=True, home=str(home)),

@@ -23,14 +23,13 @@ from dagster import (
 
 from mvdata_assets import charts
 from mvdata_assets.datasets import store
-from mvdata_assets.datasets.catalog import Dataset, load_catalog
+from mvdata_assets.datasets.catalog import Dataset
 from mvdata_assets.datasets.download import download_dataset
 from mvdata_assets.datasets.metadata import dataset_metadata, images_fetched_check, images_metadata, tracking_metadata
 from mvdata_assets.datasets.parts import build_images_asset, build_shards_asset, register_parts, shards_key
 from mvdata_assets.datasets.shards import ShardResult
 from mvdata_assets.resources import DatasetsResource, DownloadTrackingResource, WandbResource
 from mvdata_assets.runs.offline import sync_offline
-from mvdata_assets.settings import Settings
 from mvdata_assets.warehouse import WarehouseResource, declared_table
 
 GROUP = "datasets"
@@ -270,11 +269,10 @@ def build_summary_asset(datasets: dict[str, Dataset], recorded_apart: Sequence[A
     return download_summary
 
 
-def dataset_assets(settings: Settings, datasets: dict[str, Dataset] | None = None) -> list[AssetsDefinition]:
-    """One asset per dataset of the catalog in MVDATA_CATALOG (or the bundled one), plus the summary; `datasets`: that
-    catalog, when the caller has loaded it already."""
-    datasets = datasets if datasets is not None else load_catalog(settings.catalog)
-    names, part_shards = list(datasets), settings.image_part_shards
+def dataset_assets(datasets: dict[str, Dataset], part_shards: int = 0) -> list[AssetsDefinition]:
+    """One asset per dataset of a loaded catalog, plus the summary; `part_shards` > 0: URL-list images are fetched
+    in partitions of that many shards (MVDATA_IMAGE_PART_SHARDS)."""
+    names = list(datasets)
     in_parts = [d for d in datasets.values() if d.url_list and part_shards]
     return [
         *(build_dataset_asset(d, names, part_shards) for d in datasets.values()),

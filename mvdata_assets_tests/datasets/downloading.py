@@ -1,4 +1,5 @@
-"""What the download engine's tests share: test data, a Downloader that gives up fast, and the checks of a result."""
+"""What the download tests share: test data, a Downloader that gives up fast, the checks of a result, and the dataset
+assets built from the environment's settings."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import random
 import re
 from pathlib import Path
 
+from dagster import AssetsDefinition
+
+from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets.datasets.fetch import Downloader, FileResult, FileTask
+from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.datasets.fileserver import FileServer, Request
 
 
@@ -26,8 +32,14 @@ def downloader(**kwargs: object) -> Downloader:
     return Downloader(**options)  # type: ignore[arg-type]
 
 
-def gets(server: FileServer, name: str) -> list[Request]:
-    return [r for r in server.requests_for(name) if r.method == "GET"]
+def catalog_assets() -> list[AssetsDefinition]:
+    """The dataset assets as mvdata_assets/definitions.py builds them, from the settings in the environment now."""
+    settings = load_settings()
+    return dataset_assets(load_catalog(settings.catalog), settings.image_part_shards)
+
+
+def gets(file_server: FileServer, name: str) -> list[Request]:
+    return [r for r in file_server.requests_for(name) if r.method == "GET"]
 
 
 def leftovers(dest: Path) -> list[str]:

@@ -21,11 +21,11 @@ from dagster import DagsterInstance, materialize
 from PIL import Image
 
 from mvdata_assets.cli import main, status
-from mvdata_assets.datasets.assets import dataset_assets
 from mvdata_assets.datasets.metadata import MAX_TABLE_ROWS
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.settings import load_settings
 from mvdata_assets_tests import dagster_cli
+from mvdata_assets_tests.datasets.downloading import catalog_assets
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 
@@ -48,33 +48,33 @@ EVIL_ZIP = _zip({"../escaped.txt": b"should never be written"})
 QUESTIONS = b'{"questions": [1, 2, 3]}'
 
 
-def _entry(server: FileServer, name: str, data: bytes, **extra: object) -> dict:
-    url = server.add(name, data)
+def _entry(file_server: FileServer, name: str, data: bytes, **extra: object) -> dict:
+    url = file_server.add(name, data)
     return {"url": url, "size": len(data), "sha256": hashlib.sha256(data).hexdigest(), **extra}
 
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    with FileServer() as server:
+    with FileServer() as file_server:
         catalog = {
             "datasets": {
                 "mini_coco": {
                     "description": "images and captions",
                     "access": "public",
-                    "files": [_entry(server, "coco/val.zip", GOOD_ZIP, extract=True)],
+                    "files": [_entry(file_server, "coco/val.zip", GOOD_ZIP, extract=True)],
                 },
                 "mini_vqa": {
                     "description": "questions, and a file that is gone from its host",
                     "access": "public",
                     "files": [
-                        _entry(server, "vqa/questions.json", QUESTIONS),
-                        {"url": f"{server.url}/vqa/moved.zip", "size": 10},
+                        _entry(file_server, "vqa/questions.json", QUESTIONS),
+                        {"url": f"{file_server.url}/vqa/moved.zip", "size": 10},
                     ],
                 },
                 "evil": {
                     "description": "an archive whose member escapes the dataset folder",
                     "access": "public",
-                    "files": [_entry(server, "evil/evil.zip", EVIL_ZIP, extract=True)],
+                    "files": [_entry(file_server, "evil/evil.zip", EVIL_ZIP, extract=True)],
                 },
                 "flickr": {"description": "manual", "access": "manual", "instructions": "fill in the form"},
             }
@@ -83,12 +83,12 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         path.write_text(yaml.safe_dump(catalog))
         monkeypatch.setenv("MVDATA_CATALOG", str(path))
         monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
-        yield server, tmp_path / "home"
+        yield file_server, tmp_path / "home"
 
 
 def _run(home: Path, instance: DagsterInstance, run_config: dict | None = None, selection: list[str] | None = None):
     result = materialize(
-        dataset_assets(load_settings()),
+        catalog_assets(),
         selection=selection,
         resources=untracked_resources(),
         instance=instance,
@@ -102,7 +102,7 @@ def _run(home: Path, instance: DagsterInstance, run_config: dict | None = None, 
 
 
 def test_catalog_datasets_materialise_with_true_counts(setup) -> None:
-    server, home = setup
+    file_server, home = setup
     metadata, checks = _run(home, DagsterInstance.ephemeral())
     data = home / "datasets"
     # downloaded, verified, extracted inside the dataset folder
@@ -146,12 +146,12 @@ def test_catalog_datasets_materialise_with_true_counts(setup) -> None:
 
 
 def test_second_run_skips_verified_files_without_network(setup) -> None:
-    server, home = setup
+    file_server, home = setup
     instance = DagsterInstance.ephemeral()
     _run(home, instance)
-    before = len(server.requests_for("coco/val.zip"))
+    before = len(file_server.requests_for("coco/val.zip"))
     metadata, checks = _run(home, instance)
-    assert len(server.requests_for("coco/val.zip")) == before  # not even a HEAD
+    assert len(file_server.requests_for("coco/val.zip")) == before  # not even a HEAD
     assert (metadata["datasets/mini_coco"]["skipped"].value, metadata["datasets/mini_coco"]["downloaded"].value) == (
         1,
         0,
@@ -169,7 +169,7 @@ def test_second_run_skips_verified_files_without_network(setup) -> None:
 def test_a_selection_naming_no_asset_downloads_nothing(setup, tmp_path: Path) -> None:
     """`--select group:dataset` (the group is `datasets`) names nothing, and the dagster CLI then runs every asset:
     the datasets refuse that run, saying why, before any request; a selection naming them still downloads."""
-    server, home = setup
+    file_server, home = setup
     dagster_home = tmp_path / "dagster"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
@@ -179,7 +179,7 @@ def test_a_selection_naming_no_asset_downloads_nothing(setup, tmp_path: Path) ->
 
     assert refused.returncode != 0
     assert "this run names no asset, so it would download every dataset of the catalog" in refused.stderr
-    assert server.requests == []
+    assert file_server.requests == []
     assert not (home / "datasets").exists() or not any(p.is_file() for p in (home / "datasets").rglob("*"))
 
     named = dagster_cli.materialize("mvdata_assets.definitions", "group:datasets", env)
@@ -188,7 +188,7 @@ def test_a_selection_naming_no_asset_downloads_nothing(setup, tmp_path: Path) ->
 
 
 def test_status_is_true_to_the_disk(setup, capsys: pytest.CaptureFixture[str]) -> None:
-    server, home = setup
+    file_server, home = setup
     status()
     before = capsys.readouterr().out
     assert "mini_coco        missing" in before  # nothing downloaded yet
@@ -205,7 +205,7 @@ def test_status_is_true_to_the_disk(setup, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> None:
-    server, home = setup
+    file_server, home = setup
     assert main(["download", "mini_coco"]) == 0
     assert (home / "datasets" / "mini_coco" / "val.zip").read_bytes() == GOOD_ZIP
     assert "mini_coco: complete (1 downloaded, 0 skipped, 0 failed)" in capsys.readouterr().out
@@ -222,18 +222,18 @@ def test_a_terminal_download_trusts_its_records_until_asked_to_verify(
     setup, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A file damaged on disk with its size and mtime kept looks as recorded: `--verify` re-hashes and fetches it."""
-    server, home = setup
+    file_server, home = setup
     assert main(["download", "mini_coco"]) == 0
     target = home / "datasets" / "mini_coco" / "val.zip"
     recorded = target.stat()
     target.write_bytes(b"X" * recorded.st_size)
     os.utime(target, ns=(recorded.st_atime_ns, recorded.st_mtime_ns))
-    fetched = len(server.requests_for("coco/val.zip"))
+    fetched = len(file_server.requests_for("coco/val.zip"))
     capsys.readouterr()
 
     assert main(["download", "mini_coco"]) == 0
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
-    assert len(server.requests_for("coco/val.zip")) == fetched and target.read_bytes() != GOOD_ZIP
+    assert len(file_server.requests_for("coco/val.zip")) == fetched and target.read_bytes() != GOOD_ZIP
 
     assert main(["download", "mini_coco", "--verify"]) == 0
     assert "mini_coco: complete (1 downloaded, 0 skipped, 0 failed)" in capsys.readouterr().out
@@ -294,13 +294,15 @@ def _jpeg(shade: int) -> bytes:
 @pytest.fixture
 def url_list_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """7 images of which 2 are gone (404) and 1 is an HTML page, in shards of 4, from a caption<TAB>url list."""
-    with FileServer() as server:
+    with FileServer() as file_server:
         images = {f"img{i}": _jpeg(i * 20) for i in range(7)}
-        urls = {name: server.add(f"img/{name}.jpg", data, content_type="image/jpeg") for name, data in images.items()}
-        urls["gone0"], urls["gone1"] = server.url_for("img/gone0.jpg"), server.url_for("img/gone1.jpg")
-        urls["page"] = server.add("img/page.jpg", b"<html>removed</html>", content_type="text/html")
+        urls = {
+            name: file_server.add(f"img/{name}.jpg", data, content_type="image/jpeg") for name, data in images.items()
+        }
+        urls["gone0"], urls["gone1"] = file_server.url_for("img/gone0.jpg"), file_server.url_for("img/gone1.jpg")
+        urls["page"] = file_server.add("img/page.jpg", b"<html>removed</html>", content_type="text/html")
         tsv = "".join(f"caption of {name}\t{url}\n" for name, url in urls.items()).encode()
-        entry = _entry(server, "cc/GCC-mini.tsv", tsv)
+        entry = _entry(file_server, "cc/GCC-mini.tsv", tsv)
         url_list = {"format": "tsv", "url_column": 1, "caption_column": 0, "shard_size": 4}
         catalog = {"datasets": {"mini_cc": {"description": "d", "access": "public", "files": [entry],
                                             "url_list": url_list}}}  # fmt: skip
@@ -308,15 +310,15 @@ def url_list_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         path.write_text(yaml.safe_dump(catalog))
         monkeypatch.setenv("MVDATA_CATALOG", str(path))
         monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
-        yield server, tmp_path / "home", images, path
+        yield file_server, tmp_path / "home", images, path
 
 
-def _image_requests(server: FileServer) -> list[str]:
-    return sorted(r.name for r in server.requests if r.name.startswith("img/"))
+def _image_requests(file_server: FileServer) -> list[str]:
+    return sorted(r.name for r in file_server.requests if r.name.startswith("img/"))
 
 
 def test_url_list_dataset_materialises_shards_with_true_counts(url_list_setup) -> None:
-    server, home, images, _ = url_list_setup
+    file_server, home, images, _ = url_list_setup
     instance = DagsterInstance.ephemeral()
     metadata, checks = _run(home, instance)
     meta = metadata["datasets/mini_cc"]
@@ -352,18 +354,18 @@ def test_url_list_dataset_materialises_shards_with_true_counts(url_list_setup) -
         assert tar.extractfile("000000.txt").read() == b"caption of img0"
 
     # again: nothing is fetched, the shards are skipped and their images still count
-    server.clear_requests()
+    file_server.clear_requests()
     metadata, _ = _run(home, instance)
-    assert _image_requests(server) == [] and not any(r.name == "cc/GCC-mini.tsv" for r in server.requests)
+    assert _image_requests(file_server) == [] and not any(r.name == "cc/GCC-mini.tsv" for r in file_server.requests)
     meta = metadata["datasets/mini_cc"]
     assert (meta["images_skipped"].value, meta["images_failed"].value, meta["shards_skipped"].value) == (7, 3, 3)
 
     # retry_failed: the images came back upstream; only the failed URLs are requested again
-    server.add("img/gone0.jpg", _jpeg(250), content_type="image/jpeg")
-    server.clear_requests()
+    file_server.add("img/gone0.jpg", _jpeg(250), content_type="image/jpeg")
+    file_server.clear_requests()
     config = {"ops": {"datasets__mini_cc": {"config": {"retry_failed": True}}}}
     metadata, _ = _run(home, instance, config)
-    assert _image_requests(server) == ["img/gone0.jpg", "img/gone1.jpg", "img/page.jpg"]
+    assert _image_requests(file_server) == ["img/gone0.jpg", "img/gone1.jpg", "img/page.jpg"]
     meta = metadata["datasets/mini_cc"]
     assert (meta["images_downloaded"].value, meta["images_skipped"].value, meta["images_failed"].value) == (1, 7, 2)
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
@@ -372,7 +374,7 @@ def test_url_list_dataset_materialises_shards_with_true_counts(url_list_setup) -
 
 
 def test_url_list_verify_refetches_a_damaged_shard_only(url_list_setup) -> None:
-    server, home, images, _ = url_list_setup
+    file_server, home, images, _ = url_list_setup
     instance = DagsterInstance.ephemeral()
     _run(home, instance)
     tar0 = home / "datasets" / "mini_cc" / "shards" / "GCC-mini" / "00000.tar"
@@ -381,18 +383,18 @@ def test_url_list_verify_refetches_a_damaged_shard_only(url_list_setup) -> None:
     damaged[600] ^= 0xFF  # inside the first image; size and mtime kept, so only a re-hash can tell
     tar0.write_bytes(bytes(damaged))
     os.utime(tar0, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    server.clear_requests()
+    file_server.clear_requests()
     _run(home, instance)  # trusted by size and mtime, as any verified file
-    assert _image_requests(server) == []
+    assert _image_requests(file_server) == []
     metadata, _ = _run(home, instance, {"ops": {"datasets__mini_cc": {"config": {"verify": True}}}})
-    assert _image_requests(server) == [f"img/img{i}.jpg" for i in range(4)]  # shard 0's images, nothing else
+    assert _image_requests(file_server) == [f"img/img{i}.jpg" for i in range(4)]  # shard 0's images, nothing else
     assert metadata["datasets/mini_cc"]["shards_refetched_after_check"].value == [str(tar0)]
     with tarfile.open(tar0) as tar:
         assert tar.extractfile("000000.jpg").read() == images["img0"]
 
 
 def test_url_list_status_and_terminal_download(url_list_setup, capsys: pytest.CaptureFixture[str]) -> None:
-    server, home, _, _ = url_list_setup
+    file_server, home, _, _ = url_list_setup
     assert main(["download", "mini_cc"]) == 0  # link rot is reported, not an error of the download
     out = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal's width
     assert "mini_cc: partial (8 downloaded, 0 skipped, 3 failed)" in out
@@ -408,10 +410,10 @@ def test_url_list_status_and_terminal_download(url_list_setup, capsys: pytest.Ca
 def test_a_terminal_download_fetches_failed_images_again_when_asked(
     url_list_setup, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    server, home, _, _ = url_list_setup
+    file_server, home, _, _ = url_list_setup
     assert main(["download", "mini_cc"]) == 0
     back = _jpeg(250)
-    server.add("img/gone0.jpg", back, content_type="image/jpeg")  # a lost image is back at its address (row 7)
+    file_server.add("img/gone0.jpg", back, content_type="image/jpeg")  # a lost image is back at its address (row 7)
     capsys.readouterr()
 
     assert main(["download", "mini_cc"]) == 0  # finished shards keep their failures
@@ -424,7 +426,7 @@ def test_a_terminal_download_fetches_failed_images_again_when_asked(
 
 
 def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_list_setup) -> None:
-    server, home, _, catalog_path = url_list_setup
+    file_server, home, _, catalog_path = url_list_setup
     catalog = yaml.safe_load(catalog_path.read_text())
     catalog["datasets"]["mini_cc"]["url_list"] |= {
         "url_column": 0,
@@ -432,7 +434,7 @@ def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_lis
     }  # swapped: the mistake CC3M vs CC12M invites
     catalog_path.write_text(yaml.safe_dump(catalog))
     result = materialize(
-        dataset_assets(load_settings()),
+        catalog_assets(),
         resources=untracked_resources(),
         instance=DagsterInstance.ephemeral(),
         raise_on_error=False,
@@ -441,7 +443,7 @@ def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_lis
     failure = next(e for e in result.all_events if e.is_step_failure)
     message = failure.step_failure_data.error.cause.message
     assert "url_column (column 0) does not hold http(s) URLs" in message and "are the two swapped?" in message
-    assert _image_requests(server) == []  # nothing fetched on a misread list
+    assert _image_requests(file_server) == []  # nothing fetched on a misread list
     with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
         assert conn.execute("SELECT status FROM datasets.files").fetchall() == [("downloaded",)]
         assert conn.execute("SELECT status FROM datasets.download_summary").fetchall() == [("failed",)]
@@ -449,9 +451,9 @@ def test_url_list_with_swapped_columns_fails_the_step_and_keeps_the_list(url_lis
 
 def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SBU as the bundled catalog has it: sbu-captions-all.json (parallel arrays) inside a tar.gz."""
-    with FileServer() as server:
+    with FileServer() as file_server:
         photos = [_jpeg(i * 30) for i in range(5)]
-        urls = [server.add(f"photo/{i}.jpg", photo, content_type="image/jpeg") for i, photo in enumerate(photos)]
+        urls = [file_server.add(f"photo/{i}.jpg", photo, content_type="image/jpeg") for i, photo in enumerate(photos)]
         archive = io.BytesIO()
         doc = json.dumps({"image_urls": urls, "captions": [f"photo {i}" for i in range(5)], "user_ids": ["u"] * 5})
         with tarfile.open(fileobj=archive, mode="w:gz") as tar:
@@ -460,7 +462,7 @@ def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.Mon
             tar.addfile(info, io.BytesIO(doc.encode()))
         url_list = {"format": "json", "lists": ["sbu-captions-all.json"], "url_column": "image_urls",
                     "caption_column": "captions", "shard_size": 2}  # fmt: skip
-        entry = _entry(server, "sbu/sbu-captions-all.tar.gz", archive.getvalue(), extract=True)
+        entry = _entry(file_server, "sbu/sbu-captions-all.tar.gz", archive.getvalue(), extract=True)
         catalog = {"datasets": {"mini_sbu": {"description": "d", "access": "public", "files": [entry],
                                              "url_list": url_list}}}  # fmt: skip
         path = tmp_path / "catalog.yaml"
@@ -484,7 +486,7 @@ def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.Mon
         url_list["lists"] = ["dataset/elsewhere.json"]  # inside the archive, so only known after extraction
         path.write_text(yaml.safe_dump(catalog))
         result = materialize(
-            dataset_assets(load_settings()),
+            catalog_assets(),
             resources=untracked_resources(),
             instance=DagsterInstance.ephemeral(),
             raise_on_error=False,
@@ -496,9 +498,9 @@ def test_sbu_json_list_inside_an_archive(tmp_path: Path, monkeypatch: pytest.Mon
 def test_many_files_make_few_log_lines_and_a_capped_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each log line or metadata entry is an event-log write: a dataset's progress is at most one line every few
     seconds, and its files table shows the failed files first and at most MAX_TABLE_ROWS rows."""
-    with FileServer() as server:
+    with FileServer() as file_server:
         datas = {f"parts/{i:03d}.bin": bytes([i % 256]) * (100 + i) for i in range(MAX_TABLE_ROWS + 40)}
-        files = [{**_entry(server, name, data), "size": None} for name, data in datas.items()]
+        files = [{**_entry(file_server, name, data), "size": None} for name, data in datas.items()]
         files[-1]["url"] += ".gone"  # the last file listed fails (404)
         catalog = {"datasets": {"parts": {"description": "many small files", "access": "public", "files": files}}}
         (tmp_path / "catalog.yaml").write_text(yaml.safe_dump(catalog))
@@ -506,7 +508,7 @@ def test_many_files_make_few_log_lines_and_a_capped_table(tmp_path: Path, monkey
         monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
         instance = DagsterInstance.ephemeral()
         started = time.monotonic()
-        result = materialize(dataset_assets(load_settings()), selection=["datasets/parts"],
+        result = materialize(catalog_assets(), selection=["datasets/parts"],
                              resources=untracked_resources(), instance=instance)  # fmt: skip
         seconds = time.monotonic() - started
     assert result.success

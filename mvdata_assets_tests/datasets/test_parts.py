@@ -13,11 +13,11 @@ import yaml
 from dagster import DagsterInstance, materialize
 from PIL import Image
 
-from mvdata_assets.datasets.assets import dataset_assets
 from mvdata_assets.datasets.parts import part_keys, shards_of
 from mvdata_assets.datasets.url_lists import ListPlan
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.settings import load_settings
+from mvdata_assets_tests.datasets.downloading import catalog_assets
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
 IMAGES = 20  # in shards of 2: 10 shards, in parts of 3 shards: 4 partitions
@@ -34,9 +34,9 @@ def _resources() -> dict:
     return {**project_resources(settings), "tracking": DownloadTrackingResource(enabled=False, home=str(settings.home))}
 
 
-def _write_list(server: FileServer, catalog: Path, names: list[str]) -> None:
-    rows = "".join(f"caption {name}\t{server.url_for(f'img/{name}.jpg')}\n" for name in names).encode()
-    url = server.add("lists/big.tsv", rows)  # a changed list comes with its new sha256 in the catalog
+def _write_list(file_server: FileServer, catalog: Path, names: list[str]) -> None:
+    rows = "".join(f"caption {name}\t{file_server.url_for(f'img/{name}.jpg')}\n" for name in names).encode()
+    url = file_server.add("lists/big.tsv", rows)  # a changed list comes with its new sha256 in the catalog
     url_list = {"format": "tsv", "url_column": 1, "caption_column": 0, "shard_size": 2}
     entry = {"url": url, "sha256": hashlib.sha256(rows).hexdigest()}
     dataset = {"description": "a list fetched in parts", "access": "public", "files": [entry], "url_list": url_list}
@@ -45,19 +45,19 @@ def _write_list(server: FileServer, catalog: Path, names: list[str]) -> None:
 
 @pytest.fixture
 def parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    with FileServer() as server:
+    with FileServer() as file_server:
         for i in range(IMAGES - 1):  # the last one is gone (404)
-            server.add(f"img/i{i:02d}.jpg", _jpeg(i * 10), content_type="image/jpeg")
+            file_server.add(f"img/i{i:02d}.jpg", _jpeg(i * 10), content_type="image/jpeg")
         catalog = tmp_path / "catalog.yaml"
-        _write_list(server, catalog, [f"i{i:02d}" for i in range(IMAGES)])
+        _write_list(file_server, catalog, [f"i{i:02d}" for i in range(IMAGES)])
         monkeypatch.setenv("MVDATA_CATALOG", str(catalog))
         monkeypatch.setenv("MVDATA_HOME", str(tmp_path / "home"))
         monkeypatch.setenv("MVDATA_IMAGE_PART_SHARDS", "3")
-        yield server, catalog, tmp_path / "home"
+        yield file_server, catalog, tmp_path / "home"
 
 
 def _run(instance: DagsterInstance, selection: list[str], partition: str | None = None) -> None:
-    result = materialize(dataset_assets(load_settings()), selection=selection, partition_key=partition,
+    result = materialize(catalog_assets(), selection=selection, partition_key=partition,
                          resources=_resources(), instance=instance)  # fmt: skip
     assert result.success
 
@@ -70,15 +70,15 @@ def test_partition_keys_cover_every_shard_once() -> None:
 
 
 def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
-    server, catalog, home = parts
+    file_server, catalog, home = parts
     instance = DagsterInstance.ephemeral()
     _run(instance, ["datasets/big_cc"])
     keys = instance.get_dynamic_partitions("big_cc_images")
     assert keys == ["big.tsv@00000-00002", "big.tsv@00003-00005", "big.tsv@00006-00008", "big.tsv@00009-00009"]
-    assert not [r for r in server.requests if r.name.startswith("img/")]  # the plan fetches no image
+    assert not [r for r in file_server.requests if r.name.startswith("img/")]  # the plan fetches no image
 
     warehouse = home / "warehouse.duckdb"
-    early = materialize(dataset_assets(load_settings()), selection=["datasets/big_cc_shards"],
+    early = materialize(catalog_assets(), selection=["datasets/big_cc_shards"],
                         resources=_resources(), instance=instance)  # fmt: skip
     assert {c.check_name: c.passed for c in early.get_asset_check_evaluations()}["all_parts_finished"] is False
     with duckdb.connect(str(warehouse), read_only=True) as conn:
@@ -89,10 +89,10 @@ def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
             assert conn.execute("SELECT count(*) FROM datasets.shards").fetchone() == (0,)
     shards = home / "datasets" / "big_cc" / "shards" / "big"
     assert sorted(p.name for p in shards.glob("*.tar")) == [f"{i:05d}.tar" for i in range(10)]
-    fetched = sorted(r.name for r in server.requests if r.name.startswith("img/"))
+    fetched = sorted(r.name for r in file_server.requests if r.name.startswith("img/"))
     assert fetched == sorted(f"img/i{i:02d}.jpg" for i in range(IMAGES))  # each image once
 
-    result = materialize(dataset_assets(load_settings()), selection=["datasets/big_cc_shards"],
+    result = materialize(catalog_assets(), selection=["datasets/big_cc_shards"],
                          resources=_resources(), instance=instance)  # fmt: skip
     checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
     assert checks == {"all_parts_finished": True, "images_fetched": False}  # one image is gone
@@ -107,11 +107,11 @@ def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
 
 
 def test_a_changed_list_replans_its_partitions(parts) -> None:
-    server, catalog, home = parts
+    file_server, catalog, home = parts
     instance = DagsterInstance.ephemeral()
     _run(instance, ["datasets/big_cc"])
     _run(instance, ["datasets/big_cc_images"], "big.tsv@00000-00002")
-    _write_list(server, catalog, [f"i{i:02d}" for i in range(8)])  # 4 shards now, whose keys follow other rows
+    _write_list(file_server, catalog, [f"i{i:02d}" for i in range(8)])  # 4 shards now, whose keys follow other rows
     _run(instance, ["datasets/big_cc"])
     assert instance.get_dynamic_partitions("big_cc_images") == ["big.tsv@00000-00002", "big.tsv@00003-00003"]
     shards = home / "datasets" / "big_cc" / "shards" / "big"
