@@ -13,12 +13,7 @@ parquet export yet). Measured, with seconds and requests (GraphQL by operation, 
   - dr-wandb's `wandb-export ... --mode history` on the same server and project, and the ratios (engine, asset minus
     start-up). The server is the tests' (mvdata_assets_tests/runs/wandb_server.py).
 
-dr-wandb 3.0.3 declares Python >= 3.12 but runs on 3.11; it goes in its own venv, away from the project's:
-
-    python3 -m venv bench/.data/drwandb-venv && cd bench/.data
-    drwandb-venv/bin/pip download --no-deps --python-version 3.12 --only-binary=:all: -d W dr-wandb==3.0.3 dr-ds==0.1.4
-    drwandb-venv/bin/pip install --no-deps --ignore-requires-python W/*.whl
-    drwandb-venv/bin/pip install pandas pyarrow srsly typer pydantic wandb==0.31.0
+dr-wandb goes in a venv of its own, away from the project's: `make bench-peers` installs it there.
 """
 
 from __future__ import annotations
@@ -46,7 +41,7 @@ from mvdata_assets_tests.dagster_cli import timed_project_run  # noqa: E402
 from mvdata_assets_tests.runs.wandb_server import WandbServer  # noqa: E402
 
 ENTITY, PROJECT, TINY = "microvlm", "bench", "bench-startup"
-DEFAULT_PEER = str(Path(__file__).with_name(".data") / "drwandb-venv" / "bin" / "wandb-export")
+DEFAULT_PEER = str(Path(__file__).with_name(".data") / "peers" / "dr-wandb" / "bin" / "wandb-export")
 
 
 def history(seed: int, steps: int, keys: int, first_step: int = 0) -> pa.Table:

@@ -14,8 +14,7 @@ write shards. Rows, each the best and the median of --repeat rounds:
   - Dagster's start-up: the same for a list of one image, and the asset minus it (best - best, median - median);
   - img2dataset (2 processes, 64 threads), its process start included.
 The target: images per second at least img2dataset's URLs per second (engine, and asset minus start-up).
-img2dataset lives in its own venv (not a project dependency): `python3 -m venv /tmp/i2d-venv &&
-/tmp/i2d-venv/bin/pip install img2dataset`.
+img2dataset lives in a venv of its own (not a project dependency): `make bench-peers` installs it there.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from mvdata_assets.datasets.url_lists import fetch_url_list  # noqa: E402
 from mvdata_assets_tests.dagster_cli import timed_project_run  # noqa: E402
 from mvdata_assets_tests.datasets.fileserver import FileServer  # noqa: E402
 
-DEFAULT_PEER = "/tmp/i2d-venv/bin/img2dataset"
+DEFAULT_PEER = str(Path(__file__).with_name(".data") / "peers" / "img2dataset" / "bin" / "img2dataset")
 SHARD = 10_000
 AT_ONCE = 64
 STARTUP = "dagster start-up (a list of one image)"
