@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from mvdata_assets.datasets.catalog import ARCHIVE_SUFFIXES  # the one list of what can be unpacked
+from mvdata_assets.datasets.catalog_schema import ARCHIVE_KINDS, ARCHIVE_SUFFIXES  # the one list of what is unpacked
 
 MAX_ZIP_LINK_BYTES = 4096  # PATH_MAX: a longer "symlink" entry is not a symlink target
 
@@ -94,10 +94,9 @@ class Member:
 def archive_kind(archive: Path) -> Literal["zip", "tar"]:
     """Pick the reader from the file name; anything else is refused rather than guessed at."""
     name = archive.name.lower()
-    if name.endswith(".zip"):
-        return "zip"
-    if name.endswith((".tar", ".tar.gz", ".tgz")):
-        return "tar"
+    for suffix, kind in ARCHIVE_KINDS.items():
+        if name.endswith(suffix):
+            return kind
     raise ValueError(f"can't extract {archive}: unsupported archive type (supported: {', '.join(ARCHIVE_SUFFIXES)})")
 
 

@@ -81,9 +81,9 @@ class UrlList:
     """How to read a dataset's image URL lists (CC3M, CC12M, LAION-style parquet) and shard what they point to.
 
     The columns are explicit because the lists disagree: CC3M is caption<TAB>url, CC12M url<TAB>caption, both
-    without a header; guessing is how CC3M once lost every image. SBU's `sbu-captions-all.json` is `json`: an object
-    of parallel arrays (`image_urls`, `captions`). `lines` is one URL per line, with the captions line by line in a
-    parallel file (the layout of torchvision's SBU archive).
+    without a header, so a guessed column would take every caption for a URL. SBU's `sbu-captions-all.json` is
+    `json`: an object of parallel arrays (`image_urls`, `captions`). `lines` is one URL per line, with the captions
+    line by line in a parallel file (the layout of torchvision's SBU archive).
     """
 
     lists: tuple[str, ...]  # the list files, relative to the dataset folder (default: every file of the dataset)

@@ -19,8 +19,10 @@ Access = Literal["public", "hf", "manual"]
 ListFormat = Literal["tsv", "parquet", "json", "lines"]
 Column = int | str  # a 0-based index (headerless TSV) or a column name (parquet, TSV with a header)
 
-# Only these are unpacked: anything else marked `extract` is a catalog mistake, not a format to guess at.
-ARCHIVE_SUFFIXES: tuple[str, ...] = (".zip", ".tar", ".tar.gz", ".tgz")
+# Only these are unpacked (suffix -> its reader): anything else marked `extract` is a catalog mistake, not a format to
+# guess at
+ARCHIVE_KINDS: dict[str, Literal["zip", "tar"]] = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar", ".tgz": "tar"}
+ARCHIVE_SUFFIXES: tuple[str, ...] = tuple(ARCHIVE_KINDS)
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")

@@ -13,10 +13,9 @@ from http.client import HTTPConnection, HTTPResponse, HTTPSConnection
 from urllib.parse import SplitResult, urljoin, urlsplit
 from urllib.request import proxy_bypass_environment
 
-from mvdata_assets.datasets.addresses import CATALOG
-from mvdata_assets.datasets.transport import PermanentError
+from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy
+from mvdata_assets.datasets.transport import MAX_REDIRECTS, PermanentError
 
-MAX_REDIRECTS = 10
 REDIRECTS = {301, 302, 303, 307, 308}
 
 
@@ -42,8 +41,9 @@ class Connections:
     """One thread's keep-alive connections, one per origin: its segments after the first pay no new TCP (or TLS)
     handshake, which on a distant HTTPS server would cost several round trips per segment."""
 
-    def __init__(self, timeout_s: float) -> None:
+    def __init__(self, timeout_s: float, addresses: AddressPolicy = CATALOG) -> None:
         self.timeout_s = timeout_s
+        self.addresses = addresses
         self._idle: dict[_Origin, HTTPConnection] = {}
         self._origins: dict[HTTPConnection, _Origin] = {}  # of each connection open
 
@@ -83,7 +83,7 @@ class Connections:
         self._origins[connection] = origin
         try:
             connection.connect()
-            refused = CATALOG.refusal(connection.sock.getpeername()[0])  # the address DNS gave, on every hop
+            refused = self.addresses.refusal(connection.sock.getpeername()[0])  # the address DNS gave, on every hop
             if refused:
                 raise PermanentError(f"refused to connect for {parts.geturl()}: {refused}")
             connection.request("GET", target, headers=headers)

@@ -65,7 +65,7 @@ class Verified:
     result: FileResult
     part: str
     dest: str
-    leftovers: set[str] = field(default_factory=set)  # files deleted once it is in place (its validator sidecar)
+    companions: set[str] = field(default_factory=set)  # deleted once it is in place (validator, segment state)
     content: list[bytes] | None = None  # a small body still in memory: written to `part` here
 
     @property
@@ -175,7 +175,7 @@ def commit(batch: list[Verified]) -> None:
             item.result.error = f"renaming {os.path.basename(item.part)} into place: {type(exc).__name__}: {exc}"
             item.result.mtime_ns = None
             continue
-        for path in item.leftovers:
+        for path in item.companions:
             Path(path).unlink(missing_ok=True)
         renamed.setdefault(os.path.dirname(item.dest), []).append(item.result)
     for folder, results in renamed.items():

@@ -18,7 +18,6 @@ Plain Python: nothing here imports Dagster.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import stat
@@ -38,6 +37,7 @@ from mvdata_assets.datasets.archives import (
     UnsafeArchive,
     archive_kind,
 )
+from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.placement import Placement, Planner, RelPath, check_room
 
 __all__ = [
@@ -118,7 +118,7 @@ def extract(
 
     before = archive.stat()
     if sha256 is not None:
-        actual = _sha256_of(archive)
+        actual = sha256_of(archive)  # the marker never vouches for a file other than the one the catalog describes
         if actual != sha256.lower():
             raise BadArchive(archive, f"sha256 is {actual}, expected {sha256.lower()}; download it again")
     root = Path(os.path.realpath(target))
@@ -303,9 +303,3 @@ def _write_marker(marker: Path, content: dict[str, Any]) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(part, marker)
-
-
-def _sha256_of(archive: Path) -> str:
-    """Hash the archive, so the marker never vouches for a file other than the one the catalog describes."""
-    with open(archive, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()

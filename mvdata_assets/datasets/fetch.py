@@ -55,8 +55,8 @@ from mvdata_assets.datasets.transport import (
 )
 
 HF_HOST = "https://huggingface.co"
-# a body of known size below this is gathered whole by libcurl and written at once: a Python call per 16 KiB block
-# cost ~40% of the CPU on 768 KiB files
+# a body of known size below this is gathered whole by libcurl and written at once, saving a Python call per 16 KiB
+# block (see bench/README.md, downloads)
 GATHER_BELOW = 1024 * 1024
 
 
@@ -71,7 +71,6 @@ class Probe:
 
 @dataclass
 class Plan:
-    tasks: list[FileTask]
     probes: dict[str, Probe | str]  # url -> probe, or the error the HEAD gave
     bytes_needed: int
     bytes_free: int
@@ -169,7 +168,7 @@ class Downloader:
             needed += max(0, size - have)
         root = tasks[0].dest.parent if tasks else Path(".")
         root.mkdir(parents=True, exist_ok=True)
-        return Plan(to_fetch, probes, needed, shutil.disk_usage(root).free)
+        return Plan(probes, needed, shutil.disk_usage(root).free)
 
     # ---- fetch ----
 
@@ -327,6 +326,7 @@ class Downloader:
             connections=self.segment_connections,
             segment_bytes=self.segment_bytes,
             timeout_s=self.timeout_s,
+            addresses=self.addresses,
         )
         part.companions.add(str(transfer.state_path))
         report = (lambda done: self.progress(task.url, done, size)) if self.progress else None

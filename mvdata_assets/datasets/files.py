@@ -90,7 +90,7 @@ class Listing:
     """The names in the destination folders, listed once per run: on a busy disk a stat per file costs more."""
 
     def __init__(self) -> None:
-        self._names: dict[str, set[str]] = {}  # by folder, as a string (hashing a Path costs ~10 times more)
+        self._names: dict[str, set[str]] = {}  # by folder, as a string (hashing a Path costs far more than a str)
 
     def has(self, path: Path, suffix: str = "") -> bool:
         """Whether `path` (with `suffix` added to its name) was there when its folder was first looked at."""

@@ -1,4 +1,4 @@
-"""Reading image URL lists (CSV/TSV, parquet, JSON, line files) as a stream of (url, caption) rows.
+"""Reading image URL lists (TSV, parquet, JSON, line files) as a stream of (url, caption) rows.
 
 A list is read as its catalog entry says (`url_list:` in the catalog: format, columns, header); before anything is
 fetched its first rows are checked, so a list read the wrong way round (CC3M is caption<TAB>url, CC12M url<TAB>caption)

@@ -27,6 +27,7 @@ from http.client import HTTPConnection, HTTPException, HTTPResponse
 from pathlib import Path
 
 from mvdata_assets.datasets import durable
+from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy
 from mvdata_assets.datasets.connections import Connections
 from mvdata_assets.datasets.digests import Digests
 from mvdata_assets.datasets.transport import USER_AGENT, TransientError, status_error
@@ -38,8 +39,8 @@ BUFFERS_PER_CONNECTION = 4
 FILL_S = 1.0  # a buffer filling longer than this is written (and its bytes can be saved) before it is full
 ALIGN = 4096  # O_DIRECT writes start, end and sit in memory on such boundaries
 # Writes that go through the page cache (heads and tails off those boundaries, or all of them where O_DIRECT is
-# refused) are cut into pieces of this size: a 1 MiB write makes the page cache take 1 MiB folios, which a VM that
-# returns free memory to its host must fault in again on first touch
+# refused) are cut into pieces of this size: a 1 MiB write makes the page cache take 1 MiB folios, which a machine
+# that hands free memory back (a VM) must fault in again on first touch
 WRITE_PIECE_BYTES = 64 * 1024
 READ_BYTES = 4 * 1024 * 1024  # what a resumed download re-reads (and hashes) per step of the job
 POLL_S = 0.005  # how often the job looks for new bytes when it has hashed all there was
@@ -114,9 +115,10 @@ class SegmentedTransfer:
         connections: int,
         segment_bytes: int,
         timeout_s: float,
+        addresses: AddressPolicy = CATALOG,
     ) -> None:
         self.url, self.headers, self.part, self.size, self.validator = url, headers, part, size, validator
-        self.connections, self.timeout_s = connections, timeout_s
+        self.connections, self.timeout_s, self.addresses = connections, timeout_s, addresses
         self.state_path = part.with_name(part.name + STATE_SUFFIX)
         self.segments = self._resume_or_split(segment_bytes)
         self.stopped = False
@@ -186,7 +188,7 @@ class SegmentedTransfer:
     def _work(self, todo: deque[Segment]) -> None:
         """One connection's thread: the next segment in file order until none is left, or one has failed (the others
         then finish the segments they hold, and the retry fetches only what is missing)."""
-        connections = Connections(self.timeout_s)
+        connections = Connections(self.timeout_s, self.addresses)
         buffers = _Buffers(BUFFERS_PER_CONNECTION, RECEIVE_BYTES)  # per thread, not per segment: fresh memory is dear
         try:
             while not self.errors and not self.stopped:

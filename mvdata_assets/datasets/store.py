@@ -82,8 +82,8 @@ def record_files(conn: duckdb.DuckDBPyConnection, dataset: str, results: Iterabl
 
 
 def _write(conn: duckdb.DuckDBPyConnection, statement: str, rows: list[dict], schema: pa.Schema) -> None:
-    """One statement over the rows as an Arrow table `incoming`: DuckDB's executemany costs milliseconds per row,
-    seconds for the thousands of files or shards of one dataset."""
+    """One statement over the rows as an Arrow table `incoming`: DuckDB's executemany runs the statement once per
+    row, slow for the thousands of files or shards of one dataset."""
     conn.register("incoming", pa.Table.from_pylist(rows, schema))
     try:
         conn.execute(statement)
@@ -148,7 +148,7 @@ def forget_files_under(conn: duckdb.DuckDBPyConnection, dataset: str, folder: Pa
 @dataclass(frozen=True)
 class Summary:
     dataset: str
-    status: str  # complete | partial | failed | manual
+    status: str  # complete | partial | failed | manual | missing
     downloaded: int
     failed: int
     skipped: int

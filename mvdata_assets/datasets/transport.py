@@ -30,6 +30,7 @@ import pycurl
 from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy
 
 USER_AGENT = "mvdata-assets/0.1"
+MAX_REDIRECTS = 10
 BUFFER_BYTES = 256 * 1024  # libcurl's receive buffer (its default is 16 KiB)
 # libcurl hands a body over 16 KiB at a time at most: sinks write it to disk a MiB at a time, or after this many blocks
 # (writev's IOV_MAX), whichever comes first
@@ -209,7 +210,7 @@ class CurlLoop:
         handle.setopt(pycurl.NOSIGNAL, 1)
         handle.setopt(pycurl.USERAGENT, USER_AGENT)
         handle.setopt(pycurl.FOLLOWLOCATION, 1)
-        handle.setopt(pycurl.MAXREDIRS, 10)
+        handle.setopt(pycurl.MAXREDIRS, MAX_REDIRECTS)
         handle.setopt(pycurl.PROTOCOLS, WEB)
         handle.setopt(pycurl.REDIR_PROTOCOLS, WEB)
         # a transfer per connection (HTTP/2 would multiplex a host's transfers over one TCP connection)

@@ -234,14 +234,14 @@ def plan_url_list(
 ) -> ListPlan:
     """Once, before a list's shards are fetched in parts (`fetch_url_list(shards=...)`, perhaps on other machines):
     removes the shards of an earlier list or reading of it and records which list the shards come from, so no part
-    removes another's work; counts the list's rows (one streaming read)."""
+    removes another's work; counts the list's rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = _remove_stale(out_dir, _fingerprint(list_path, captions, spec, list_sha256))
     return dataclasses.replace(count_list(list_path, spec, captions), stale_removed=stale)
 
 
 def count_list(list_path: Path, spec: UrlList, captions: Path | None = None) -> ListPlan:
-    """How many rows and shards a list makes (one streaming read); nothing is removed."""
+    """How many rows and shards a list makes; nothing is removed."""
     rows = sum(1 for _ in read_list(list_path, spec, captions))
     return ListPlan(rows, -(-rows // spec.shard_size), 0)
 

@@ -103,7 +103,6 @@ class Request:
     name: str  # decoded path without the leading "/": the name given to add()/fault()/redirect()
     headers: Headers
     time: float  # time.monotonic() when the request arrived (compare with time.monotonic() in tests)
-    wall_time: float  # time.time() when the request arrived
     connection: int  # id of the TCP connection (1, 2, ... in accept order): shows keep-alive reuse
     status: int | None = None  # status line sent; None if nothing was sent (delay aborted, "disconnect")
     response_headers: Headers = field(default_factory=Headers)
@@ -262,7 +261,6 @@ class _Handler(BaseHTTPRequestHandler):
             name=unquote(path[1:] if path.startswith("/") else path),
             headers=Headers(self.headers.items()),
             time=now,
-            wall_time=time.time(),
             connection=self.conn_id,
         )
         owner._log(rec)

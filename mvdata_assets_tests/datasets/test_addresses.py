@@ -11,7 +11,6 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mvdata_assets.datasets import connections
 from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy, check_network
 from mvdata_assets.datasets.catalog import UrlList
 from mvdata_assets.datasets.fetch import Downloader, FileTask
@@ -114,12 +113,14 @@ def test_a_catalog_file_at_a_refused_address_fails_at_once_with_the_reason(tmp_p
     assert "refused to connect" in (result.error or "") and "127.0.0.1 is a loopback address" in (result.error or "")
 
 
-def test_a_segment_at_a_refused_address_is_never_requested(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(connections, "CATALOG", AddressPolicy.third_party())  # loopback stands in for link-local
+def test_a_segment_at_a_refused_address_is_never_requested(tmp_path: Path) -> None:
     data = bytes(range(256)) * 8192  # 2 MiB
     with FileServer() as server:
         task = FileTask(server.add("big.bin", data), tmp_path / "big.bin", len(data))
-        downloader = Downloader(segment_min_bytes=1 << 20, segment_bytes=1 << 19, retries=0)
+        # loopback stands in for link-local
+        downloader = Downloader(
+            addresses=AddressPolicy.third_party(), segment_min_bytes=1 << 20, segment_bytes=1 << 19, retries=0
+        )
         (result,) = downloader.fetch_all([task])
         gets = [r for r in server.requests if r.method == "GET"]
     assert result.status == "failed" and "127.0.0.1 is a loopback address" in (result.error or "")
