@@ -15,8 +15,12 @@ import duckdb
 
 from mvdata_assets.runs.store import SCHEMA
 
-# metrics whose best value is the smallest; every other main metric is better when larger
-LOWER_IS_BETTER = re.compile(r"loss|error|err\b|perplexity|ppl|wer|cer|mse|mae|rmse|latency", re.IGNORECASE)
+# metrics whose best value is the smallest; every other main metric is better when larger. The long words count
+# anywhere in a name (`val_loss`, `trainLoss`); abbreviations only as a word of it, cut at `/`, `_`, `-`, `.`, digits
+# or camelCase (`eval/wer`, `top1_err`, but not the "wer" in `answer_acc` nor the "mae" in `maestro_f1`)
+LOWER_IS_BETTER_IN = re.compile(r"loss|error|perplexity|latency", re.IGNORECASE)
+LOWER_IS_BETTER_WORDS = {"err", "ppl", "wer", "cer", "mse", "mae", "rmse"}
+_WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
 MAX_METRICS = 12
 # a config value as people write it: strings unquoted, whole numbers without ".0", the rest as JSON text
 _CONFIG_TEXT = """CASE WHEN c.value_json IS NOT NULL THEN coalesce(json_extract_string(c.value_json, '$'), c.value_json)
@@ -34,7 +38,9 @@ class Leaderboard:
 
 
 def lower_is_better(metric: str) -> bool:
-    return bool(LOWER_IS_BETTER.search(metric))
+    if LOWER_IS_BETTER_IN.search(metric):
+        return True
+    return any(word.lower() in LOWER_IS_BETTER_WORDS for word in _WORDS.findall(metric))
 
 
 def main_metrics(conn: duckdb.DuckDBPyConnection, patterns: Sequence[str]) -> list[str]:

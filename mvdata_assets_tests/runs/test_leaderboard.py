@@ -107,3 +107,21 @@ def test_pictures_are_pngs_the_ui_can_show(warehouse) -> None:
     image = Image.open(io.BytesIO(base64.b64decode(markdown.split(",", 1)[1].rstrip(")"))))
     assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 400  # two rows of panels
     assert len(set(image.getdata())) > 20  # lines in several colours, not a blank canvas
+
+
+@pytest.mark.parametrize(
+    "metric",
+    ["loss", "train/loss", "val_loss", "trainLoss", "eval/error_rate", "top1_err", "eval/wer", "cer", "test/PPL",
+     "val-mse", "rmse", "mae", "perplexity", "time/latency_ms"],
+)  # fmt: skip
+def test_losses_and_error_rates_are_best_when_lowest(metric: str) -> None:
+    assert leaderboard.lower_is_better(metric)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    ["vqa/answer_acc", "eval/answer_accuracy", "maestro_f1", "power", "cider", "bleu4", "precision", "recall",
+     "career_score", "accuracy", "answer_f1"],
+)  # fmt: skip
+def test_accuracies_are_best_when_highest_though_their_names_hold_an_abbreviation(metric: str) -> None:
+    assert not leaderboard.lower_is_better(metric)
