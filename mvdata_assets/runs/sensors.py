@@ -25,7 +25,9 @@ _settings = load_settings()  # how often and whether the sensors run: fixed when
 @sensor(
     name="wandb_offline_runs",
     minimum_interval_seconds=_settings.sensor_interval_s,
-    default_status=DefaultSensorStatus.RUNNING if _settings.sensor_enabled else DefaultSensorStatus.STOPPED,
+    default_status=DefaultSensorStatus.RUNNING
+    if _settings.sensor_enabled and _settings.wandb_offline_dirs
+    else DefaultSensorStatus.STOPPED,
     asset_selection=AssetSelection.groups(GROUP),
     description="Polls MVDATA_WANDB_OFFLINE_DIRS (file sizes and mtimes only) and syncs when a run is new or grew.",
 )

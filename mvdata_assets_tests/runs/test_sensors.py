@@ -75,3 +75,24 @@ def test_dagster_sensor_preview_from_the_cli(runs_dir: Path, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-2000:]
     assert "Sensor returning run requests for 1 run(s)" in done.stdout, done.stdout[-2000:]
     assert "1 new and 0 changed run files" in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "offline", "api"),
+    [
+        ({"MVDATA_WANDB_OFFLINE_DIRS": "/runs"}, "RUNNING", "STOPPED"),
+        ({"MVDATA_WANDB_PROJECTS": "team/vlm"}, "STOPPED", "RUNNING"),
+        ({"MVDATA_WANDB_OFFLINE_DIRS": "/runs", "MVDATA_WANDB_PROJECTS": "team/vlm"}, "RUNNING", "RUNNING"),
+        ({"MVDATA_WANDB_OFFLINE_DIRS": "/runs", "MVDATA_WANDB_SENSOR": "off"}, "STOPPED", "STOPPED"),
+        ({}, "STOPPED", "STOPPED"),
+    ],
+)
+def test_each_sensor_starts_running_only_when_its_own_source_is_set(settings: dict, offline: str, api: str) -> None:
+    code = (
+        "import mvdata_assets.definitions as d; "
+        "print(*(d.defs.get_sensor_def(n).default_status.value for n in ('wandb_offline_runs', 'wandb_api_runs')))"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MVDATA_")} | settings
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [offline, api]
