@@ -92,7 +92,7 @@ if settings.git_url:  # links from each asset to its code in the repository the 
 
 def project_definitions(executor: ExecutorDefinition = in_process_executor) -> Definitions:
     """The project's definitions with `executor`: in-process by default, because its steps are small and share one
-    local DuckDB file (a process per step costs seconds each); a user's module may pass `multiprocess_executor`
+    local DuckDB file (a process per step costs more than most steps); a user's module may pass `multiprocess_executor`
     (datasets downloaded side by side) or a distributed one."""
     return Definitions(
         assets=project_assets,

@@ -217,7 +217,7 @@ class DownloadTracker:
                 _open_runs[self.key] = self._init(state)
 
     def _init(self, state: dict) -> Run:
-        import wandb  # imported when tracking is on: the SDK costs ~1 s to import
+        import wandb  # imported when tracking is on: the SDK is slow to import
 
         number = state["number"]
         return wandb.init(

@@ -141,6 +141,9 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
         states = dict(conn.execute("SELECT display_name, state FROM wandb.runs").fetchall())
         last_steps = dict(conn.execute("SELECT display_name, last_step FROM wandb.runs").fetchall())
     assert history["rows_written"].value == stored == history["dagster/row_count"].value
+    for table in ("runs", "config", "summary", "metadata", "system_metrics"):  # a fresh warehouse: all it holds is new
+        written = first[f"wandb/{table}"]
+        assert written["rows_written"].value == written["dagster/row_count"].value > 0, table
     assert {n for n, s in states.items() if s == "finished"} == {n for n, v in DEMO_RUNS.items() if v[3] is None}
     assert states["clip-lr6e-4-killed"] == "running"  # no exit record, and its file changed within the window
     assert last_steps["siglip-lr3e-4"] == DEMO_RUNS["siglip-lr3e-4"][2] - 1
@@ -161,7 +164,7 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
 
     again, second = _materialize(home, instance)
     assert second["wandb/history"]["runs_unchanged"].value == len(DEMO_RUNS)
-    assert second["wandb/history"]["rows_written"].value == 0
+    assert {second[f"wandb/{t}"]["rows_written"].value for t in ("runs", "history", "config", "system_metrics")} == {0}
     assert second["wandb/history"]["dagster/row_count"].value == stored
     checks = again.get_asset_check_evaluations()  # nothing synced: the counts stand, no history is read
     assert {c.check_name: c.passed for c in checks} == {"history_has_no_duplicates": True, "history_runs_exist": True}

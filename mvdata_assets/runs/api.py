@@ -73,7 +73,6 @@ class ApiFilters:
 class RunOutcome:
     key: RunKey
     status: str  # new | updated | unchanged | deleted | failed
-    history_rows: int = 0
     requests: int = 0
     problem: str | None = None
 
@@ -253,11 +252,17 @@ def _store_fetched(
                 store.insert_history(conn, key, table)
                 rows += table.num_rows
         config, summary = _config(node), field_json(node.get("summaryMetrics"))
-        store.replace_values(conn, "config", key, _state_of(config))
-        store.replace_values(conn, "summary", key, _state_of(summary, [k for k in summary if k.startswith("_")]))
+        written = {
+            "runs": 1,
+            "history": rows,
+            "config": store.replace_values(conn, "config", key, _state_of(config)),
+            "summary": store.replace_values(
+                conn, "summary", key, _state_of(summary, [k for k in summary if k.startswith("_")])
+            ),
+            "system_metrics": _replace_system_metrics(conn, key, field_json(node.get("systemMetrics")), node),
+        }
         if fetched.metadata is not None:
-            store.replace_values(conn, "metadata", key, _state_of(fetched.metadata))
-        _replace_system_metrics(conn, key, field_json(node.get("systemMetrics")), node)
+            written["metadata"] = store.replace_values(conn, "metadata", key, _state_of(fetched.metadata))
         previous = (
             None
             if is_new
@@ -277,8 +282,9 @@ def _store_fetched(
             [*key, fingerprint(_light(node)), stored_step, last_step(node), total_rows],
         )
         store.bump_generation(conn)  # with the rows: a kill after the commit still leaves the exports to catch up
-    report.runs.append(RunOutcome(key, "new" if is_new else "updated", rows, fetched.requests))
-    report.rows["history"] = report.rows.get("history", 0) + rows
+    report.runs.append(RunOutcome(key, "new" if is_new else "updated", fetched.requests))
+    for table, count in written.items():
+        report.rows[table] = report.rows.get(table, 0) + count
 
 
 def _light(node: dict) -> dict:
@@ -287,12 +293,12 @@ def _light(node: dict) -> dict:
     return {k: v for k, v in node.items() if k not in heavy}
 
 
-def _replace_system_metrics(conn: duckdb.DuckDBPyConnection, key: RunKey, metrics: dict, node: dict) -> None:
-    """W&B keeps each system metric's latest value: one row per metric at that time."""
+def _replace_system_metrics(conn: duckdb.DuckDBPyConnection, key: RunKey, metrics: dict, node: dict) -> int:
+    """W&B keeps each system metric's latest value: one row per metric at that time; returns how many rows."""
     conn.execute(f"DELETE FROM {SCHEMA}.system_metrics WHERE entity = ? AND project = ? AND run_id = ?", list(key))
     stamp = metrics.get("_timestamp")
     when = datetime.fromtimestamp(stamp, UTC) if isinstance(stamp, int | float) else _time(node.get("heartbeatAt"))
-    store.insert_stats(conn, key, [(when, k, to_json(v)) for k, v in metrics.items() if not k.startswith("_")])
+    return store.insert_stats(conn, key, [(when, k, to_json(v)) for k, v in metrics.items() if not k.startswith("_")])
 
 
 def _upsert_run(
@@ -336,7 +342,6 @@ def _sync_sweeps(
                 [entity, project, sweep["name"], sweep.get("displayName"), sweep.get("state"), config],
             )
             store.bump_generation(conn)
-        report.rows["sweeps"] = report.rows.get("sweeps", 0) + 1
 
 
 def _mark_deleted(conn: duckdb.DuckDBPyConnection, key: RunKey) -> None:

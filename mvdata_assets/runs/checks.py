@@ -1,6 +1,6 @@
 """Whether `wandb.history` can be trusted: no (run, step, key) stored twice, no row without its run in `wandb.runs`.
 
-Both are counted over the whole history (seconds on tens of millions of rows), so the counts are kept with the sync
+Both are counted over the whole history, a scan that grows with every run stored, so the counts are kept with the sync
 generation they were taken at. Only a sync that changed something moves the generation (`store.bump_generation`, in
 the same transaction as its rows), so while it stands the counts stand too, and a re-run that changed nothing reads
 no history. Plain Python.

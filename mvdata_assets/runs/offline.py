@@ -44,11 +44,9 @@ class FileOutcome:
     path: str
     action: str  # new | grown | replaced | unchanged | refreshed | skipped
     run: str | None = None  # entity/project/run_id
-    state: str | None = None
-    history_rows: int = 0
     bytes_read: int = 0
     problem: str | None = None
-    rows: dict[str, int] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)  # rows written, by table
 
 
 @dataclass
@@ -296,13 +294,12 @@ def _read_file(
         progress.environment = legacy_metadata(path.parent)
     for name, value in progress.environment.items():
         states["metadata"].apply((name,), to_json(value))
+    outcome.rows = {"history": progress.history_rows - rows_before}
     for table, state in states.items():
-        store.replace_values(conn, table, key, state)
+        outcome.rows[table] = store.replace_values(conn, table, key, state)
         setattr(watermark, f"{table}_state", state.to_json())
-    store.insert_stats(conn, key, progress.stats[stats_before:])
-    outcome.history_rows = progress.history_rows - rows_before
-    outcome.rows = {"history": outcome.history_rows, "system_metrics": len(progress.stats) - stats_before}
-    outcome.state = _upsert_run(conn, key, progress, path, plan.mtime, running_window_s, outcome.problem)
+    outcome.rows["system_metrics"] = store.insert_stats(conn, key, progress.stats[stats_before:])
+    outcome.rows["runs"] = _upsert_run(conn, key, progress, path, plan.mtime, running_window_s, outcome.problem)
     return _Earlier(key, progress, states)
 
 
@@ -331,8 +328,9 @@ def _upsert_run(
     mtime: float,
     running_window_s: float,
     problem: str | None,
-) -> str:
-    """Writes the run's row; a resumed read adds to what the earlier reads of the file found."""
+) -> int:
+    """Writes the run's row (returns 1; 0 while the file has shown no run record); a resumed read adds to what the
+    earlier reads of the file found."""
     old = conn.execute(
         f"""SELECT display_name, created_at, tags, "group", job_type, sweep_id, "user", host, notes,
                    last_step, history_rows, runtime_s, exit_code
@@ -344,7 +342,7 @@ def _upsert_run(
         progress.last_step, progress.history_rows, progress.max_runtime_s, progress.exit_code
     )  # fmt: skip
     if header is None and old is None:
-        return "unknown"
+        return 0
     if header is None:
         display_name, created_at, tags, group, job_type, sweep_id, user, host, notes = old[:9]
         last_step = old[9] if last_step is None else max(last_step, old[9] if old[9] is not None else last_step)
@@ -370,7 +368,7 @@ def _upsert_run(
             last_step, rows, exit_code, str(path), problem,
         ],
     )  # fmt: skip
-    return state
+    return 1
 
 
 def _expire_running(conn: duckdb.DuckDBPyConnection, running_window_s: float) -> int:

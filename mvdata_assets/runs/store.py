@@ -30,8 +30,8 @@ DDL = [
         exit_code INTEGER, source_path VARCHAR, read_problem VARCHAR,
         PRIMARY KEY (entity, project, run_id)
     )""",
-    # History is stored with small integer references for the run and the metric name: each VARCHAR
-    # column costs DuckDB ~0.15 s per million rows on insert, and history is most of what is written.
+    # History is stored with small integer references for the run and the metric name: VARCHAR columns are
+    # the dearest part of DuckDB's inserts, and history is most of what is written.
     # `wandb.history` is the view of the contract over it (entity, project, run_id, ..., key, ...).
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._run_refs (
         run_ref INTEGER PRIMARY KEY, entity VARCHAR NOT NULL, project VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
@@ -72,7 +72,8 @@ DDL = [
         fingerprint VARCHAR, last_step BIGINT, history_rows BIGINT,
         deleted_at TIMESTAMPTZ, synced_at TIMESTAMPTZ, listed_last_step BIGINT, PRIMARY KEY (entity, project, run_id)
     )""",
-    f"ALTER TABLE {SCHEMA}._api_runs ADD COLUMN IF NOT EXISTS listed_last_step BIGINT",  # warehouses from before it
+    # an older release's warehouse lacks this column
+    f"ALTER TABLE {SCHEMA}._api_runs ADD COLUMN IF NOT EXISTS listed_last_step BIGINT",
     # bumped by every sync that changed something; exports compare it to skip rewriting
     f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._generation (
         id INTEGER PRIMARY KEY, generation BIGINT NOT NULL, changed_at TIMESTAMPTZ
@@ -184,12 +185,13 @@ def insert_history(conn: duckdb.DuckDBPyConnection, key: RunKey, history: pa.Tab
         conn.unregister("history_chunk")
 
 
-def replace_values(conn: duckdb.DuckDBPyConnection, table: str, key: RunKey, state: NestedState) -> None:
-    """The run's rows of `table` become the state's leaves (a few hundred rows at most: rewritten whole)."""
+def replace_values(conn: duckdb.DuckDBPyConnection, table: str, key: RunKey, state: NestedState) -> int:
+    """The run's rows of `table` become the state's leaves (a few hundred rows at most: rewritten whole); returns
+    how many rows were written."""
     conn.execute(f"DELETE FROM {SCHEMA}.{table} WHERE entity = ? AND project = ? AND run_id = ?", list(key))
     rows = state.rows()
     if not rows:
-        return
+        return 0
     keys, values, jsons = zip(*rows, strict=True)
     batch = pa.Table.from_arrays(
         [pa.array(keys, pa.string()), pa.array(values, pa.float64()), pa.array(jsons, pa.string())],
@@ -200,12 +202,14 @@ def replace_values(conn: duckdb.DuckDBPyConnection, table: str, key: RunKey, sta
         conn.execute(f"INSERT INTO {SCHEMA}.{table} SELECT ?, ?, ?, key, value, value_json FROM value_rows", list(key))
     finally:
         conn.unregister("value_rows")
+    return len(rows)
 
 
-def insert_stats(conn: duckdb.DuckDBPyConnection, key: RunKey, stats: list) -> None:
+def insert_stats(conn: duckdb.DuckDBPyConnection, key: RunKey, stats: list) -> int:
+    """The run's system metrics records as rows (a nested value makes one row per leaf); returns how many."""
     rows = [(when, *row) for when, k, v in stats for row in flat_rows(k, v)]
     if not rows:
-        return
+        return 0
     when, keys, values, jsons = zip(*rows, strict=True)
     batch = pa.Table.from_arrays(
         [pa.array(when, STATS_ROWS.field("timestamp").type), pa.array(keys), pa.array(values, pa.float64()),
@@ -220,3 +224,4 @@ def insert_stats(conn: duckdb.DuckDBPyConnection, key: RunKey, stats: list) -> N
         )
     finally:
         conn.unregister("stats_rows")
+    return len(rows)

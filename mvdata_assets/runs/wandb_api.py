@@ -100,10 +100,11 @@ class RunVanished(RuntimeError):
 
 
 class Client:
-    """GraphQL and file downloads through the SDK's wandb-core sidecar, each bounded to `timeout_s`."""
+    """GraphQL and file downloads through the SDK's wandb-core sidecar: a GraphQL request is bounded to `timeout_s`,
+    a download (a parquet export, a run file: maybe large) to DOWNLOAD_TIMEOUT_S."""
 
     def __init__(self, timeout_s: float = 60.0) -> None:
-        import wandb  # imported only when an API source is configured: the SDK costs ~1 s to import
+        import wandb  # imported only when an API source is configured: the SDK is slow to import
 
         self.timeout_s = timeout_s
         try:

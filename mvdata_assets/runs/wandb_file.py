@@ -148,7 +148,7 @@ class Prefetch:
     """Decodes chunks in a thread, starting at once, while the caller stores earlier ones.
 
     The C scanner releases the GIL (the pure-Python one mostly holds it) and so do DuckDB's inserts, so reading
-    and storing use both cores; starting the next file's reader while this one is stored keeps them busy across
+    and storing run on two cores; starting the next file's reader while this one is stored keeps them busy across
     file boundaries.
     At most `depth` decoded chunks wait, so memory stays bounded.
     """
@@ -227,7 +227,7 @@ def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:
         problem=problem,
     )
     if result["others"]:
-        # imported here: the proto module imports all of wandb (~0.4 s), which a sync with nothing new never needs
+        # imported here: the proto module imports all of wandb, which a sync with nothing new never needs
         from wandb.proto.wandb_internal_pb2 import Record
 
         for kind, payload in result["others"]:
