@@ -1,11 +1,13 @@
 """The project's Dagster resources, filled from the MVDATA_* settings when the definitions load.
 
-Assets and sensors never read the environment: every setting they use is a field of a resource here, so the
-launchpad shows it and a run may override it (`resources: {datasets: {config: {image_timeout_s: 30}}}`), within
-the same bounds as the environment variable (`settings.py`). Each field's default is the environment's value as
-loaded here, because Dagster builds a run's resource from its class defaults plus the run's config: a run that
-overrides one field keeps the others as the environment set them. `EnvVar`s are not used: one has no default (an
-unset variable fails the run) and cannot hold a list or a float.
+Assets and sensors read their settings from resources, not from the environment: each run-time setting is a field of
+a resource here, so the launchpad shows it and a run may override it (`resources: {datasets: {config:
+{image_timeout_s: 30}}}`), within the same bounds as the environment variable (`settings.py`). Each field's default
+is the environment's value as loaded here, because Dagster builds a run's resource from its class defaults plus the
+run's config: a run that overrides one field keeps the others as the environment set them. `EnvVar`s are not used:
+one has no default (an unset variable fails the run) and cannot hold a list or a float. Settings that shape the
+definitions (catalog, sensors, freshness, image parts, git links) are read when they load; credentials (HF_TOKEN,
+W&B's own) stay in the environment, so that the launchpad never shows them.
 """
 
 from __future__ import annotations

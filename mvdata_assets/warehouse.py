@@ -118,10 +118,6 @@ class DatasetManifest:
     files: tuple[DatasetFile, ...]
     shards: tuple[DatasetShard, ...] = ()
 
-    def paths(self) -> list[str]:
-        """The files in place (downloaded or verified before), for a training script's file list."""
-        return [f.path for f in self.files if f.status in ("downloaded", "skipped")]
-
 
 class WarehouseIOManager(ConfigurableIOManager):
     """Loads the project's assets for downstream assets; stores what a user's asset returns as a table."""

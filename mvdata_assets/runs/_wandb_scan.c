@@ -32,10 +32,6 @@ static int wanted_other(uint32_t field) {
     case 7:  /* stats */
     case 17: /* run */
     case 18: /* exit */
-    case 20: /* final */
-    case 21: /* header */
-    case 22: /* footer */
-    case 23: /* preempting */
     case 26: /* environment */
         return 1;
     default:
@@ -316,7 +312,7 @@ static int put_json_escaped(Buf *b, const unsigned char *s, size_t n) {
 typedef struct {
     /* history columns, one entry per non-system item */
     Buf step, ts, runtime, key, value, value_valid, json_off, json_data, json_valid;
-    size_t rows, records;
+    size_t rows;
     Table keys;
     /* summary: last value per key over this chunk */
     Table summary;
@@ -445,7 +441,6 @@ static int scan_history(Scan *s, const unsigned char *p, size_t n) {
         }
         if (emit_row(s, step, ts, rt, e->id, kind, value, json, json_len) < 0) return -1;
     }
-    s->records++;
     return 0;
 }
 
@@ -658,10 +653,10 @@ static PyObject *scan(PyObject *self, PyObject *args) {
             PyErr_NoMemory(); Py_DECREF(keys); Py_DECREF(summary); Py_DECREF(others); goto done;
         }
         result = Py_BuildValue(
-            "{s:L,s:i,s:z,s:L,s:n,s:n,s:n,s:N,s:N,s:N,"
+            "{s:L,s:i,s:z,s:L,s:n,s:n,s:N,s:N,s:N,"
             "s:N,s:N,s:N,s:N,s:N,s:N,s:N,s:N,s:N}",
             "stop", stop, "status", status, "error", error, "error_offset", error_offset,
-            "records", (Py_ssize_t)records, "history_records", (Py_ssize_t)s.records, "rows", (Py_ssize_t)s.rows,
+            "records", (Py_ssize_t)records, "rows", (Py_ssize_t)s.rows,
             "keys", keys, "summary", summary, "others", others,
             "step", bytes_of(&s.step), "timestamp", bytes_of(&s.ts), "runtime", bytes_of(&s.runtime),
             "key", bytes_of(&s.key), "value", bytes_of(&s.value), "value_valid", bytes_of(&s.value_valid),

@@ -53,6 +53,7 @@ else:
         log.warning("the C .wandb scanner is not built: run files are read by the slower pure-Python one")
 
 DEFAULT_CHUNK_BYTES = 16 * 1024 * 1024
+PREFETCH_CHUNKS = 2  # decoded chunks waiting for the caller, at most
 
 HISTORY_SCHEMA = pa.schema(
     [
@@ -87,11 +88,10 @@ class RunHeader:
 
 @dataclass
 class Chunk:
-    """What one stretch of the file held. Dict values of None mean "removed"."""
+    """What one stretch of the file held; in the config and summary updates, a value of None removes its key."""
 
     end_offset: int
     history: pa.Table
-    history_records: int
     summary: list[tuple[KeyPath, str | None]]  # updates in order; None removes
     run: RunHeader | None = None
     config: list[tuple[KeyPath, str | None]] = field(default_factory=list)
@@ -150,14 +150,14 @@ class Prefetch:
     The C scanner releases the GIL (the pure-Python one mostly holds it) and so do DuckDB's inserts, so reading
     and storing run on two cores; starting the next file's reader while this one is stored keeps them busy across
     file boundaries.
-    At most `depth` decoded chunks wait, so memory stays bounded.
+    At most PREFETCH_CHUNKS decoded chunks wait, so memory stays bounded.
     """
 
     _DONE = object()
 
-    def __init__(self, chunks: Iterator[Chunk], depth: int = 2) -> None:
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
         self._chunks = chunks
-        self._ready: queue.Queue = queue.Queue(maxsize=depth)
+        self._ready: queue.Queue = queue.Queue(maxsize=PREFETCH_CHUNKS)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._produce, name="wandb-file-reader", daemon=True)
         self._thread.start()
@@ -222,7 +222,6 @@ def _chunk(result: dict[str, Any], problem: str | None) -> Chunk:
     chunk = Chunk(
         end_offset=result["stop"],
         history=history,
-        history_records=result["history_records"],
         summary=[(tuple(key.split(SUMMARY_SEPARATOR)), value) for key, value in result["summary"]],
         problem=problem,
     )

@@ -17,7 +17,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4  # fragment types
 # Record oneof field numbers (wandb_internal.proto): the two the scanners decode into columns ...
 HISTORY, SUMMARY = 2, 3
 # ... and the kinds they hand back raw, for the reader to decode with wandb's proto classes
-CONFIG, STATS, RUN, EXIT, FINAL, HEADER_RECORD, FOOTER, PREEMPTING, ENVIRONMENT = 5, 7, 17, 18, 20, 21, 22, 23, 26
+CONFIG, STATS, RUN, EXIT, ENVIRONMENT = 5, 7, 17, 18, 26
 NOT_A_KIND = frozenset({16, 19, 200})  # Record fields that carry no record kind: control, uuid, _info
 
 HISTORY_SEPARATOR = "."  # joins a history item's nested_key parts, as the SDK names the column

@@ -30,18 +30,14 @@ from mvdata_assets.runs.wandb_format import (
     CONFIG,
     ENVIRONMENT,
     EXIT,
-    FINAL,
     FIRST,
-    FOOTER,
     FRAG_HEADER,
     FULL,
-    HEADER_RECORD,
     HISTORY,
     HISTORY_SEPARATOR,
     LAST,
     MIDDLE,
     NOT_A_KIND,
-    PREEMPTING,
     RUN,
     STATS,
     SUMMARY,
@@ -50,7 +46,7 @@ from mvdata_assets.runs.wandb_format import (
 
 STATUS_CLEAN, STATUS_INCOMPLETE, STATUS_CORRUPT = 0, 1, 2
 # Record kinds handed back raw, as the C scanner's `wanted_other`
-WANTED_OTHER = frozenset({CONFIG, STATS, RUN, EXIT, FINAL, HEADER_RECORD, FOOTER, PREEMPTING, ENVIRONMENT})
+WANTED_OTHER = frozenset({CONFIG, STATS, RUN, EXIT, ENVIRONMENT})
 SYSTEM_KEYS = ("_step", "_timestamp", "_runtime")
 
 _FRAGMENT = struct.Struct("<IHB")
@@ -224,7 +220,6 @@ class _Scan:
 
     def __init__(self) -> None:
         self.records = 0
-        self.history_records = 0
         self.keys: dict[str, int] = {}
         self.record_steps: list[int] = []
         self.record_ts: list[float] = []
@@ -283,7 +278,6 @@ class _Scan:
         self.record_ts.append(ts)
         self.record_rt.append(rt)
         self.record_rows.append(len(metrics))
-        self.history_records += 1
 
     def summary_record(self, body: memoryview) -> None:
         try:
@@ -411,6 +405,5 @@ def scan(data: bytes, offset: int) -> dict[str, Any]:
         "error": error,
         "error_offset": error_offset,
         "records": s.records,
-        "history_records": s.history_records,
         **columns,
     }
