@@ -1,4 +1,5 @@
-"""Opening the DuckDB warehouse: one writer at a time, and a wait that says how long it took.
+"""Opening the DuckDB warehouse: one writer at a time, and a wait that says how long it took; and names and text
+put into its SQL (`quoted`, `sql_string`), which are data (a metric may be named `"; DROP`), never SQL.
 
 DuckDB lets one process write a file. A file lock beside the database serialises our own
 writers (Dagster steps, the CLI, benchmarks) so none of them falls into DuckDB's own lock error
@@ -80,3 +81,13 @@ def connect(
             yield conn
         finally:
             conn.close()
+
+
+def quoted(name: str) -> str:
+    """`name` as a DuckDB identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sql_string(text: str) -> str:
+    """`text` as a DuckDB string literal."""
+    return "'" + text.replace("'", "''") + "'"

@@ -34,7 +34,7 @@ from dagster import (
 from dagster_duckdb import DuckDBResource
 
 from mvdata_assets.datasets import store as datasets_store
-from mvdata_assets.db import warehouse_lock
+from mvdata_assets.db import quoted, sql_string, warehouse_lock
 from mvdata_assets.runs import run_datasets
 from mvdata_assets.runs import store as runs_store
 
@@ -61,10 +61,6 @@ class WarehouseResource(DuckDBResource):
             super().get_connection() as conn,
         ):
             yield conn
-
-
-def quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 @dataclass(frozen=True)
@@ -169,7 +165,7 @@ class WarehouseIOManager(ConfigurableIOManager):
         key = context.asset_key
         if tuple(key.path[:-1]) == EXPORTS:
             path = Path(self.exports_dir) / f"{key.path[-1]}.parquet"
-            return f"read_parquet('{str(path).replace(chr(39), chr(39) * 2)}')"
+            return f"read_parquet({sql_string(str(path))})"
         upstream = context.upstream_output.definition_metadata if context.upstream_output else None
         declared = (upstream or {}).get("dagster/table_name")
         if declared:

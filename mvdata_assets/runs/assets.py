@@ -36,13 +36,12 @@ from mvdata_assets.tracking import PROJECT as DOWNLOAD_LOGS
 from mvdata_assets.warehouse import WarehouseResource, declared_table, table_metadata
 
 GROUP = "wandb"
-TABLES = ("runs", "history", "config", "summary", "metadata", "system_metrics")
-METADATA_EXPORTS = ("runs_metadata", *(f"runs_metadata_{s}" for s in exports.METADATA_SLICES))
+TABLES = ("runs", *store.RUN_TABLES)
 
 
 # downstream of the tables, these follow every sync by themselves (the automation sensor must be running)
 FOLLOW_UPSTREAM = AutomationCondition.eager()
-CURVES_SHOWN = 4
+METRIC_PANELS = 4  # main metrics drawn on wandb/history's picture, a panel each
 
 
 def table_key(name: str) -> AssetKey:
@@ -163,7 +162,7 @@ def _curves_metadata(conn, wandb: WandbResource) -> dict:
     if cache.exists() and cache.read_text().startswith(stamp):
         picture = cache.read_text()[len(stamp) :]
     else:
-        metrics = leaderboard.main_metrics(conn, wandb.leaderboard_metrics)[:CURVES_SHOWN]
+        metrics = leaderboard.main_metrics(conn, wandb.leaderboard_metrics)[:METRIC_PANELS]
         curves = leaderboard.latest_curves(conn, metrics)
         picture = (
             charts.markdown_image(charts.metric_curves(curves), "main metrics of the latest runs")
@@ -186,7 +185,7 @@ def _curves_metadata(conn, wandb: WandbResource) -> dict:
                 description=f"{name}.parquet: one row per run",
                 automation_condition=FOLLOW_UPSTREAM,
             )
-            for name in METADATA_EXPORTS
+            for name in exports.EXPORT_GROUPS["metadata"]
         ),
         AssetSpec(
             export_key("runs_history"),
@@ -205,13 +204,11 @@ def wandb_exports(
 ):
     """One step for all exports: each Dagster step costs more than writing these files."""
     selected = {key.path[-1] for key in context.selected_asset_keys}
-    groups = [
-        g for g, names in (("metadata", METADATA_EXPORTS), ("history", ("runs_history",))) if selected & set(names)
-    ]
+    groups = [group for group, names in exports.EXPORT_GROUPS.items() if selected & set(names)]
     with warehouse.get_connection() as conn:
         for group in groups:
             version = warehouse_version(conn)
-            for export in exports.export_all(
+            for export in exports.export_group(
                 conn, Path(wandb.exports_dir), group, config.force_rewrite, context.log.info
             ):
                 yield MaterializeResult(

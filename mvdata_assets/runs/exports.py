@@ -16,6 +16,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mvdata_assets.db import quoted, sql_string
 from mvdata_assets.runs import store
 from mvdata_assets.runs.store import SCHEMA
 from mvdata_assets.runs.values import to_json
@@ -23,6 +24,11 @@ from mvdata_assets.runs.values import to_json
 RUN_ID_COLUMNS = ("_entity", "_project", "_run_id")
 HISTORY_ID_COLUMNS = (*RUN_ID_COLUMNS, "_step", "_timestamp", "_runtime")
 METADATA_SLICES = ("config", "summary", "metadata", "system_metrics", "system_attrs", "sweep_info")
+# what each export group writes, `<name>.parquet` each: the metadata group is rewritten as one, as is the history
+EXPORT_GROUPS = {
+    "metadata": ("runs_metadata", *(f"runs_metadata_{s}" for s in METADATA_SLICES)),
+    "history": ("runs_history",),
+}
 
 EXPORTS_DDL = f"""CREATE TABLE IF NOT EXISTS {SCHEMA}._exports (
     name VARCHAR PRIMARY KEY, generation BIGINT, path VARCHAR, rows BIGINT, written_at TIMESTAMPTZ
@@ -36,10 +42,6 @@ class Export:
     rows: int
     columns: list[tuple[str, str]]
     rewritten: bool
-
-
-def _quote(identifier: str) -> str:
-    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _column_names(keys: list[str], reserved: tuple[str, ...]) -> list[str]:
@@ -130,7 +132,7 @@ def _history_sql(conn: duckdb.DuckDBPyConnection) -> tuple[str, list[int]]:
     columns = []
     for (_, key_ref, numeric), name in zip(keys, names, strict=True):
         expr = "value" if numeric else "coalesce(value_json, CAST(value AS VARCHAR))"
-        columns.append(f"first({expr}) FILTER (WHERE key_ref = ?) AS {_quote(name)}")
+        columns.append(f"first({expr}) FILTER (WHERE key_ref = ?) AS {quoted(name)}")
         params.append(key_ref)
     pivot = ", ".join(["run_ref, step AS _step, min(timestamp) AS _timestamp, min(runtime_s) AS _runtime", *columns])
     sql = f"""SELECT r.entity AS _entity, r.project AS _project, r.run_id AS _run_id, p.* EXCLUDE (run_ref)
@@ -140,21 +142,19 @@ def _history_sql(conn: duckdb.DuckDBPyConnection) -> tuple[str, list[int]]:
     return sql, params
 
 
-def export_all(
+def export_group(
     conn: duckdb.DuckDBPyConnection,
     directory: Path,
-    which: str,
+    group: str,
     force: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> list[Export]:
-    """Writes the `metadata` group (runs_metadata + six slices) or the `history` export."""
+    """Writes one of EXPORT_GROUPS (`metadata`: runs_metadata and its six slices; `history`)."""
     store.ensure_schema(conn)
     conn.execute(EXPORTS_DDL)
     directory.mkdir(parents=True, exist_ok=True)
     current = store.generation(conn)
-    names = (
-        ["runs_metadata", *(f"runs_metadata_{s}" for s in METADATA_SLICES)] if which == "metadata" else ["runs_history"]
-    )
+    names = list(EXPORT_GROUPS[group])
     written = dict(conn.execute(f"SELECT name, generation FROM {SCHEMA}._exports WHERE name IN ?", [names]).fetchall())
     fresh = all(written.get(n) == current and (directory / f"{n}.parquet").exists() for n in names)
     results = []
@@ -166,7 +166,7 @@ def export_all(
             rows = pq.read_metadata(path).num_rows
             results.append(Export(name, path, rows, [(f.name, str(f.type)) for f in schema], rewritten=False))
         return results
-    if which == "metadata":
+    if group == "metadata":
         tables = _metadata_tables(conn)
         for name in names:
             table = tables["runs_metadata" if name == "runs_metadata" else name.removeprefix("runs_metadata_")]
@@ -178,7 +178,7 @@ def export_all(
         sql, params = _history_sql(conn)
         tmp = path.with_suffix(".parquet.tmp")
         # DuckDB streams the pivot straight to parquet: the history never sits in Python memory
-        conn.execute(f"COPY ({sql}) TO '{_sql_string(str(tmp))}' (FORMAT parquet)", params)
+        conn.execute(f"COPY ({sql}) TO {sql_string(str(tmp))} (FORMAT parquet)", params)
         os.replace(tmp, path)
         schema = pq.read_schema(path)
         rows = pq.read_metadata(path).num_rows
@@ -189,7 +189,3 @@ def export_all(
             [export.name, current, str(export.path), export.rows],
         )
     return results
-
-
-def _sql_string(text: str) -> str:
-    return text.replace("'", "''")

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 import duckdb
 
+from mvdata_assets.db import quoted
 from mvdata_assets.runs.store import SCHEMA
+from mvdata_assets.runs.values import EXACT_INT_LIMIT
 
 # metrics whose best value is the smallest; every other main metric is better when larger. The long words count
 # anywhere in a name (`val_loss`, `trainLoss`); abbreviations only as a word of it, cut at `/`, `_`, `-`, `.`, digits
@@ -23,8 +25,9 @@ LOWER_IS_BETTER_WORDS = {"err", "ppl", "wer", "cer", "mse", "mae", "rmse"}
 _WORDS = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])")
 MAX_METRICS = 12
 # a config value as people write it: strings unquoted, whole numbers without ".0", the rest as JSON text
-_CONFIG_TEXT = """CASE WHEN c.value_json IS NOT NULL THEN coalesce(json_extract_string(c.value_json, '$'), c.value_json)
-    WHEN c.value = trunc(c.value) AND abs(c.value) < 9007199254740992 THEN c.value::BIGINT::VARCHAR
+_CONFIG_TEXT = f"""CASE
+    WHEN c.value_json IS NOT NULL THEN coalesce(json_extract_string(c.value_json, '$'), c.value_json)
+    WHEN c.value = trunc(c.value) AND abs(c.value) < {EXACT_INT_LIMIT} THEN c.value::BIGINT::VARCHAR
     ELSE c.value::VARCHAR END"""
 MAX_CONFIG_KEYS = 8
 
@@ -73,12 +76,12 @@ def build(
     metrics = main_metrics(conn, metric_patterns)
     configs = key_config(conn, config_keys)
     best = ", ".join(
-        f'{"min" if lower_is_better(m) else "max"}(value) FILTER (WHERE key = ${i + 1}) AS "best:{_ident(m)}", '
-        f'arg_max(value, step) FILTER (WHERE key = ${i + 1}) AS "last:{_ident(m)}"'
+        f"{'min' if lower_is_better(m) else 'max'}(value) FILTER (WHERE key = ${i + 1}) AS {quoted('best:' + m)}, "
+        f"arg_max(value, step) FILTER (WHERE key = ${i + 1}) AS {quoted('last:' + m)}"
         for i, m in enumerate(metrics)
     )
     picked = ", ".join(
-        f'any_value({_CONFIG_TEXT}) FILTER (WHERE c.key = ${len(metrics) + i + 1}) AS "config:{_ident(k)}"'
+        f"any_value({_CONFIG_TEXT}) FILTER (WHERE c.key = ${len(metrics) + i + 1}) AS {quoted('config:' + k)}"
         for i, k in enumerate(configs)
     )
     params = [*metrics, *configs]
@@ -113,11 +116,6 @@ def build(
         "ORDER BY ordinal_position", [SCHEMA]).fetchall()]  # fmt: skip
     rows = conn.execute(f"SELECT count(*) FROM {SCHEMA}.leaderboard").fetchone()[0]
     return Leaderboard(metrics, configs, rows, columns)
-
-
-def _ident(name: str) -> str:
-    """A metric or config name inside a quoted column name: only a double quote needs doubling."""
-    return name.replace('"', '""')
 
 
 def latest_curves(

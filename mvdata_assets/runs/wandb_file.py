@@ -34,6 +34,8 @@ from mvdata_assets.runs.wandb_format import (
     MAGIC,
     RUN,
     STATS,
+    STATUS_CORRUPT,
+    STATUS_INCOMPLETE,
     SUMMARY_SEPARATOR,
 )
 
@@ -128,14 +130,14 @@ def read_chunks(path: Path, start: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYT
             result = scanner.scan(data, offset)
             stop = result["stop"]
             problem = None
-            if result["status"] == 2:
+            if result["status"] == STATUS_CORRUPT:
                 problem = f"{path}: corrupt record at offset {result['error_offset']}: {result['error']}"
-            incomplete = result["status"] == 1 and at_eof and stop < size
+            incomplete = result["status"] == STATUS_INCOMPLETE and at_eof and stop < size
             if result["records"] or problem or incomplete:
                 chunk = _chunk(result, problem)
                 chunk.incomplete_at = stop if incomplete else None
                 yield chunk
-            if problem or (result["status"] == 1 and at_eof):
+            if problem or (result["status"] == STATUS_INCOMPLETE and at_eof):
                 return
             if stop == offset:
                 want *= 2  # one record larger than the read: read more at once

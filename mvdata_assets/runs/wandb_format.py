@@ -18,6 +18,8 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4  # fragment types
 HISTORY, SUMMARY = 2, 3
 # ... and the kinds they hand back raw, for the reader to decode with wandb's proto classes
 CONFIG, STATS, RUN, EXIT, ENVIRONMENT = 5, 7, 17, 18, 26
+# how a scan ended: every record whole; the data ends inside a record (more may come); a record that can't be right
+STATUS_CLEAN, STATUS_INCOMPLETE, STATUS_CORRUPT = 0, 1, 2
 NOT_A_KIND = frozenset({16, 19, 200})  # Record fields that carry no record kind: control, uuid, _info
 
 HISTORY_SEPARATOR = "."  # joins a history item's nested_key parts, as the SDK names the column

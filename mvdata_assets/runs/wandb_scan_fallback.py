@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from google.protobuf.message import DecodeError
 
+from mvdata_assets.runs.values import EXACT_INT_LIMIT
 from mvdata_assets.runs.wandb_format import (
     BLOCK,
     CONFIG,
@@ -40,11 +41,13 @@ from mvdata_assets.runs.wandb_format import (
     NOT_A_KIND,
     RUN,
     STATS,
+    STATUS_CLEAN,
+    STATUS_CORRUPT,
+    STATUS_INCOMPLETE,
     SUMMARY,
     SUMMARY_SEPARATOR,
 )
 
-STATUS_CLEAN, STATUS_INCOMPLETE, STATUS_CORRUPT = 0, 1, 2
 # Record kinds handed back raw, as the C scanner's `wanted_other`
 WANTED_OTHER = frozenset({CONFIG, STATS, RUN, EXIT, ENVIRONMENT})
 SYSTEM_KEYS = ("_step", "_timestamp", "_runtime")
@@ -55,7 +58,7 @@ _TYPE_CRC = {t: binascii.crc32(bytes((t,))) for t in (FULL, FIRST, MIDDLE, LAST)
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
 INT64_MIN = -(1 << 63)
-TWO_53 = 9007199254740992.0
+TWO_53 = float(EXACT_INT_LIMIT)
 MAX_NUMBER_BYTES = 400  # longer value_json text is never parsed as a number (the C scanner's limit)
 SPECIALS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}  # how W&B writes non-finite floats
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")  # JSON's number grammar
@@ -140,7 +143,7 @@ def _json_number(text: str) -> tuple[int, float]:
     unsigned = text.lstrip("-")
     if len(unsigned) > 15 and not any(c in text for c in ".eE"):
         a = abs(value)
-        if a > TWO_53 or (a == TWO_53 and unsigned != "9007199254740992"):
+        if a > TWO_53 or (a == TWO_53 and unsigned != str(EXACT_INT_LIMIT)):
             return 2, value
     return 1, value
 
@@ -168,7 +171,7 @@ def _typed(item: Any) -> tuple[int, float, str]:
         return 0, 0.0, "true" if item.boolean else "false"
     if which == "integer":
         v = item.integer
-        return (2 if abs(v) > 1 << 53 else 1), float(v), str(v)
+        return (2 if abs(v) > EXACT_INT_LIMIT else 1), float(v), str(v)
     if which == "number":
         return 1, item.number, ""
     if which == "text":
@@ -195,7 +198,7 @@ def _parse_numbers(texts: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
     long_int = numeric & ~fraction & (byte_len - negative > 15)
     if long_int.any():
         magnitude = np.abs(values)
-        exact_pow53 = pc.is_in(texts, pa.array(["9007199254740992", "-9007199254740992"])).to_numpy(
+        exact_pow53 = pc.is_in(texts, pa.array([str(EXACT_INT_LIMIT), str(-EXACT_INT_LIMIT)])).to_numpy(
             zero_copy_only=False
         )
         huge = long_int & ((magnitude > TWO_53) | ((magnitude == TWO_53) & ~exact_pow53))

@@ -483,7 +483,7 @@ def test_an_api_sync_killed_after_its_runs_committed_still_moves_the_exports(
 
     add_project(sdk, "killed", runs=2, steps=20)
     conn = duckdb.connect(str(tmp_path / "w.duckdb"))
-    exports.export_all(conn, tmp_path / "exports", "metadata")
+    exports.export_group(conn, tmp_path / "exports", "metadata")
 
     def killed(*args: object) -> None:
         raise KeyboardInterrupt  # every run committed, the sync not done
@@ -492,5 +492,5 @@ def test_an_api_sync_killed_after_its_runs_committed_still_moves_the_exports(
         patched.setattr(api, "_sync_sweeps", killed)
         sync_api(conn, [f"{E}/killed"])
     assert sync_api(conn, [f"{E}/killed"]).count("unchanged") == 2
-    written = exports.export_all(conn, tmp_path / "exports", "metadata")
+    written = exports.export_group(conn, tmp_path / "exports", "metadata")
     assert written[0].rewritten and written[0].rows == 2

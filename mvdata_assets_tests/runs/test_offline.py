@@ -696,7 +696,7 @@ def test_a_sync_killed_after_a_commit_still_moves_the_exports(
 
     conn = duckdb.connect(str(tmp_path / "w.duckdb"))
     sync_offline(conn, [sdk_runs["long"].out_dir])
-    assert [e.rewritten for e in exports.export_all(conn, tmp_path / "exports", "metadata")][0]
+    assert [e.rewritten for e in exports.export_group(conn, tmp_path / "exports", "metadata")][0]
 
     def killed(*args: object) -> int:
         raise KeyboardInterrupt  # after the new file's rows and watermark committed, before the sync ends
@@ -706,7 +706,7 @@ def test_a_sync_killed_after_a_commit_still_moves_the_exports(
         sync_offline(conn, [sdk_runs["long"].out_dir, sdk_runs["long2"].out_dir])
     monkeypatch.undo()
     assert sync_offline(conn, [sdk_runs["long"].out_dir, sdk_runs["long2"].out_dir]).count("unchanged") == 2
-    written = exports.export_all(conn, tmp_path / "exports", "metadata")
+    written = exports.export_group(conn, tmp_path / "exports", "metadata")
     assert written[0].rewritten and written[0].rows == 2  # the exports catch up with the run the killed sync stored
 
 
