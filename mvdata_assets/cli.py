@@ -6,12 +6,17 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mvdata_assets.db import connect
 from mvdata_assets.runs import store
 from mvdata_assets.settings import load_settings
+
+if TYPE_CHECKING:  # the download engine is imported by `download` alone: the other commands start faster without it
+    from mvdata_assets.datasets.download import DatasetRun
 
 
 def report() -> int:
@@ -179,22 +184,25 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
                     tracker.record_failure(name, len(dataset.files), dataset.est_size_bytes, time.monotonic() - started)
                 failed += 1
                 continue
-            s = run.summary
-            tracked = tracker.record(s, run.bytes_transferred) if tracker else None
+            tracked = tracker.record(run.summary, run.bytes_transferred) if tracker else None
             if tracked:
                 bars.console.print(f"W&B: {tracked.name}: {tracked.url or tracked.offline_dir}")
-            bars.console.print(
-                f"{name}: {s.status} ({s.downloaded} downloaded, {s.skipped} skipped, {s.failed} failed)"
-            )
-            for result in run.results:
-                if result.status == "failed":
-                    bars.console.print(f"  {result.path}: {result.error}")
-            if run.lists:
-                kinds = run.failures_by_kind() or "none"
-                bars.console.print(f"  images: {run.images['downloaded']} downloaded, {run.images['skipped']} "
-                                   f"already in shards, {run.images['failed']} failed (by kind: {kinds})")  # fmt: skip
-            failed += sum(r.status == "failed" for r in run.results + run.shards)  # files: link rot is reported above
+            _print_outcome(bars.console.print, name, run)
+            failed += sum(r.status == "failed" for r in run.results + run.shards)  # files: link rot is reported apart
     return 1 if failed else 0
+
+
+def _print_outcome(say: Callable[[str], None], name: str, run: DatasetRun) -> None:
+    """A dataset's download in a few lines: its counts, each failed file with its reason, and its images."""
+    s = run.summary
+    say(f"{name}: {s.status} ({s.downloaded} downloaded, {s.skipped} skipped, {s.failed} failed)")
+    for result in run.results:
+        if result.status == "failed":
+            say(f"  {result.path}: {result.error}")
+    if run.lists:
+        kinds = run.failures_by_kind() or "none"
+        say(f"  images: {run.images['downloaded']} downloaded, {run.images['skipped']} already in shards, "
+            f"{run.images['failed']} failed (by kind: {kinds})")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

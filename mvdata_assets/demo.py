@@ -1,4 +1,6 @@
-"""Writes a handful of realistic MicroVLM-E training runs with the real wandb SDK, offline.
+"""`mvdata demo` (`run_demo`): a handful of realistic MicroVLM-E training runs written with the real wandb SDK,
+offline; a small catalog of demo files in the real format, served on loopback; then every asset materialised with
+the dagster CLI on that data.
 
 Each run is written by its own child process (`python -m mvdata_assets.demo RUN_NAME OUT_DIR`),
 so a run can be killed mid-training like a real crashed job, and the SDK's global state never

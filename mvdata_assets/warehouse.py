@@ -38,8 +38,8 @@ from mvdata_assets.db import quoted, sql_string, warehouse_lock
 from mvdata_assets.runs import run_datasets
 from mvdata_assets.runs import store as runs_store
 
-ENGINE_SCHEMAS = ("wandb", "datasets")  # written by the engines only
-DATASETS = "datasets"
+ENGINE_SCHEMAS = (runs_store.SCHEMA, datasets_store.SCHEMA)  # written by the engines only
+DATASETS_GROUP = "datasets"  # the dataset assets' group and key prefix: such an input loads as a DatasetManifest
 EXPORTS = ("wandb", "exports")  # asset key prefix of the parquet exports
 
 
@@ -150,7 +150,7 @@ class WarehouseIOManager(ConfigurableIOManager):
     def load_input(self, context: InputContext) -> Any:
         key = context.asset_key
         wanted = context.dagster_type.typing_type
-        if key.path[0] == DATASETS and key.path[-1] != "download_summary":
+        if key.path[0] == DATASETS_GROUP and key.path[-1] != "download_summary":
             if wanted not in (DatasetManifest, Any, object):
                 raise TypeError(f"{key.to_user_string()} is a dataset: take it as a DatasetManifest, not {wanted}")
             return self.manifest(key.path[-1])

@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dagster import (
-    AssetCheckResult,
-    AssetCheckSeverity,
     AssetCheckSpec,
     AssetExecutionContext,
     AssetKey,
@@ -24,15 +22,21 @@ from dagster import (
 from mvdata_assets import charts
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset
-from mvdata_assets.datasets.download import download_dataset
-from mvdata_assets.datasets.metadata import dataset_metadata, images_fetched_check, images_metadata, tracking_metadata
+from mvdata_assets.datasets.download import DatasetRun, download_dataset
+from mvdata_assets.datasets.metadata import (
+    dataset_metadata,
+    file_checks,
+    images_fetched_check,
+    images_metadata,
+    tracking_metadata,
+)
 from mvdata_assets.datasets.parts import build_images_asset, build_shards_asset, register_parts, shards_key
 from mvdata_assets.datasets.shards import ShardResult
 from mvdata_assets.resources import DatasetsResource, DownloadTrackingResource, WandbResource
 from mvdata_assets.runs.offline import sync_offline
+from mvdata_assets.warehouse import DATASETS_GROUP as GROUP
 from mvdata_assets.warehouse import WarehouseResource, declared_table
 
-GROUP = "datasets"
 # The job `dagster asset materialize` launches. Given a `--select` that names no asset (a misspelt group, tag or
 # pattern), the CLI launches it with no asset selection at all, which runs every asset.
 IMPLICIT_ASSET_JOB = "__ASSET_JOB"
@@ -163,22 +167,12 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str], part_shards:
                 )
             raise
         tracked = tracker.record(run.summary, run.bytes_transferred) if tracker else None
-        if dataset.access == "manual":
-            context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
-        files = run.results + run.shards
-        failed = [r for r in files if r.status == "failed"]
-        for result in failed:
-            context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
-        unverified = [r for r in files if r.status != "failed" and not r.sha256]
+        _log_outcome(context, dataset, run)
         metadata = dataset_metadata(run) | tracking_metadata(tracked, tracker)
         if in_parts:
             metadata |= register_parts(context, dataset.name, run.plans, part_shards)
         elif dataset.url_list:
             metadata |= images_metadata(run)
-            for listed in run.lists:
-                if listed.run.stale_removed:
-                    context.log.info(f"{listed.list} changed: removed {listed.run.stale_removed} shards made from its "
-                                     "earlier version")  # fmt: skip
             kinds = run.failures_by_kind() or "none failed"
             context.log.info(
                 f"{dataset.name}: {metadata['images_downloaded']} images downloaded "
@@ -190,22 +184,25 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str], part_shards:
         with warehouse.get_connection() as conn:
             version = DataVersion(store.files_digest(conn, dataset.name))
         yield MaterializeResult(metadata=metadata, data_version=version)
-        yield AssetCheckResult(
-            check_name="no_failed_files",
-            passed=not failed,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={"failed": MetadataValue.json([f"{r.path}: {r.error}" for r in failed])},
-        )
-        yield AssetCheckResult(
-            check_name="checksums_recorded",
-            passed=not unverified,
-            severity=AssetCheckSeverity.ERROR,
-            metadata={"without_sha256": MetadataValue.json([r.path for r in unverified])},
-        )
+        yield from file_checks(run)
         if image_checks:
             yield images_fetched_check(run)
 
     return _dataset
+
+
+def _log_outcome(context: AssetExecutionContext, dataset: Dataset, run: DatasetRun) -> None:
+    """What the run's log says besides the metadata: a manual dataset's instructions, each failed file with its
+    reason, and a changed list's shards removed."""
+    if dataset.access == "manual":
+        context.log.info(f"{dataset.name} is a manual download: {dataset.instructions}")
+    for result in run.results + run.shards:
+        if result.status == "failed":
+            context.log.warning(f"{dataset.name}: {result.path}: {result.error}")
+    for listed in run.lists:
+        if listed.run.stale_removed:
+            context.log.info(f"{listed.list} changed: removed {listed.run.stale_removed} shards made from its earlier "
+                             "version")  # fmt: skip
 
 
 def build_summary_asset(datasets: dict[str, Dataset], recorded_apart: Sequence[AssetKey] = ()) -> AssetsDefinition:

@@ -54,7 +54,7 @@ from mvdata_assets.datasets.transport import (
     refusal,
 )
 
-HF_HOST = "https://huggingface.co"
+HF_BASE_URL = "https://huggingface.co"
 # a body of known size below this is gathered whole by libcurl and written at once, saving a Python call per 16 KiB
 # block (see bench/README.md, downloads)
 GATHER_BELOW = 1024 * 1024
@@ -118,14 +118,14 @@ class Downloader:
 
     def resolve(self, url: str) -> str:
         """Hugging Face URLs go to HF_ENDPOINT (a mirror) when it is set."""
-        if self.hf_endpoint and url.startswith(HF_HOST + "/"):
-            return self.hf_endpoint + url[len(HF_HOST) :]
+        if self.hf_endpoint and url.startswith(HF_BASE_URL + "/"):
+            return self.hf_endpoint + url[len(HF_BASE_URL) :]
         return url
 
     def _headers(self, url: str) -> list[str]:
         """libcurl sends a custom Authorization only to the first host: a redirect to a CDN drops it."""
         headers = ["Accept-Encoding: identity"]
-        if self.hf_token and any(url.startswith(base + "/") for base in (HF_HOST, self.hf_endpoint) if base):
+        if self.hf_token and any(url.startswith(base + "/") for base in (HF_BASE_URL, self.hf_endpoint) if base):
             headers.append(f"Authorization: Bearer {self.hf_token}")
         return headers
 

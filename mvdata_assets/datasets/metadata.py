@@ -107,3 +107,24 @@ def images_fetched_check(run: DatasetRun) -> AssetCheckResult:
         severity=AssetCheckSeverity.WARN,
         metadata={"failed_by_kind": MetadataValue.json(dict(kinds.most_common()))},
     )
+
+
+def file_checks(run: DatasetRun) -> list[AssetCheckResult]:
+    """Whether the dataset's files can be trusted: none failed, and every one in place has a recorded sha256."""
+    files = run.results + run.shards
+    failed = [r for r in files if r.status == "failed"]
+    unverified = [r for r in files if r.status != "failed" and not r.sha256]
+    return [
+        AssetCheckResult(
+            check_name="no_failed_files",
+            passed=not failed,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={"failed": MetadataValue.json([f"{r.path}: {r.error}" for r in failed])},
+        ),
+        AssetCheckResult(
+            check_name="checksums_recorded",
+            passed=not unverified,
+            severity=AssetCheckSeverity.ERROR,
+            metadata={"without_sha256": MetadataValue.json([r.path for r in unverified])},
+        ),
+    ]

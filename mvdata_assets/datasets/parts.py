@@ -33,7 +33,7 @@ from mvdata_assets.datasets.download import fetch_image_part, record_image_parts
 from mvdata_assets.datasets.metadata import dataset_metadata, images_fetched_check, images_metadata
 from mvdata_assets.datasets.url_lists import ListPlan
 from mvdata_assets.resources import DatasetsResource
-from mvdata_assets.warehouse import DATASETS as GROUP
+from mvdata_assets.warehouse import DATASETS_GROUP as GROUP
 from mvdata_assets.warehouse import WarehouseResource
 
 SPAN = "@"  # a partition key is `<list path>@<first shard>-<last shard>`

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 
 from mvdata_assets.runs.values import EXACT_INT_LIMIT, leaf_paths, parse_json, split_value
 from mvdata_assets.runs.wandb_api import FILES_QUERY, HISTORY_QUERY, PARQUET_QUERY, Client, RunVanished, last_step
+from mvdata_assets.runs.wandb_format import SYSTEM_KEYS
 
 PAGE_STEPS = 1000  # steps per HistoryPage request (the SDK's page size)
-SYSTEM_COLUMNS = ("_step", "_timestamp", "_runtime")
 HISTORY_SCHEMA = pa.schema(
     [("step", pa.int64()), ("timestamp", pa.float64()), ("runtime_s", pa.float64()), ("key", pa.string()),
      ("value", pa.float64()), ("value_json", pa.string())]
@@ -120,7 +120,7 @@ def export_rows(table: pa.Table, after_step: int) -> tuple[pa.Table, int]:
     runtime = _float_column(table, "_runtime")
     parts = []
     for name in table.column_names:
-        if name in SYSTEM_COLUMNS:
+        if name in SYSTEM_KEYS:
             continue
         for key, column in _leaf_columns(name, table.column(name)):
             valid = pc.is_valid(column)
@@ -178,7 +178,7 @@ def json_rows(rows: Sequence[str | dict], after_step: int) -> tuple[pa.Table, in
         last = max(last, step)
         stamp, runtime = row.get("_timestamp"), row.get("_runtime")
         for name, item in row.items():
-            if name in SYSTEM_COLUMNS:
+            if name in SYSTEM_KEYS:
                 continue
             for path, leaf in leaf_paths(item, (name,)):
                 value, value_json = split_value(leaf)

@@ -22,5 +22,6 @@ CONFIG, STATS, RUN, EXIT, ENVIRONMENT = 5, 7, 17, 18, 26
 STATUS_CLEAN, STATUS_INCOMPLETE, STATUS_CORRUPT = 0, 1, 2
 NOT_A_KIND = frozenset({16, 19, 200})  # Record fields that carry no record kind: control, uuid, _info
 
+SYSTEM_KEYS = ("_step", "_timestamp", "_runtime")  # history keys that become the step, timestamp, runtime columns
 HISTORY_SEPARATOR = "."  # joins a history item's nested_key parts, as the SDK names the column
 SUMMARY_SEPARATOR = "\x1f"  # joins a summary item's nested_key parts; the reader splits them again

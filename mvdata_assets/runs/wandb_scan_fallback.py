@@ -1,7 +1,7 @@
-"""Pure-Python `.wandb` scanner: the same `scan(data, base) -> dict` as the C extension `_wandb_scan`.
+"""Pure-Python `.wandb` scanner: the same `scan(data, offset) -> dict` as the C extension `_wandb_scan`.
 
 The C scanner is an optional extension: on a machine without a C compiler or zlib's headers the install goes on
-without it, and `wandb_file` reads with this module instead. It mirrors `_wandb_scan.c` step for step, so both give
+without it, and `wandb_file` reads with this module instead. It mirrors what `_wandb_scan.c` does, so both give
 the same dict for the same run file, whole, cut or damaged: the leveldb-log framing and its CRC checks, the statuses,
 error messages and offsets, the record classification (a Record's first length-delimited field, walked as the C code
 walks it), and the history and summary columns down to their bytes. History and summary bodies are decoded with
@@ -46,11 +46,11 @@ from mvdata_assets.runs.wandb_format import (
     STATUS_INCOMPLETE,
     SUMMARY,
     SUMMARY_SEPARATOR,
+    SYSTEM_KEYS,
 )
 
 # Record kinds handed back raw, as the C scanner's `wanted_other`
 WANTED_OTHER = frozenset({CONFIG, STATS, RUN, EXIT, ENVIRONMENT})
-SYSTEM_KEYS = ("_step", "_timestamp", "_runtime")
 
 _FRAGMENT = struct.Struct("<IHB")
 # The format's checksum is IEEE CRC-32 (zlib's), not CRC32C; binascii computes it even where zlib is missing.
@@ -61,8 +61,9 @@ INT64_MIN = -(1 << 63)
 TWO_53 = float(EXACT_INT_LIMIT)
 MAX_NUMBER_BYTES = 400  # longer value_json text is never parsed as a number (the C scanner's limit)
 SPECIALS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}  # how W&B writes non-finite floats
-_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")  # JSON's number grammar
-_NUMBER_RE2 = r"\A-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?\z"
+_NUMBER_GRAMMAR = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"  # JSON's
+_NUMBER = re.compile(_NUMBER_GRAMMAR)
+_NUMBER_RE2 = rf"\A{_NUMBER_GRAMMAR}\z"  # whole text, in pyarrow's (RE2's) syntax
 # typed `text` values become a JSON string the way the C scanner escapes them: quote, backslash, controls only
 _ESCAPES = str.maketrans({'"': '\\"', "\\": "\\\\", **{chr(c): f"\\u{c:04x}" for c in range(0x20)}})
 
