@@ -56,7 +56,7 @@ from mvdata_assets.datasets.transport import (
 
 HF_BASE_URL = "https://huggingface.co"
 # a body of known size below this is gathered whole by libcurl and written at once, saving a Python call per 16 KiB
-# block (see bench/README.md, downloads)
+# block (docs/architecture.md, the download path)
 GATHER_BELOW = 1024 * 1024
 
 
