@@ -16,6 +16,8 @@ from pathlib import Path
 import duckdb
 from filelock import FileLock, Timeout
 
+from mvdata_assets.defaults import LOCK_TIMEOUT_S
+
 
 class Busy(RuntimeError):
     """Another process held a lock for longer than the allowed wait."""
@@ -29,7 +31,7 @@ class WarehouseBusy(Busy):
 def exclusive(
     lock_path: Path,
     what: str,
-    timeout_s: float = 600.0,
+    timeout_s: float = LOCK_TIMEOUT_S,
     on_wait: Callable[[float], None] | None = None,
     on_busy: Callable[[str], None] | None = None,
     busy: type[Busy] = Busy,
@@ -60,7 +62,7 @@ def exclusive(
 
 def warehouse_lock(
     database: Path,
-    timeout_s: float = 600.0,
+    timeout_s: float = LOCK_TIMEOUT_S,
     on_wait: Callable[[float], None] | None = None,
     on_busy: Callable[[str], None] | None = None,
 ) -> AbstractContextManager[float]:
@@ -71,7 +73,7 @@ def warehouse_lock(
 @contextmanager
 def connect(
     database: Path,
-    timeout_s: float = 600.0,
+    timeout_s: float = LOCK_TIMEOUT_S,
     on_wait: Callable[[float], None] | None = None,
     on_busy: Callable[[str], None] | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -23,7 +23,7 @@ from mvdata_assets.datasets.addresses import check_network
 from mvdata_assets.datasets.download import ImageOptions
 from mvdata_assets.runs.api import ApiFilters
 from mvdata_assets.settings import MOST_AT_ONCE, WEEK_S, Settings, load_settings
-from mvdata_assets.tracking import PROJECT, DownloadTracker, logs_dir
+from mvdata_assets.tracking import INIT_TIMEOUT_S, PROJECT, DownloadTracker, logs_dir
 from mvdata_assets.warehouse import WarehouseIOManager, WarehouseResource
 
 
@@ -172,7 +172,7 @@ class DownloadTrackingResource(ConfigurableResource):
     )
     project: str = PROJECT
     entity: str | None = None
-    init_timeout_s: float = 30.0
+    init_timeout_s: float = INIT_TIMEOUT_S
 
     @property
     def logs_dir(self) -> Path:

@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mvdata_assets import defaults
 from mvdata_assets.datasets.addresses import check_network
-from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO
 
 WEEK_S = 7 * 24 * 3600.0
 MOST_AT_ONCE = 4096  # more transfers or requests at once than any machine here gains from
@@ -98,17 +98,17 @@ def load_settings() -> Settings:
         home=home,
         wandb_offline_dirs=dirs,
         # a run with no exit record counts as running while its file changed this recently
-        running_window_s=_float("MVDATA_WANDB_RUNNING_WINDOW_S", 300.0),
-        lock_timeout_s=_float("MVDATA_WAREHOUSE_LOCK_TIMEOUT_S", 600.0),
+        running_window_s=_float("MVDATA_WANDB_RUNNING_WINDOW_S", defaults.RUNNING_WINDOW_S),
+        lock_timeout_s=_float("MVDATA_WAREHOUSE_LOCK_TIMEOUT_S", defaults.LOCK_TIMEOUT_S),
         data_root=Path(os.environ.get("MVDATA_DATA_ROOT") or home / "datasets").expanduser().absolute(),
         catalog=Path(os.environ["MVDATA_CATALOG"]).expanduser().absolute()
         if os.environ.get("MVDATA_CATALOG")
         else None,
-        download_concurrency=_count("MVDATA_DOWNLOAD_CONCURRENCY", 16),
-        image_concurrency=_count("MVDATA_IMAGE_CONCURRENCY", 64),
-        image_host_connections=_count("MVDATA_IMAGE_HOST_CONNECTIONS", 16),
-        image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", 10.0),
-        extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", DEFAULT_MAX_RATIO),
+        download_concurrency=_count("MVDATA_DOWNLOAD_CONCURRENCY", defaults.DOWNLOAD_CONCURRENCY),
+        image_concurrency=_count("MVDATA_IMAGE_CONCURRENCY", defaults.IMAGE_CONCURRENCY),
+        image_host_connections=_count("MVDATA_IMAGE_HOST_CONNECTIONS", defaults.IMAGE_HOST_CONNECTIONS),
+        image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", defaults.IMAGE_TIMEOUT_S),
+        extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", defaults.EXTRACT_MAX_RATIO),
         image_allowed_networks=tuple(map(check_network, _list("MVDATA_IMAGE_ALLOWED_NETWORKS", ""))),
         image_part_shards=_count("MVDATA_IMAGE_PART_SHARDS", 0),
         sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
@@ -120,8 +120,8 @@ def load_settings() -> Settings:
         api_states=_list("MVDATA_WANDB_API_STATES", ""),
         api_tags=_list("MVDATA_WANDB_API_TAGS", ""),
         api_created_since=os.environ.get("MVDATA_WANDB_API_CREATED_SINCE") or None,
-        api_concurrency=_count("MVDATA_WANDB_API_CONCURRENCY", 8),
-        api_timeout_s=_float("MVDATA_WANDB_API_TIMEOUT_S", 60.0),
+        api_concurrency=_count("MVDATA_WANDB_API_CONCURRENCY", defaults.API_CONCURRENCY),
+        api_timeout_s=_float("MVDATA_WANDB_API_TIMEOUT_S", defaults.API_TIMEOUT_S),
         leaderboard_metrics=_list("MVDATA_LEADERBOARD_METRICS", "*loss*,*acc,*accuracy*,*f1*,*bleu*,*cider*"),
         leaderboard_config=_list("MVDATA_LEADERBOARD_CONFIG", ""),
         wandb_freshness_h=_float("MVDATA_WANDB_FRESHNESS_H", 24.0, unit="hours", most=24 * 365),

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from wandb.sdk.wandb_run import Run
 
 PROJECT = "MicroVLM-E-datasets-logs"
+INIT_TIMEOUT_S = 30.0  # wandb.init may take this long to start its run before tracking gives up on it
 DEFAULT_BASE_URL = "https://api.wandb.ai"
 
 # W&B runs this process has open, by download run: the in-process executor logs every dataset into one
@@ -111,7 +112,7 @@ class DownloadTracker:
         dagster_run_id: str | None = None,
         project: str = PROJECT,
         entity: str | None = None,
-        init_timeout_s: float = 30.0,
+        init_timeout_s: float = INIT_TIMEOUT_S,
     ) -> None:
         self.folder = logs_dir(home)
         self.folder.mkdir(parents=True, exist_ok=True)

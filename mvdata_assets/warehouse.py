@@ -35,6 +35,7 @@ from dagster_duckdb import DuckDBResource
 
 from mvdata_assets.datasets import store as datasets_store
 from mvdata_assets.db import quoted, sql_string, warehouse_lock
+from mvdata_assets.defaults import LOCK_TIMEOUT_S
 from mvdata_assets.runs import run_datasets
 from mvdata_assets.runs import store as runs_store
 
@@ -46,7 +47,7 @@ EXPORTS = ("wandb", "exports")  # asset key prefix of the parquet exports
 class WarehouseResource(DuckDBResource):
     """One writer at a time; a wait for another writer is logged in seconds."""
 
-    lock_timeout_s: float = 600.0
+    lock_timeout_s: float = LOCK_TIMEOUT_S
 
     @contextmanager
     def get_connection(self) -> Iterator[duckdb.DuckDBPyConnection]:

@@ -19,10 +19,11 @@ from typing import Any
 
 import duckdb
 
+from mvdata_assets import defaults
 from mvdata_assets.datasets import store
 from mvdata_assets.datasets.catalog import Dataset, UrlList, shards_folder
 from mvdata_assets.datasets.digests import sha256_of
-from mvdata_assets.datasets.extract import DEFAULT_MAX_RATIO, extract
+from mvdata_assets.datasets.extract import extract
 from mvdata_assets.datasets.fetch import Downloader
 from mvdata_assets.datasets.files import FileResult, FileTask, Known, Progress
 from mvdata_assets.datasets.shards import ShardResult
@@ -47,9 +48,9 @@ LOCKS = ".locks"  # under the data root: one lock file per dataset, held while i
 class ImageOptions:
     """How URL-list images are fetched (see `fetch_url_list`)."""
 
-    concurrency: int = 64
-    max_host_connections: int = 16
-    timeout_s: float = 10.0
+    concurrency: int = defaults.IMAGE_CONCURRENCY
+    max_host_connections: int = defaults.IMAGE_HOST_CONNECTIONS
+    timeout_s: float = defaults.IMAGE_TIMEOUT_S
     retry_failed: bool = False  # fetch the failed URLs of finished shards again
     allowed_networks: tuple[str, ...] = ()  # reachable besides public addresses (see addresses.py)
 
@@ -108,13 +109,13 @@ def download_dataset(
     connect: Connect,
     *,
     verify: bool = False,
-    concurrency: int = 16,
+    concurrency: int = defaults.DOWNLOAD_CONCURRENCY,
     progress: Progress | None = None,
     images: ImageOptions | None = None,
     shard_progress: ShardProgress | None = None,
-    lock_timeout_s: float = 600.0,
+    lock_timeout_s: float = defaults.LOCK_TIMEOUT_S,
     say: Callable[[str], None] | None = None,
-    extract_max_ratio: int = DEFAULT_MAX_RATIO,
+    extract_max_ratio: int = defaults.EXTRACT_MAX_RATIO,
     images_in_parts: bool = False,
 ) -> DatasetRun:
     """One download of a dataset at a time, whoever runs it (a Dagster step, `mvdata download`): a second one waits
@@ -351,7 +352,7 @@ def _fetch_list(spec: UrlList, where: ListPlace, options: ImageOptions, **extra:
 
 
 def record_image_parts(
-    dataset: Dataset, data_root: Path, connect: Connect, lock_timeout_s: float = 600.0
+    dataset: Dataset, data_root: Path, connect: Connect, lock_timeout_s: float = defaults.LOCK_TIMEOUT_S
 ) -> DatasetRun:
     """The one warehouse writer of a dataset fetched in parts: every finished shard into datasets.files and
     datasets.shards, and the dataset's summary with its images. Holds the dataset's lock, as a download does.

@@ -39,6 +39,7 @@ from mvdata_assets.datasets.archives import (
 )
 from mvdata_assets.datasets.digests import sha256_of
 from mvdata_assets.datasets.placement import Placement, Planner, RelPath, check_room
+from mvdata_assets.defaults import EXTRACT_MAX_RATIO
 
 __all__ = [
     "ARCHIVE_SUFFIXES", "ArchiveTooBig", "BadArchive", "Extracted", "UnsafeArchive", "extract", "is_extracted",
@@ -47,7 +48,6 @@ __all__ = [
 
 
 _MARKER_VERSION = 1
-DEFAULT_MAX_RATIO = 100  # text compresses ~10x; a zip bomb expands 1,000x and more
 _CHUNK = 1 << 20
 
 
@@ -100,7 +100,7 @@ def extract(
     *,
     sha256: str | None = None,
     protected: Collection[Path] = (),
-    max_ratio: int = DEFAULT_MAX_RATIO,
+    max_ratio: int = EXTRACT_MAX_RATIO,
 ) -> Extracted:
     """Unpack ``archive`` into ``target`` unless a valid marker says that's done; see the module docstring for rules.
 

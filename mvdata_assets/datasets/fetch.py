@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvdata_assets import defaults
 from mvdata_assets.datasets.addresses import CATALOG, AddressPolicy
 from mvdata_assets.datasets.connections import proxied
 from mvdata_assets.datasets.digests import Digests
@@ -82,7 +83,7 @@ class Downloader:
     def __init__(
         self,
         *,
-        concurrency: int = 16,
+        concurrency: int = defaults.DOWNLOAD_CONCURRENCY,
         retries: int = 5,
         backoff_s: float = 0.5,
         max_backoff_s: float = 30.0,

@@ -28,6 +28,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
+from mvdata_assets import defaults
 from mvdata_assets.datasets import durable
 from mvdata_assets.datasets.addresses import AddressPolicy
 from mvdata_assets.datasets.catalog import UrlList
@@ -140,9 +141,9 @@ def fetch_url_list(
     *,
     captions: Path | None = None,
     list_sha256: str | None = None,
-    concurrency: int = 64,
-    max_host_connections: int = 16,
-    timeout_s: float = 10.0,
+    concurrency: int = defaults.IMAGE_CONCURRENCY,
+    max_host_connections: int = defaults.IMAGE_HOST_CONNECTIONS,
+    timeout_s: float = defaults.IMAGE_TIMEOUT_S,
     max_bytes: int = MAX_IMAGE_BYTES,
     retries: int = 2,
     retry_backoff_s: float = 1.0,

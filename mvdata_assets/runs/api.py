@@ -28,6 +28,7 @@ from pathlib import Path
 import duckdb
 import yaml
 
+from mvdata_assets import defaults
 from mvdata_assets.runs import store
 from mvdata_assets.runs.api_run import Fetched, fetch_run
 from mvdata_assets.runs.store import SCHEMA, RunKey
@@ -128,7 +129,7 @@ def sync_api(
     *,
     filters: ApiFilters = ApiFilters(),
     force_refresh: bool = False,
-    concurrency: int = 8,
+    concurrency: int = defaults.API_CONCURRENCY,
     client_factory: Callable[[], Client] = Client,
     log: Callable[[str], None] = lambda message: None,
 ) -> ApiSyncReport:

@@ -17,6 +17,7 @@ from pathlib import Path
 import duckdb
 import pyarrow.compute as pc
 
+from mvdata_assets import defaults
 from mvdata_assets.runs import store
 from mvdata_assets.runs.run_files import (
     Watermark,
@@ -77,7 +78,7 @@ def sync_offline(
     dirs: Iterable[Path],
     *,
     force_refresh: bool = False,
-    running_window_s: float = 300.0,
+    running_window_s: float = defaults.RUNNING_WINDOW_S,
 ) -> SyncReport:
     started = time.monotonic()
     store.ensure_schema(conn)

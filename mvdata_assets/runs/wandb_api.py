@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from mvdata_assets import defaults
 from mvdata_assets.runs.store import RunKey
 from mvdata_assets.runs.values import parse_json
 
@@ -103,7 +104,7 @@ class Client:
     """GraphQL and file downloads through the SDK's wandb-core sidecar: a GraphQL request is bounded to `timeout_s`,
     a download (a parquet export, a run file: maybe large) to DOWNLOAD_TIMEOUT_S."""
 
-    def __init__(self, timeout_s: float = 60.0) -> None:
+    def __init__(self, timeout_s: float = defaults.API_TIMEOUT_S) -> None:
         import wandb  # imported only when an API source is configured: the SDK is slow to import
 
         self.timeout_s = timeout_s
