@@ -21,6 +21,7 @@ from pydantic_core import PydanticCustomError
 
 from mvdata_assets.datasets.catalog_schema import (
     ARCHIVE_SUFFIXES,
+    SHARD_SIZE,
     Access,
     Column,
     DatasetModel,
@@ -91,7 +92,7 @@ class UrlList:
     url_column: Column | None = None  # tsv and parquet only
     caption_column: Column | None = None
     header: bool = False  # TSV only: the first line names the columns
-    shard_size: int = 10_000  # images per WebDataset tar shard
+    shard_size: int = SHARD_SIZE  # images per WebDataset tar shard
     captions: tuple[str, ...] = ()  # lines only: per list, the file holding its captions line by line
     decode: bool = False  # decode every image fully (Pillow): catches corruption inside, costs CPU per image
 

@@ -23,6 +23,7 @@ Column = int | str  # a 0-based index (headerless TSV) or a column name (parquet
 # guess at
 ARCHIVE_KINDS: dict[str, Literal["zip", "tar"]] = {".zip": "zip", ".tar": "tar", ".tar.gz": "tar", ".tgz": "tar"}
 ARCHIVE_SUFFIXES: tuple[str, ...] = tuple(ARCHIVE_KINDS)
+SHARD_SIZE = 10_000  # a URL list's images per WebDataset tar shard, unless its entry says
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _MD5_RE = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -143,7 +144,7 @@ class UrlListModel(BaseModel):
     url_column: Any = None
     caption_column: Any = None
     header: bool = False
-    shard_size: int = 10_000
+    shard_size: int = SHARD_SIZE
     captions: list[str] | None = None
     decode: bool = False
 
