@@ -49,6 +49,8 @@ BUNDLED_CATALOG: Path = Path(__file__).with_name("catalog.yaml")
 # Dataset names become Dagster asset keys, which allow only identifier characters.
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 RESERVED_NAMES = frozenset({"download_summary"})  # asset keys of the project's own in the datasets group
+# a URL-list dataset `x` fetched in parts (MVDATA_IMAGE_PART_SHARDS) adds the assets x_images and x_shards (parts.py)
+IMAGES_SUFFIX, SHARDS_SUFFIX = "_images", "_shards"
 _HF_HOST = "huggingface.co"
 
 
@@ -324,6 +326,15 @@ def load_catalog(path: Path | str | None = None) -> dict[str, Dataset]:
             )
         if dataset is not None:
             catalog[name] = dataset
+    for name in catalog:
+        owner = next((o for o in catalog if o != name and catalog[o].url_list and name in _part_names(o)), None)
+        if owner:
+            errors.append(f"{where}: dataset {name!r}, name: is the asset datasets/{name} of URL-list dataset "
+                          f"{owner!r} when its images are fetched in parts; rename it")  # fmt: skip
     if errors:
         raise CatalogError(errors)
     return catalog
+
+
+def _part_names(url_list_dataset: str) -> tuple[str, str]:
+    return url_list_dataset + IMAGES_SUFFIX, url_list_dataset + SHARDS_SUFFIX

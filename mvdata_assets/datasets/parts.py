@@ -28,7 +28,7 @@ from dagster import (
 )
 
 from mvdata_assets.datasets import store
-from mvdata_assets.datasets.catalog import Dataset
+from mvdata_assets.datasets.catalog import IMAGES_SUFFIX, SHARDS_SUFFIX, Dataset
 from mvdata_assets.datasets.download import fetch_image_part, record_image_parts
 from mvdata_assets.datasets.metadata import dataset_metadata, images_fetched_check, images_metadata
 from mvdata_assets.datasets.url_lists import ListPlan
@@ -41,11 +41,11 @@ CELERY_QUEUE, IMAGES_QUEUE = "dagster-celery/queue", "images"  # the tag dagster
 
 
 def images_key(name: str) -> AssetKey:
-    return AssetKey([GROUP, f"{name}_images"])
+    return AssetKey([GROUP, name + IMAGES_SUFFIX])
 
 
 def shards_key(name: str) -> AssetKey:
-    return AssetKey([GROUP, f"{name}_shards"])
+    return AssetKey([GROUP, name + SHARDS_SUFFIX])
 
 
 def image_partitions(name: str) -> DynamicPartitionsDefinition:

@@ -454,6 +454,21 @@ BAD_URL_LISTS = [
 ]
 
 
+@pytest.mark.parametrize("suffix", ["_images", "_shards"])
+def test_a_name_taken_by_a_url_lists_images_in_parts_is_refused(tmp_path: Path, suffix: str) -> None:
+    """cc_images would be the images asset of `cc` fetched in parts: Dagster would find two assets of one key."""
+    cc = {**URL_LIST_DATASET, "url_list": {"format": "tsv", "url_column": 0}}
+    path = write_catalog(tmp_path, {"cc": cc, f"cc{suffix}": {**D, "access": "manual", "instructions": "i"}})
+    errors = catalog_errors(path)
+    assert errors == [
+        f"{path}: dataset 'cc{suffix}', name: is the asset datasets/cc{suffix} of URL-list dataset 'cc' when its "
+        "images are fetched in parts; rename it"
+    ]
+    # beside a dataset that is not a URL list, the name is free
+    plain = write_catalog(tmp_path, {"cc": {**D, "access": "manual", "instructions": "i"}, f"cc{suffix}": cc})
+    assert set(load_catalog(plain)) == {"cc", f"cc{suffix}"}
+
+
 @pytest.mark.parametrize(("url_list", "expected"), BAD_URL_LISTS)
 def test_bad_url_list_is_rejected(tmp_path: Path, url_list: object, expected: str) -> None:
     path = write_catalog(tmp_path, {"cc": {**URL_LIST_DATASET, "url_list": url_list}})
