@@ -179,28 +179,19 @@ class Downloader:
         known: dict[Path, Known] | None = None,
         *,
         verify: bool = False,
-        check_space: bool = True,
     ) -> list[FileResult]:
         """Every task's outcome, in task order; a failed file never stops the others."""
         known = known or {}
         listing = Listing()
         with self._loop() as loop:
-            probes: dict[str, Probe | str] = {}
-            if check_space:
-                plan = self._plan(loop, listing, tasks, known, verify)
-                if plan.bytes_needed > plan.bytes_free:
-                    missing = plan.bytes_needed - plan.bytes_free
-                    raise InsufficientSpace(
-                        f"the downloads need {plan.bytes_needed / 2**30:.2f} GiB but {plan.bytes_free / 2**30:.2f} "
-                        f"GiB is free under {tasks[0].dest.parent}: {missing / 2**30:.2f} GiB missing"
-                    )
-                probes = plan.probes
-            return self._fetch(loop, listing, tasks, known, verify, probes)
-
-    def fetch(self, task: FileTask, known: Known | None = None, *, verify: bool = False) -> FileResult:
-        """One file, without the plan's HEAD and disk check."""
-        with self._loop() as loop:
-            return self._fetch(loop, Listing(), [task], {task.dest: known} if known else {}, verify, {})[0]
+            plan = self._plan(loop, listing, tasks, known, verify)
+            if plan.bytes_needed > plan.bytes_free:
+                missing = plan.bytes_needed - plan.bytes_free
+                raise InsufficientSpace(
+                    f"the downloads need {plan.bytes_needed / 2**30:.2f} GiB but {plan.bytes_free / 2**30:.2f} "
+                    f"GiB is free under {tasks[0].dest.parent}: {missing / 2**30:.2f} GiB missing"
+                )
+            return self._fetch(loop, listing, tasks, known, verify, plan.probes)
 
     def _fetch(
         self,

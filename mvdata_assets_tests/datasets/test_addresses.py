@@ -107,7 +107,7 @@ def test_with_no_network_allowed_a_name_resolving_to_loopback_is_refused(tmp_pat
 def test_a_catalog_file_at_a_refused_address_fails_at_once_with_the_reason(tmp_path: Path) -> None:
     with FileServer() as server:
         task = FileTask(server.add("f.bin", JPEG), tmp_path / "f.bin", len(JPEG))
-        (result,) = Downloader(addresses=AddressPolicy.third_party(), retries=3).fetch_all([task], check_space=False)
+        (result,) = Downloader(addresses=AddressPolicy.third_party(), retries=3).fetch_all([task])
         assert [r.method for r in server.requests] == []
     assert (result.status, result.attempts) == ("failed", 1)
     assert "refused to connect" in (result.error or "") and "127.0.0.1 is a loopback address" in (result.error or "")

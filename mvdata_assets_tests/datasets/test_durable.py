@@ -74,7 +74,7 @@ def test_a_file_whose_rename_fails_is_not_downloaded(file_server: FileServer, tm
             (tmp_path / "2.bin").mkdir()
             (tmp_path / "2.bin" / "in-the-way").write_text("a folder where the file should go")
 
-    results = downloader(progress=progress).fetch_all(tasks, check_space=False)
+    results = downloader(progress=progress).fetch_all(tasks)
     assert [r.status for r in results] == ["downloaded", "downloaded", "failed", "downloaded", "downloaded"]
     assert "renaming 2.bin.part into place" in (results[2].error or "")
     assert results[2].mtime_ns is None

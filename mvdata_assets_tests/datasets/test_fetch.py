@@ -279,7 +279,7 @@ def test_verify_rehashes_locally_and_redownloads_a_corrupted_file(
     file_server: FileServer, downloaded: tuple[list[FileTask], dict[Path, Known]]
 ) -> None:
     tasks, known = downloaded
-    results = downloader().fetch_all(tasks, known, verify=True, check_space=False)
+    results = downloader().fetch_all(tasks, known, verify=True)
     assert [r.status for r in results] == ["skipped"] * 3
     assert file_server.requests == []
 
@@ -289,11 +289,11 @@ def test_verify_rehashes_locally_and_redownloads_a_corrupted_file(
     st = victim.stat()
     victim.write_bytes(bytes([good[0] ^ 0xFF]) + good[1:])
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
-    trusted = downloader().fetch_all(tasks, known, check_space=False)
+    trusted = downloader().fetch_all(tasks, known)
     assert [r.status for r in trusted] == ["skipped"] * 3  # the record is trusted when verify is off
     assert file_server.requests == []
 
-    results = downloader().fetch_all(tasks, known, verify=True, check_space=False)
+    results = downloader().fetch_all(tasks, known, verify=True)
     assert [r.status for r in results] == ["skipped", "downloaded", "skipped"]
     assert victim.read_bytes() == good
     assert [r.name for r in file_server.requests] == ["skip/1.bin"]
@@ -318,7 +318,7 @@ def test_existing_file_without_record(file_server: FileServer, serve: Callable[.
     assert result.mtime_ns == task.dest.stat().st_mtime_ns
     assert gets(file_server, "byhand/a.bin") == []
     file_server.clear_requests()
-    (result,) = downloader().fetch_all([task], check_space=False)
+    (result,) = downloader().fetch_all([task])
     assert result.status == "skipped"
     assert file_server.requests == []  # hashed locally: no request at all
 
@@ -496,7 +496,7 @@ def test_connection_left_by_a_503_does_not_fail_another_file(file_server: FileSe
     file_server.fault("a.bin", "status", status=503, retry_after=1, body=b"")
     engine = downloader(max_backoff_s=30, concurrency=2)
     results: list[FileResult] = []
-    worker = threading.Thread(target=lambda: results.append(engine.fetch(task_a)))
+    worker = threading.Thread(target=lambda: results.append(engine.fetch_all([task_a])[0]))
     worker.start()
     try:
         deadline = time.monotonic() + 5
@@ -504,7 +504,7 @@ def test_connection_left_by_a_503_does_not_fail_another_file(file_server: FileSe
             assert time.monotonic() < deadline
             time.sleep(0.01)
         time.sleep(0.1)  # A is now sleeping out its Retry-After
-        result_b = engine.fetch(task_b)
+        result_b = engine.fetch_all([task_b])[0]
     finally:
         worker.join(10)
     assert_downloaded(results[0], task_a, data)
@@ -561,7 +561,7 @@ def test_redirect_to_another_protocol_is_refused(file_server: FileServer, tmp_pa
     secret.write_text("local file")
     file_server.redirect("escape.bin", f"file://{secret}")
     task = FileTask(file_server.url_for("escape.bin"), tmp_path / "out" / "escape.bin", None)
-    (result,) = downloader(retries=3).fetch_all([task], check_space=False)
+    (result,) = downloader(retries=3).fetch_all([task])
     assert result.status == "failed"
     assert result.attempts == 1  # permanent: no retry can make it allowed
     assert "protocol" in (result.error or "").lower()

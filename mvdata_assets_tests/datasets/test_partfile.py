@@ -124,7 +124,7 @@ import sys
 from pathlib import Path
 from mvdata_assets.datasets.fetch import Downloader, FileTask
 url, dest, size, digest = sys.argv[1:5]
-print(Downloader(retries=0, timeout_s=30).fetch(FileTask(url, Path(dest), int(size), digest)), flush=True)
+print(Downloader(retries=0, timeout_s=30).fetch_all([FileTask(url, Path(dest), int(size), digest)])[0], flush=True)
 """
 
 
@@ -159,7 +159,7 @@ def test_sigkilled_download_resumes_from_its_part(file_server: FileServer, serve
     kept = part.stat().st_size
     assert 0 < kept < size
 
-    result = downloader().fetch(task)
+    result = downloader().fetch_all([task])[0]
     assert_downloaded(result, task, data)
     assert result.attempts == 1
     assert result.bytes_transferred == size - kept
