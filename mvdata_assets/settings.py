@@ -29,12 +29,12 @@ def _float(name: str, default: float, *, unit: str = "seconds", most: float = WE
     return value
 
 
-def _count(name: str, default: int, most: int = MOST_AT_ONCE) -> int:
+def _count(name: str, default: int, most: int = MOST_AT_ONCE, least: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
-    if not raw.strip().isdigit() or not 1 <= int(raw) <= most:
-        raise ValueError(f"{name} must be a whole number from 1 to {most}, got {raw!r}")
+    if not raw.strip().isdigit() or not least <= int(raw) <= most:
+        raise ValueError(f"{name} must be a whole number from {least} to {most}, got {raw!r}")
     return int(raw)
 
 
@@ -110,8 +110,9 @@ def load_settings() -> Settings:
         image_timeout_s=_float("MVDATA_IMAGE_TIMEOUT_S", defaults.IMAGE_TIMEOUT_S),
         extract_max_ratio=_count("MVDATA_EXTRACT_MAX_RATIO", defaults.EXTRACT_MAX_RATIO),
         image_allowed_networks=tuple(map(check_network, _list("MVDATA_IMAGE_ALLOWED_NETWORKS", ""))),
-        image_part_shards=_count("MVDATA_IMAGE_PART_SHARDS", 0),
-        sensor_interval_s=int(_float("MVDATA_WANDB_SENSOR_INTERVAL_S", 30)),
+        image_part_shards=_count("MVDATA_IMAGE_PART_SHARDS", 0, least=0),  # 0: images in the dataset's own step
+        # Dagster's minimum_interval_seconds is a whole number: 0.5 would become 0, a sensor ticking without pause
+        sensor_interval_s=_count("MVDATA_WANDB_SENSOR_INTERVAL_S", 30, most=int(WEEK_S)),
         sensor_enabled=_switch(
             "MVDATA_WANDB_SENSOR", "on" if dirs or os.environ.get("MVDATA_WANDB_PROJECTS") else "off"
         ),

@@ -6,7 +6,13 @@ import pytest
 
 from mvdata_assets.settings import load_settings
 
-COUNTS = ["MVDATA_DOWNLOAD_CONCURRENCY", "MVDATA_IMAGE_CONCURRENCY", "MVDATA_IMAGE_HOST_CONNECTIONS"]
+COUNTS = [
+    "MVDATA_DOWNLOAD_CONCURRENCY",
+    "MVDATA_IMAGE_CONCURRENCY",
+    "MVDATA_IMAGE_HOST_CONNECTIONS",
+    "MVDATA_EXTRACT_MAX_RATIO",
+    "MVDATA_WANDB_API_CONCURRENCY",
+]
 
 
 @pytest.mark.parametrize("name", COUNTS)
@@ -19,7 +25,12 @@ def test_a_count_that_is_not_a_whole_number_in_range_is_refused(
         load_settings()
 
 
-DURATIONS = ["MVDATA_IMAGE_TIMEOUT_S", "MVDATA_WAREHOUSE_LOCK_TIMEOUT_S", "MVDATA_WANDB_API_TIMEOUT_S"]
+DURATIONS = [
+    "MVDATA_IMAGE_TIMEOUT_S",
+    "MVDATA_WAREHOUSE_LOCK_TIMEOUT_S",
+    "MVDATA_WANDB_API_TIMEOUT_S",
+    "MVDATA_WANDB_RUNNING_WINDOW_S",
+]
 
 
 @pytest.mark.parametrize("name", DURATIONS)
@@ -39,3 +50,48 @@ def test_durations_in_range_are_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MVDATA_WANDB_FRESHNESS_H", "48")
     settings = load_settings()
     assert (settings.api_timeout_s, settings.wandb_freshness_h) == (2.5, 48.0)
+
+
+@pytest.mark.parametrize("raw", ["0.5", "0", "-1", "soon", "604801"])
+def test_a_sensor_interval_that_is_not_a_whole_number_of_seconds_is_refused(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    """Dagster takes whole seconds: 0.5 would become a sensor ticking without pause."""
+    monkeypatch.setenv("MVDATA_WANDB_SENSOR_INTERVAL_S", raw)
+    with pytest.raises(
+        ValueError, match=f"^MVDATA_WANDB_SENSOR_INTERVAL_S must be a whole number from 1 to 604800, got '{raw}'$"
+    ):
+        load_settings()
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "8761", "a day"])
+def test_a_freshness_that_is_not_a_number_of_hours_up_to_a_year_is_refused(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    monkeypatch.setenv("MVDATA_WANDB_FRESHNESS_H", raw)
+    with pytest.raises(
+        ValueError, match=f"^MVDATA_WANDB_FRESHNESS_H must be a number of hours above 0 and at most 8760, got '{raw}'$"
+    ):
+        load_settings()
+
+
+@pytest.mark.parametrize("name", ["MVDATA_WANDB_TRACKING", "MVDATA_WANDB_SENSOR"])
+def test_a_switch_that_is_not_on_or_off_is_refused(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(ValueError, match=f"^{name} must be on or off, got 'maybe'$"):
+        load_settings()
+
+
+def test_image_parts_are_off_at_0_and_on_from_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVDATA_IMAGE_PART_SHARDS", "0")
+    assert load_settings().image_part_shards == 0
+    monkeypatch.setenv("MVDATA_IMAGE_PART_SHARDS", "4")
+    assert load_settings().image_part_shards == 4
+    monkeypatch.setenv("MVDATA_IMAGE_PART_SHARDS", "-1")
+    with pytest.raises(ValueError, match="^MVDATA_IMAGE_PART_SHARDS must be a whole number from 0 to 4096, got '-1'$"):
+        load_settings()
+
+
+def test_a_sensor_interval_of_whole_seconds_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVDATA_WANDB_SENSOR_INTERVAL_S", "5")
+    assert load_settings().sensor_interval_s == 5
