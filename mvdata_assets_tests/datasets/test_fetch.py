@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -299,13 +300,19 @@ def test_verify_rehashes_locally_and_redownloads_a_corrupted_file(
     assert [r.name for r in file_server.requests] == ["skip/1.bin"]
 
 
-def test_verify_with_the_space_check_needs_no_network_either(
-    file_server: FileServer, downloaded: tuple[list[FileTask], dict[Path, Known]]
+def test_verify_of_files_all_on_disk_needs_no_network_and_no_free_space(
+    file_server: FileServer, downloaded: tuple[list[FileTask], dict[Path, Known]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tasks, known = downloaded
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: SimpleNamespace(total=1 << 40, used=1 << 40, free=0))
     results = downloader().fetch_all(tasks, known, verify=True)
     assert [r.status for r in results] == ["skipped"] * 3
     assert [(r.method, r.name) for r in file_server.requests] == [], "verify=True probed files that were all on disk"
+
+    tasks[1].dest.unlink()  # now one file must travel, and the full disk cannot hold it
+    with pytest.raises(InsufficientSpace, match="GiB missing"):
+        downloader().fetch_all(tasks, known, verify=True)
+    assert file_server.requests == [], "a run refused for space fetched something first"
 
 
 def test_existing_file_without_record(file_server: FileServer, serve: Callable[..., FileTask]) -> None:

@@ -576,7 +576,17 @@ SYNC_SCRIPT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import duckdb
-    from mvdata_assets.runs.offline import sync_offline
+    from mvdata_assets.runs import offline
+
+    plain = offline._store_file
+
+    def reported(*args):  # says when each file's transaction has committed, so the test can kill in between
+        outcome = plain(*args)
+        print("committed", flush=True)
+        return outcome
+
+    offline._store_file = reported
+    sync_offline = offline.sync_offline
     conn = duckdb.connect(sys.argv[1])
     print("ready", flush=True)
     started = time.monotonic()
@@ -616,7 +626,10 @@ def test_sync_killed_part_way_then_resumed_equals_a_clean_sync(tmp_path: Path, s
     killed_mid_sync, stored_after_kill = 0, []
     for _ in range(3):
         proc = _start_sync(db, dirs)
-        time.sleep(rng.uniform(0.05, 0.9) * duration)
+        line = ""
+        while line.strip() != "committed" and not line.startswith("done") and proc.poll() is None:
+            line = proc.stdout.readline()  # one more file committed in each round, then a kill inside the next one
+        time.sleep(rng.uniform(0, 0.5) * duration / len(dirs))
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             killed_mid_sync += 1
@@ -637,6 +650,7 @@ def test_sync_killed_part_way_then_resumed_equals_a_clean_sync(tmp_path: Path, s
         conn.close()
     print("kills during sync:", killed_mid_sync, "runs stored after each round:", stored_after_kill)
     assert killed_mid_sync >= 1, "no kill landed during a sync"
+    assert any(0 < n < len(dirs) for n in stored_after_kill), f"no kill left some runs stored: {stored_after_kill}"
     report = sync(db, dirs)
     assert report.problems == []
     assert dump(db) == want
