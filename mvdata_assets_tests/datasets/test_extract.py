@@ -331,38 +331,78 @@ def test_partial_leftovers_are_overwritten(target: Path) -> None:
 
 # --- unsafe archives: refused before anything is written --------------------------------------------------------------
 
-UNSAFE: list[tuple[str, list[Entry], str]] = [
-    ("tar", [("file", "../evil.txt", b"x")], "../evil.txt"),
-    ("tar", [("file", "/abs.txt", b"x")], "/abs.txt"),
-    ("tar.gz", [("file", "ok.txt", b"fine"), ("file", "a/../../evil.txt", b"x")], "a/../../evil.txt"),
-    ("tar", [("symlink", "etc", "/etc")], "etc"),
-    ("tar", [("symlink", "up", "../..")], "up"),
-    ("tar", [("file", "x", b"x"), ("hardlink", "hl", "../x")], "hl"),
-    ("tar", [("hardlink", "hl", "/etc/passwd")], "hl"),
-    ("zip", [("symlink", "d", ".."), ("file", "d/evil.txt", b"x")], "d"),  # the link is refused, not just its use
+UNSAFE: list[tuple[str, list[Entry], str, str]] = [
+    ("tar", [("file", "../evil.txt", b"x")], "../evil.txt", "leaves the target folder ('..')"),
+    ("tar", [("file", "/abs.txt", b"x")], "/abs.txt", "is an absolute path"),
+    (
+        "tar.gz",
+        [("file", "ok.txt", b"fine"), ("file", "a/../../evil.txt", b"x")],
+        "a/../../evil.txt",
+        "leaves the target folder ('..')",
+    ),
+    ("tar", [("symlink", "etc", "/etc")], "etc", "is a symlink to an absolute path (/etc)"),
+    ("tar", [("symlink", "up", "../..")], "up", "is a symlink that leads outside the target folder"),
+    (
+        "tar",
+        [("file", "x", b"x"), ("hardlink", "hl", "../x")],
+        "hl",
+        "is a hard link whose target leaves the target folder",
+    ),
+    ("tar", [("hardlink", "hl", "/etc/passwd")], "hl", "is a hard link whose target is an absolute path"),
+    (
+        "zip",
+        [("symlink", "d", ".."), ("file", "d/evil.txt", b"x")],
+        "d",
+        "is a symlink that leads outside the target folder",
+    ),  # the link is refused, not just its use
     # Each link alone looks harmless; together l2 -> l1/.. -> ./.. leaves the folder.
-    ("tar", [("symlink", "l1", "."), ("symlink", "l2", "l1/..")], "l2"),
+    (
+        "tar",
+        [("symlink", "l1", "."), ("symlink", "l2", "l1/..")],
+        "l2",
+        "is a symlink that leads outside the target folder",
+    ),
     # A later link redirects an earlier one: l -> a/.. was inside until a -> . arrived.
-    ("tgz", [("symlink", "l", "a/.."), ("symlink", "a", ".")], "l"),
-    ("tar", [("hardlink", "hl", "later.txt"), ("file", "later.txt", b"x")], "hl"),
-    ("tar", [("fifo", "pipe")], "pipe"),
-    ("tar", [("chr", "null")], "null"),
-    ("zip", [("file", "../evil.txt", b"x")], "../evil.txt"),
-    ("zip", [("file", "/abs.txt", b"x")], "/abs.txt"),
-    ("zip", [("file", "fine.txt", b"x"), ("symlink", "link", "../../x")], "link"),
-    ("zip", [("symlink", "link", "/etc/passwd")], "link"),
-    ("zip", [("symlink", "link", "..\\..\\x")], "link"),
-    ("zip", [("file", "..\\evil.txt", b"x")], "..\\evil.txt"),
-    ("zip", [("file", "dir\\..\\..\\evil.txt", b"x")], "dir\\..\\..\\evil.txt"),
-    ("zip", [("file", "C:\\evil.txt", b"x")], "C:\\evil.txt"),
-    ("zip", [("file", "C:/evil.txt", b"x")], "C:/evil.txt"),
-    ("zip", [("file", "a", b"x"), ("file", "a/b", b"y")], "a/b"),  # a file where a directory must be
+    (
+        "tgz",
+        [("symlink", "l", "a/.."), ("symlink", "a", ".")],
+        "l",
+        "is a symlink that leads outside the target folder",
+    ),
+    (
+        "tar",
+        [("hardlink", "hl", "later.txt"), ("file", "later.txt", b"x")],
+        "hl",
+        "is a hard link to 'later.txt', which is not an earlier file in the archive",
+    ),
+    ("tar", [("fifo", "pipe")], "pipe", "is a device file or FIFO"),
+    ("tar", [("chr", "null")], "null", "is a device file or FIFO"),
+    ("zip", [("file", "../evil.txt", b"x")], "../evil.txt", "leaves the target folder ('..')"),
+    ("zip", [("file", "/abs.txt", b"x")], "/abs.txt", "is an absolute path"),
+    (
+        "zip",
+        [("file", "fine.txt", b"x"), ("symlink", "link", "../../x")],
+        "link",
+        "is a symlink that leads outside the target folder",
+    ),
+    ("zip", [("symlink", "link", "/etc/passwd")], "link", "is a symlink to an absolute path (/etc/passwd)"),
+    ("zip", [("symlink", "link", "..\\..\\x")], "link", "is a symlink that leads outside the target folder"),
+    ("zip", [("file", "..\\evil.txt", b"x")], "..\\evil.txt", "leaves the target folder ('..')"),
+    ("zip", [("file", "dir\\..\\..\\evil.txt", b"x")], "dir\\..\\..\\evil.txt", "leaves the target folder ('..')"),
+    ("zip", [("file", "C:\\evil.txt", b"x")], "C:\\evil.txt", "starts with a Windows drive letter"),
+    ("zip", [("file", "C:/evil.txt", b"x")], "C:/evil.txt", "starts with a Windows drive letter"),
+    (
+        "zip",
+        [("file", "a", b"x"), ("file", "a/b", b"y")],
+        "a/b",
+        "needs 'a' to be a directory, but it is a file",
+    ),  # a file where a directory must be
 ]
 
 
-@pytest.mark.parametrize(("fmt", "entries", "member"), UNSAFE, ids=[f"{f}:{m}" for f, _, m in UNSAFE])
+@pytest.mark.parametrize(("fmt", "entries", "member", "reason"), UNSAFE, ids=[f"{f}:{m}" for f, _, m, _ in UNSAFE])
 def test_unsafe_member_is_refused_and_nothing_written(
-    tmp_path: Path, target: Path, fmt: str, entries: list[Entry], member: str
+    tmp_path: Path, target: Path, fmt: str, entries: list[Entry], member: str, reason: str
 ) -> None:
     (target / "keep.txt").write_bytes(b"already here")
     archive = make_archive(target / f"evil.{fmt}", entries)
@@ -372,7 +412,7 @@ def test_unsafe_member_is_refused_and_nothing_written(
         extract(archive, target)
 
     assert caught.value.member == member
-    assert f"'{member}'" in str(caught.value)
+    assert f"member '{member}' {reason}" in str(caught.value)
     assert str(archive) in str(caught.value)
     assert tree(tmp_path) == before  # nothing inside the target, nor next to it
     assert not is_extracted(archive, target)
