@@ -326,15 +326,10 @@ def load_catalog(path: Path | str | None = None) -> dict[str, Dataset]:
             )
         if dataset is not None:
             catalog[name] = dataset
-    for name in catalog:
-        owner = next((o for o in catalog if o != name and catalog[o].url_list and name in _part_names(o)), None)
-        if owner:
-            errors.append(f"{where}: dataset {name!r}, name: is the asset datasets/{name} of URL-list dataset "
-                          f"{owner!r} when its images are fetched in parts; rename it")  # fmt: skip
+    part_assets = {o + suffix: o for o, d in catalog.items() if d.url_list for suffix in (IMAGES_SUFFIX, SHARDS_SUFFIX)}
+    for name in sorted(catalog.keys() & part_assets.keys()):
+        errors.append(f"{where}: dataset {name!r}, name: is the asset datasets/{name} of URL-list dataset "
+                      f"{part_assets[name]!r} when its images are fetched in parts; rename it")  # fmt: skip
     if errors:
         raise CatalogError(errors)
     return catalog
-
-
-def _part_names(url_list_dataset: str) -> tuple[str, str]:
-    return url_list_dataset + IMAGES_SUFFIX, url_list_dataset + SHARDS_SUFFIX
