@@ -506,6 +506,8 @@ static int scan_record(Scan *s, const unsigned char *p, size_t n, int assembled)
     return 0;
 }
 
+/* ---------- framing and the result dict ---------- */
+
 static int by_seq(const void *a, const void *b) {
     size_t x = (*(Entry *const *)a)->seq, y = (*(Entry *const *)b)->seq;
     return (x > y) - (x < y);

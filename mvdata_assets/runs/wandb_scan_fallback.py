@@ -1,12 +1,10 @@
 """Pure-Python `.wandb` scanner: the same `scan(data, offset) -> dict` as the C extension `_wandb_scan`.
 
-The C scanner is an optional extension: on a machine without a C compiler or zlib's headers the install goes on
-without it, and `wandb_file` reads with this module instead. It mirrors what `_wandb_scan.c` does, so both give
-the same dict for the same run file, whole, cut or damaged: the leveldb-log framing and its CRC checks, the statuses,
-error messages and offsets, the record classification (a Record's first length-delimited field, walked as the C code
-walks it), and the history and summary columns down to their bytes. History and summary bodies are decoded with
-wandb's proto classes, which read every record a protobuf encoder writes as the C code does; bytes no encoder writes
-(fields out of order, invalid UTF-8, a field with another wire type than its own) can be read differently. Values are
+The C scanner is an optional extension; where it was not built (no C compiler or zlib headers), `wandb_file` reads
+with this module. Both give the same dict for the same run file, whole, cut or damaged: framing, CRC checks,
+statuses, error messages and offsets, record classification (the C walk of a Record's fields), and the history and
+summary columns down to their bytes. History and summary bodies are decoded with wandb's proto classes, which read
+what any protobuf encoder writes as the C code does (bytes no encoder writes may be read differently); values are
 converted per chunk with pyarrow and numpy. It is several times slower than the C scanner.
 """
 
@@ -57,7 +55,6 @@ _FRAGMENT = struct.Struct("<IHB")
 _TYPE_CRC = {t: binascii.crc32(bytes((t,))) for t in (FULL, FIRST, MIDDLE, LAST)}
 _U64 = (1 << 64) - 1
 _U32 = (1 << 32) - 1
-INT64_MIN = -(1 << 63)
 TWO_53 = float(EXACT_INT_LIMIT)
 MAX_NUMBER_BYTES = 400  # longer value_json text is never parsed as a number (the C scanner's limit)
 SPECIALS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}  # how W&B writes non-finite floats
@@ -80,7 +77,7 @@ def _proto() -> Any:
     return wandb_internal_pb2
 
 
-# ---------------------------------------------------------------- protobuf wire, as the C scanner reads it
+# ---------------------------------------------------------------- protobuf wire reading (as the C scanner reads it)
 
 
 def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
@@ -124,14 +121,14 @@ def _record_kind(payload: memoryview) -> tuple[int, int, int]:
     return 0, 0, 0
 
 
-# ---------------------------------------------------------------- values
+# ---------------------------------------------------------------- item parsing (values of HistoryItem / SummaryItem)
 
 
 def _to_int64(value: float) -> int:
     """C's (int64_t) cast of a double as x86-64 does it: out of range gives INT64_MIN."""
     if -(2.0**63) <= value < 2.0**63:
         return int(value)
-    return INT64_MIN
+    return -(1 << 63)
 
 
 def _json_number(text: str) -> tuple[int, float]:
@@ -147,20 +144,6 @@ def _json_number(text: str) -> tuple[int, float]:
         if a > TWO_53 or (a == TWO_53 and unsigned != str(EXACT_INT_LIMIT)):
             return 2, value
     return 1, value
-
-
-def _number_or_nan(item: Any) -> float:
-    """A system item's value (_step, _timestamp, _runtime): value_json if numeric, else a typed number, else NaN."""
-    if item.value_json:
-        kind, value = _json_number(item.value_json)
-        if kind:
-            return value
-    which = item.WhichOneof("value")
-    if which == "number":
-        return item.number
-    if which == "integer":
-        return float(item.integer)
-    return math.nan
 
 
 def _typed(item: Any) -> tuple[int, float, str]:
@@ -182,10 +165,19 @@ def _typed(item: Any) -> tuple[int, float, str]:
     return 0, 0.0, ""
 
 
+def _number_or_nan(item: Any) -> float:
+    """A system item's value (_step, _timestamp, _runtime): value_json if numeric, else a typed number, else NaN."""
+    if item.value_json:
+        kind, value = _json_number(item.value_json)
+        if kind:
+            return value
+    kind, value, _ = _typed(item)
+    return value if kind else math.nan
+
+
 def _parse_numbers(texts: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
     """(kind, value) per value_json text, all at once: what `_json_number` gives for each."""
-    n = len(texts)
-    if n == 0:
+    if len(texts) == 0:
         return np.zeros(0, np.int8), np.zeros(0, np.float64)
     byte_len = pc.binary_length(texts).to_numpy(zero_copy_only=False)
     numeric = pc.match_substring_regex(texts, _NUMBER_RE2).to_numpy(zero_copy_only=False)
@@ -212,11 +204,7 @@ def _parse_numbers(texts: pa.StringArray) -> tuple[np.ndarray, np.ndarray]:
     return kind, values
 
 
-def _bitmap(valid: np.ndarray) -> bytes:
-    return np.packbits(valid, bitorder="little").tobytes()
-
-
-# ---------------------------------------------------------------- records
+# ---------------------------------------------------------------- scan state (records into columns)
 
 
 class _Scan:
@@ -320,14 +308,14 @@ class _Scan:
             "runtime": np.repeat(np.array(self.record_rt, dtype=np.float64), counts).tobytes(),
             "key": np.array(self.key_ids, dtype=np.int32).tobytes(),
             "value": values.tobytes(),
-            "value_valid": _bitmap(kind != 0),
+            "value_valid": np.packbits(kind != 0, bitorder="little").tobytes(),
             "json_offsets": offsets.tobytes(),
             "json_data": json_data,
-            "json_valid": _bitmap(keep_json),
+            "json_valid": np.packbits(keep_json, bitorder="little").tobytes(),
         }
 
 
-# ---------------------------------------------------------------- framing
+# ---------------------------------------------------------------- framing and the result dict
 
 
 def scan(data: bytes, offset: int) -> dict[str, Any]:
@@ -402,12 +390,11 @@ def scan(data: bytes, offset: int) -> dict[str, Any]:
         stop = offset + pos
     if status == STATUS_CLEAN and in_record:  # data ends inside a record
         status = STATUS_INCOMPLETE
-    columns = s.columns()
     return {
         "stop": stop,
         "status": status,
         "error": error,
         "error_offset": error_offset,
         "records": s.records,
-        **columns,
+        **s.columns(),
     }
