@@ -25,13 +25,12 @@ from dagster import (
 from mvdata_assets.datasets.assets import GROUP as DATASETS_GROUP
 from mvdata_assets.datasets.assets import dataset_assets, dataset_key
 from mvdata_assets.datasets.catalog import load_catalog
-from mvdata_assets.resources import project_resources
+from mvdata_assets.resources import LOADED_SETTINGS, project_resources
 from mvdata_assets.runs.assets import GROUP as WANDB_GROUP
 from mvdata_assets.runs.assets import build_run_datasets_asset, wandb_assets, wandb_checks
 from mvdata_assets.runs.sensors import wandb_api_runs, wandb_offline_runs
-from mvdata_assets.settings import load_settings
 
-settings = load_settings()
+settings = LOADED_SETTINGS  # what shapes the definitions: catalog, image parts, freshness, git links
 
 catalog = load_catalog(settings.catalog)
 datasets = dataset_assets(catalog, settings.image_part_shards)

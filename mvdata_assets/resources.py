@@ -57,8 +57,9 @@ def wandb_fields(settings: Settings) -> dict[str, Any]:
     }
 
 
-LOADED = load_settings()
-DATASETS, WANDB = datasets_fields(LOADED), wandb_fields(LOADED)
+# the one load per process: the resources' defaults here, the sensors' schedule and the definitions' shape
+LOADED_SETTINGS = load_settings()
+DATASETS, WANDB = datasets_fields(LOADED_SETTINGS), wandb_fields(LOADED_SETTINGS)
 
 
 def _setting(variable: str, what: str, default: Any) -> Any:
@@ -166,9 +167,9 @@ class WandbResource(ConfigurableResource):
 class DownloadTrackingResource(ConfigurableResource):
     """Logs each Dagster run that downloads datasets as one W&B run; WANDB_MODE picks online or offline."""
 
-    enabled: bool = _setting("MVDATA_WANDB_TRACKING", "log each download run to W&B", LOADED.tracking_enabled)
+    enabled: bool = _setting("MVDATA_WANDB_TRACKING", "log each download run to W&B", LOADED_SETTINGS.tracking_enabled)
     home: str = _setting(
-        "MVDATA_HOME", "tracking/ under it: the run counter and the offline W&B folders", str(LOADED.home)
+        "MVDATA_HOME", "tracking/ under it: the run counter and the offline W&B folders", str(LOADED_SETTINGS.home)
     )
     project: str = PROJECT
     entity: str | None = None

@@ -13,24 +13,21 @@ from dagster import (
     sensor,
 )
 
-from mvdata_assets.resources import WandbResource
+from mvdata_assets.resources import LOADED_SETTINGS, WandbResource
 from mvdata_assets.runs.assets import GROUP
 from mvdata_assets.runs.run_files import file_states
 from mvdata_assets.runs.wandb_api import ApiSourceError, Client, poll_project, without_secrets
-from mvdata_assets.settings import load_settings
-
-_settings = load_settings()  # how often and whether the sensors run: fixed when the definitions load
 
 
 def _starts(source: object) -> DefaultSensorStatus:
     """Running by default where the sensors are on (MVDATA_WANDB_SENSOR) and this sensor's own source is set."""
-    return DefaultSensorStatus.RUNNING if _settings.sensor_enabled and source else DefaultSensorStatus.STOPPED
+    return DefaultSensorStatus.RUNNING if LOADED_SETTINGS.sensor_enabled and source else DefaultSensorStatus.STOPPED
 
 
 @sensor(
     name="wandb_offline_runs",
-    minimum_interval_seconds=_settings.sensor_interval_s,
-    default_status=_starts(_settings.wandb_offline_dirs),
+    minimum_interval_seconds=LOADED_SETTINGS.sensor_interval_s,
+    default_status=_starts(LOADED_SETTINGS.wandb_offline_dirs),
     asset_selection=AssetSelection.groups(GROUP),
     description="Polls MVDATA_WANDB_OFFLINE_DIRS (file sizes and mtimes only) and syncs when a run is new or grew.",
 )
@@ -58,8 +55,8 @@ def wandb_offline_runs(context: SensorEvaluationContext, wandb: WandbResource) -
 
 @sensor(
     name="wandb_api_runs",
-    minimum_interval_seconds=_settings.sensor_interval_s,
-    default_status=_starts(_settings.wandb_projects),
+    minimum_interval_seconds=LOADED_SETTINGS.sensor_interval_s,
+    default_status=_starts(LOADED_SETTINGS.wandb_projects),
     asset_selection=AssetSelection.groups(GROUP),
     description="Polls MVDATA_WANDB_PROJECTS (one light query a project: new runs, and the runs live now or at the "
     "last tick) and syncs when a run is new or changed.",
