@@ -88,10 +88,6 @@ class ApiSyncReport:
     def count(self, *statuses: str) -> int:
         return sum(1 for r in self.runs if r.status in statuses)
 
-    @property
-    def changed(self) -> bool:
-        return any(r.status in ("new", "updated", "deleted") for r in self.runs)
-
 
 def fingerprint(node: dict) -> str:
     """Every light field of a listed run: a change means a re-sync of that run."""

@@ -130,6 +130,7 @@ def wandb_tables(
             f"{len(offline.files)} run files: {offline.count('new')} new, "
             f"{offline.count('grown', 'replaced', 'refreshed')} updated, {offline.count('unchanged')} unchanged; "
             f"{offline.bytes_read} bytes in {offline.seconds:.2f} s"
+            + (f"; {offline.marked_crashed} quiet runs marked crashed" if offline.marked_crashed else "")
         )
         if wandb.projects:
             context.log.info(

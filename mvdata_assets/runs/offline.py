@@ -55,7 +55,7 @@ class SyncReport:
     files: list[FileOutcome] = field(default_factory=list)
     rows: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    state_changes: int = 0
+    marked_crashed: int = 0  # runs without an exit record whose file stayed quiet past the running window
 
     def count(self, *actions: str) -> int:
         return sum(1 for f in self.files if f.action in actions)
@@ -67,10 +67,6 @@ class SyncReport:
     @property
     def problems(self) -> list[str]:
         return [f.problem for f in self.files if f.problem]
-
-    @property
-    def changed(self) -> bool:
-        return self.count("new", "grown", "replaced", "refreshed") > 0 or self.state_changes > 0
 
 
 def sync_offline(
@@ -107,7 +103,7 @@ def sync_offline(
     finally:
         for reader in readers.values():
             reader.close()
-    report.state_changes += _expire_running(conn, running_window_s)
+    report.marked_crashed = _expire_running(conn, running_window_s)
     report.seconds = time.monotonic() - started
     return report
 

@@ -102,7 +102,6 @@ class Chunk:
     exit_code: int | None = None
     exit_runtime_s: float | None = None
     problem: str | None = None  # a corrupt record: reading stopped there
-    incomplete_at: int | None = None  # the file ends inside this record (live or killed run)
 
 
 def check_header(path: Path) -> None:
@@ -132,11 +131,8 @@ def read_chunks(path: Path, start: int = 0, chunk_bytes: int = DEFAULT_CHUNK_BYT
             problem = None
             if result["status"] == STATUS_CORRUPT:
                 problem = f"{path}: corrupt record at offset {result['error_offset']}: {result['error']}"
-            incomplete = result["status"] == STATUS_INCOMPLETE and at_eof and stop < size
-            if result["records"] or problem or incomplete:
-                chunk = _chunk(result, problem)
-                chunk.incomplete_at = stop if incomplete else None
-                yield chunk
+            if result["records"] or problem:
+                yield _chunk(result, problem)
             if problem or (result["status"] == STATUS_INCOMPLETE and at_eof):
                 return
             if stop == offset:

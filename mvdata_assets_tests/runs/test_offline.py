@@ -373,7 +373,7 @@ def test_resync_with_nothing_changed_reads_nothing(warehouse) -> None:
     generation = conn.execute("SELECT generation FROM wandb._generation").fetchall()
     report = sync_offline(conn, dirs)
     assert [f.action for f in report.files] == ["unchanged"] * 4
-    assert report.bytes_read == 0 and not report.changed
+    assert report.bytes_read == 0 and report.marked_crashed == 0
     assert dump(conn) == before
     assert conn.execute("SELECT generation FROM wandb._generation").fetchall() == generation
 
@@ -408,9 +408,14 @@ def test_killed_run_is_a_prefix_and_crashed(tmp_path: Path, sdk_runs: dict[str, 
     assert_history_matches(conn, run, logged[:k])
     conn.close()
     # within the running window it is still "running"
-    sync(tmp_path / "b.duckdb", [run.out_dir], running_window_s=3600)
+    assert sync(tmp_path / "b.duckdb", [run.out_dir], running_window_s=3600).marked_crashed == 0
     with duckdb.connect(str(tmp_path / "b.duckdb"), read_only=True) as conn:
         assert run_row(conn, run.run_id)["state"] == "running"
+    # the next sync with a window its file has been quiet for marks it crashed, without reading it again
+    report = sync(tmp_path / "b.duckdb", [run.out_dir], running_window_s=0)
+    assert report.marked_crashed == 1 and report.bytes_read == 0
+    with duckdb.connect(str(tmp_path / "b.duckdb"), read_only=True) as conn:
+        assert run_row(conn, run.run_id)["state"] == "crashed"
 
 
 def test_growing_file_ends_like_one_clean_sync(tmp_path: Path, sdk_runs: dict[str, SdkRun]) -> None:

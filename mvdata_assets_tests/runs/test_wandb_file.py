@@ -118,7 +118,7 @@ def test_header_only_file_has_no_records(tmp_path: Path, sdk_runs: dict[str, Sdk
 def test_edge_history_values_are_exact(sdk_runs: dict[str, SdkRun]) -> None:
     run = sdk_runs["edge"]
     chunks = read_all(run.wandb_file)
-    assert all(c.problem is None and c.incomplete_at is None for c in chunks)
+    assert all(c.problem is None for c in chunks)
     got = history_by_step(chunks)
     assert_steps_match_truth(got, run, [s for s, _ in run.truth["steps"]])
     # metrics named like system columns are data; the step column is the real step
@@ -236,10 +236,7 @@ def test_truncated_copies_read_whole_steps_only(tmp_path: Path, sdk_runs: dict[s
         assert sorted(got) == complete, f"cut at {n}: steps read differ from the whole records before it"
         assert_steps_match_truth(got, run, complete)
         last_whole = max((r.end for r in ref.records if r.end <= n), default=len(reference.HEADER))
-        if chunks and chunks[-1].incomplete_at is not None:
-            assert last_whole <= chunks[-1].incomplete_at <= n
-        if n < ref.size:
-            assert chunks[-1].end_offset <= n
+        assert (chunks[-1].end_offset if chunks else len(reference.HEADER)) == last_whole, f"cut at {n}"
 
 
 def _cuts_at_fragment_ends(ref: reference.RefFile, kinds: tuple[int, ...], limit: int) -> list[int]:
@@ -258,11 +255,11 @@ READ_SCRIPT = textwrap.dedent(
     resource.setrlimit(resource.RLIMIT_AS, (vm + 2 * 1024**3, hard))
     out = []
     for p in sys.argv[1:]:
-        res = {"path": p, "steps": [], "error": None, "end": None, "incomplete_at": None, "problem": None}
+        res = {"path": p, "steps": [], "error": None, "end": None, "problem": None}
         try:
             for c in read_chunks(Path(p)):
                 res["steps"] += sorted(set(c.history.column("step").to_pylist()))
-                res["end"], res["incomplete_at"] = c.end_offset, c.incomplete_at
+                res["end"] = c.end_offset
                 res["problem"] = c.problem or res["problem"]
         except BaseException as exc:
             res["error"] = f"{type(exc).__name__}: {exc}"
@@ -304,8 +301,8 @@ def test_cut_at_a_fragment_boundary_reads_up_to_the_last_record(tmp_path: Path, 
             errors.append(f"cut at {n}: reported as corrupt: {res['problem']}")
         if res["steps"] != want_steps:
             errors.append(f"cut at {n}: steps {res['steps'][-3:]} != {want_steps[-3:]}")
-        if res["end"] != last_whole or res["incomplete_at"] != last_whole:
-            errors.append(f"cut at {n}: end {res['end']} / incomplete_at {res['incomplete_at']} != {last_whole}")
+        if res["end"] != last_whole:
+            errors.append(f"cut at {n}: read up to {res['end']}, not to the last whole record's end {last_whole}")
     assert not errors, "\n".join(errors)
 
 
@@ -374,7 +371,7 @@ def test_killed_run_reads_a_prefix_of_what_was_logged(sdk_runs: dict[str, SdkRun
 def test_legacy_2021_fixture(legacy_dir: Path) -> None:
     path = next(legacy_dir.glob("offline-run-*/run-g9dvvkua.wandb"))
     chunks = read_all(path)
-    assert all(c.problem is None and c.incomplete_at is None for c in chunks)
+    assert all(c.problem is None for c in chunks)
     header = next(c.run for c in chunks if c.run)
     assert (header.run_id, header.project, header.host) == ("g9dvvkua", "code-toad", "cvp")
     exits = [c.exit_code for c in chunks if c.exit_code is not None]
