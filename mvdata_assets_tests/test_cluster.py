@@ -13,6 +13,7 @@ import signal
 import tarfile
 import time
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
@@ -40,6 +41,15 @@ def _as_typed(argv: list) -> list[str]:
     for arg in argv[1:]:
         words.append(str(arg.relative_to(services.ROOT)) if isinstance(arg, Path) else arg)
     return words
+
+
+def _shards_of(paths: Iterable[str], names: list[str]) -> set[int]:
+    """The shards that the images at these server paths (img/<name>.jpg) go to."""
+    return {names.index(path.removeprefix("img/").removesuffix(".jpg")) // PER_SHARD for path in paths}
+
+
+def _images_asked(server: FileServer) -> set[str]:
+    return {r.name for r in list(server.requests) if r.name.startswith("img/")}
 
 
 def _in_order(words: list[str], within: list[str]) -> bool:
@@ -93,10 +103,11 @@ def test_a_backfill_on_celery_workers_survives_a_killed_worker(tmp_path: Path) -
             services.backfill(env, "big_cc_images")
             shards = shared / "datasets" / "big_cc" / "shards" / "big"
             deadline = time.monotonic() + 120
-            while len(list(shards.glob("*.tar.part"))) < 2:  # both image workers are writing a shard
+            # both image workers are writing a shard and have asked for its first image; none of the shards of
+            # 3 delayed images can be done yet
+            while len(list(shards.glob("*.tar.part"))) < 2 or len(_shards_of(_images_asked(server), names)) < 2:
                 assert time.monotonic() < deadline, "the image workers never wrote two shards at once"
                 time.sleep(0.05)
-            time.sleep(DELAY_S / 2)  # their first images are asked for; no shard of 3 delayed images is done yet
             writing = sorted(p.name for p in shards.glob("*.tar.part"))
             os.killpg(processes["images1"].pid, signal.SIGKILL)
             processes["images1"].wait()
@@ -121,7 +132,7 @@ def test_a_backfill_on_celery_workers_survives_a_killed_worker(tmp_path: Path) -
     asked = Counter(r.name for r in server.requests if r.name.startswith("img/"))
     again = {name for name, n in asked.items() if n > 1}  # only the images of the shard the killed worker wrote
     assert len(asked) == PARTS * PER_SHARD and max(asked.values()) <= 2
-    killed_shards = {names.index(name.removeprefix("img/").removesuffix(".jpg")) // PER_SHARD for name in again}
+    killed_shards = _shards_of(again, names)
     assert len(killed_shards) == 1 and {f"{s:05d}.tar.part" for s in killed_shards} <= set(writing), (again, writing)
 
     with duckdb.connect(str(shared / "warehouse.duckdb"), read_only=True) as conn:
