@@ -7,9 +7,17 @@ from pathlib import Path
 
 import duckdb
 
-from mvdata_assets.demo import serve_directory, write_demo_catalog, write_demo_files, write_demo_runs
+from mvdata_assets.datasets.catalog import load_catalog
+from mvdata_assets.demo import (
+    DEMO_LIST_IMAGES,
+    serve_directory,
+    write_demo_catalog,
+    write_demo_files,
+    write_demo_runs,
+)
 from mvdata_assets.tracking import PROJECT
 from mvdata_assets_tests import dagster_cli
+from mvdata_assets_tests.demo_truth import runs_per_dataset
 
 # what a download run logs that does not depend on timing: its per-dataset counts and its summary's counts
 LOGGED_COUNTS = r"""(key SIMILAR TO 'dataset/[^/]+/(downloaded|failed|skipped|total|success_rate|bytes)' OR
@@ -58,7 +66,8 @@ def test_the_multiprocess_executor_gives_the_same_warehouse_and_download_log(tmp
     www = tmp_path / "www"
     www.mkdir()
     with serve_directory(www) as base_url:
-        catalog = write_demo_catalog(tmp_path / "catalog.yaml", base_url, write_demo_files(www, base_url))
+        files = write_demo_files(www, base_url)
+        catalog = write_demo_catalog(tmp_path / "catalog.yaml", base_url, files)
         env = {**os.environ, "MVDATA_CATALOG": str(catalog), "MVDATA_WANDB_OFFLINE_DIRS": str(runs),
                "MVDATA_WANDB_TRACKING": "on", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
                # the demo's killed run stays 'running' however slow the machine: both warehouses agree on it
@@ -68,10 +77,12 @@ def test_the_multiprocess_executor_gives_the_same_warehouse_and_download_log(tmp
     # each dataset step of the multiprocess run resumed the download run's W&B run in a process, so a folder, of its
     # own: the offline reader joined them
     folders = list((tmp_path / "multiprocess" / "tracking" / "wandb").glob("offline-run-*"))
-    assert len(folders) == 4, folders
+    assert len(folders) == len(load_catalog(catalog)), folders
     single, multi = _contents(tmp_path / "in_process"), _contents(tmp_path / "multiprocess")
-    assert single["logged"] and dict(single["logged"])["summary/total_files_downloaded"] == 52
+    assert (
+        single["logged"] and dict(single["logged"])["summary/total_files_downloaded"] == len(files) + DEMO_LIST_IMAGES
+    )
     assert [(p, n) for p, n, _ in single["runs"]].count((PROJECT, "microvlme-datasets-1log")) == 1
-    assert len(single["run_datasets"]) == 8 and len(single["files"]) >= 4
+    assert len(single["run_datasets"]) == sum(n for _, n in runs_per_dataset()) and len(single["files"]) >= len(files)
     for part in single:
         assert multi[part] == single[part], part

@@ -15,8 +15,10 @@ import pyarrow as pa
 import pytest
 from dagster import AssetIn, AssetKey, AssetSpec, DagsterInstance, asset, materialize
 
+from mvdata_assets.demo import DEMO_RUNS
 from mvdata_assets.warehouse import DatasetManifest, WarehouseIOManager, WarehouseResource, WarehouseTable
 from mvdata_assets_tests import dagster_cli
+from mvdata_assets_tests.demo_truth import runs_per_dataset
 
 
 def resources(tmp_path: Path) -> dict:
@@ -176,7 +178,7 @@ def test_a_users_module_builds_on_the_demo_with_the_dagster_cli(tmp_path: Path) 
             == conn.execute("""SELECT run_id, min(value) FROM wandb.history WHERE key = 'train/loss'
                                        AND isfinite(value) GROUP BY run_id ORDER BY run_id""").fetchall()
         )
-        assert len(best) == 4  # the demo's training runs (its download log has no loss)
+        assert len(best) == len(DEMO_RUNS)  # the demo's training runs (its download log has no loss)
         keys = dict(conn.execute("SELECT key, run_id_count_distinct FROM analysis.config_keys").fetchall())
         assert keys == dict(
             conn.execute("SELECT key, count(DISTINCT run_id) FROM wandb.config GROUP BY key").fetchall()
@@ -186,7 +188,7 @@ def test_a_users_module_builds_on_the_demo_with_the_dagster_cli(tmp_path: Path) 
         assert [(p, s) for p, s, _ in coco] == files and all(s for _, s in files)
         assert {status for *_, status in coco} == {"complete"}
         used = conn.execute("SELECT dataset, count(*) FROM wandb.run_datasets GROUP BY ALL ORDER BY ALL").fetchall()
-        assert used == [("demo_cc3m", 2), ("demo_coco", 4), ("demo_vqav2", 2)]  # the demo runs' data.datasets
+        assert used == runs_per_dataset()
 
     instance = DagsterInstance.from_config(str(home / "dagster"))
 
