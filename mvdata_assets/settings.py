@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mvdata_assets import defaults
 from mvdata_assets.datasets.addresses import check_network
+from mvdata_assets.runs.wandb_api import split_project
 
 WEEK_S = 7 * 24 * 3600.0
 MOST_AT_ONCE = 4096  # more transfers or requests at once than any machine here gains from
@@ -94,6 +95,9 @@ def load_settings() -> Settings:
     dirs = tuple(
         Path(p).expanduser().absolute() for p in os.environ.get("MVDATA_WANDB_OFFLINE_DIRS", "").split(":") if p
     )
+    projects = _list("MVDATA_WANDB_PROJECTS", "")
+    for path in projects:
+        split_project(path)
     return Settings(
         home=home,
         wandb_offline_dirs=dirs,
@@ -117,7 +121,7 @@ def load_settings() -> Settings:
             "MVDATA_WANDB_SENSOR", "on" if dirs or os.environ.get("MVDATA_WANDB_PROJECTS") else "off"
         ),
         tracking_enabled=_switch("MVDATA_WANDB_TRACKING", "on"),
-        wandb_projects=_list("MVDATA_WANDB_PROJECTS", ""),
+        wandb_projects=projects,
         api_states=_list("MVDATA_WANDB_API_STATES", ""),
         api_tags=_list("MVDATA_WANDB_API_TAGS", ""),
         api_created_since=os.environ.get("MVDATA_WANDB_API_CREATED_SINCE") or None,

@@ -97,3 +97,17 @@ def test_image_parts_are_off_at_0_and_on_from_1(monkeypatch: pytest.MonkeyPatch)
 def test_a_sensor_interval_of_whole_seconds_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MVDATA_WANDB_SENSOR_INTERVAL_S", "5")
     assert load_settings().sensor_interval_s == 5
+
+
+@pytest.mark.parametrize("entry", ["vqa-sweep", "mvlm/", "/vqa-sweep", "mvlm/vqa/sweep"])
+def test_a_wandb_project_that_is_not_entity_slash_project_is_refused(
+    monkeypatch: pytest.MonkeyPatch, entry: str
+) -> None:
+    monkeypatch.setenv("MVDATA_WANDB_PROJECTS", f"mvlm/pretrain,{entry}")
+    with pytest.raises(ValueError, match=f"^MVDATA_WANDB_PROJECTS: {re.escape(repr(entry))} is not entity/project$"):
+        load_settings()
+
+
+def test_wandb_projects_are_taken_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MVDATA_WANDB_PROJECTS", "mvlm/pretrain, mvlm/vqa-sweep")
+    assert load_settings().wandb_projects == ("mvlm/pretrain", "mvlm/vqa-sweep")

@@ -174,7 +174,9 @@ class _TarSource(_Source):
             elif info.ischr() or info.isblk() or info.isfifo():
                 raise UnsafeArchive(self.archive, info.name, "is a device file or FIFO")
             else:
-                raise UnsafeArchive(self.archive, info.name, f"has an unsupported tar type {info.type!r}")
+                raise UnsafeArchive(
+                    self.archive, info.name, f"has an unsupported tar type {info.type.decode('latin-1')!r}"
+                )
             link = info.linkname if kind in ("symlink", "hardlink") else None
             yield Member(info.name, info.name, kind, link, info.size, info.mode, float(info.mtime), info)
 

@@ -325,8 +325,10 @@ def fetch_image_part(
     parquet only, never the warehouse, and no dataset lock, so parts run side by side. Raises UrlListError when
     the list is not the one planned by `download_dataset(images_in_parts=True)`."""
     spec = dataset.url_list
-    if spec is None or listed not in spec.lists:
-        raise UrlListError(f"{dataset.name} has no URL list {listed!r}")
+    if spec is None:
+        raise UrlListError(f"{dataset.name} is not a URL-list dataset (its catalog entry has no url_list)")
+    if listed not in spec.lists:
+        raise UrlListError(f"{dataset.name} has no URL list {listed!r} (its lists: {', '.join(spec.lists)})")
     own = next((f for f in dataset.files if f.path == listed), None)
     where = _place(dataset, data_root / dataset.name, listed, own.sha256 if own is not None else None)
     if not where.list_path.is_file():

@@ -40,7 +40,9 @@ def _tsv_rows(path: Path, spec: UrlList) -> Iterator[Row]:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         url_at, caption_at = spec.url_column, spec.caption_column
         if spec.header:
-            names = next(reader, [])
+            names = next(reader, None)
+            if names is None:
+                raise UrlListError(f"{path}: empty, but its catalog entry says its first row is a header")
             for column in (url_at, caption_at):
                 if isinstance(column, str) and column not in names:
                     raise UrlListError(f"{path}: no column {column!r} in the header ({', '.join(names)})")
@@ -77,7 +79,10 @@ def _json_rows(path: Path, spec: UrlList) -> Iterator[Row]:
         raise UrlListError(f"{path}: not JSON: {exc}") from None
     names = [c for c in (spec.url_column, spec.caption_column) if c is not None]
     if isinstance(doc, list):  # records
-        first = doc[0] if doc and isinstance(doc[0], dict) else {}
+        first = doc[0] if doc else {}
+        if not isinstance(first, dict):
+            raise UrlListError(f"{path}: expected an array of records (objects), but its first item is a "
+                               f"{type(first).__name__}")  # fmt: skip
         for name in names:
             if doc and name not in first:
                 raise UrlListError(f"{path}: no key {name!r} in its records (the first has {', '.join(first)})")
@@ -89,8 +94,10 @@ def _json_rows(path: Path, spec: UrlList) -> Iterator[Row]:
     if not isinstance(doc, dict):
         raise UrlListError(f"{path}: expected an object of arrays or an array of records, not {type(doc).__name__}")
     for name in names:
-        if not isinstance(doc.get(name), list):
-            raise UrlListError(f"{path}: no array {name!r} (it has {', '.join(doc)})")
+        if name not in doc:
+            raise UrlListError(f"{path}: no key {name!r} (it has {', '.join(doc)})")
+        if not isinstance(doc[name], list):
+            raise UrlListError(f"{path}: {name!r} is a {type(doc[name]).__name__}, not an array")
     urls = doc[spec.url_column]
     captions = doc[spec.caption_column] if spec.caption_column is not None else None
     if captions is not None and len(captions) != len(urls):
@@ -146,12 +153,13 @@ def read_list(path: Path, spec: UrlList, captions: Path | None = None) -> Iterat
         row, bad = next((i, url) for i, (url, _) in enumerate(head, 1) if not is_url(url))
         holds_urls = sum(is_url(caption) for _, caption in head) * 2 >= len(head)
         if spec.format == "lines":
-            where = "the lines"
+            problem = "its lines do not hold http(s) URLs"
             hint = f"; the captions file {captions} holds the URLs: are the two swapped?" if holds_urls else ""
         else:
-            where = f"url_column ({_describe(spec.url_column)})"
+            problem = f"url_column ({_describe(spec.url_column)}) does not hold http(s) URLs"
             hint = ""
             if holds_urls:
                 hint = f"; {_describe(spec.caption_column)} (caption_column) holds the URLs: are the two swapped?"
-        raise UrlListError(f"{path}: {where} does not hold http(s) URLs (row {row}: {bad[:80]!r}){hint}")
+        value = repr(bad[:80]) if bad else "empty or missing"
+        raise UrlListError(f"{path}: {problem} (row {row}: {value}){hint}")
     return itertools.chain(head, rows)

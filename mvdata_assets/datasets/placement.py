@@ -208,7 +208,9 @@ class Planner:
                 source = self.resolve(member_parts(member.link or ""), follow_last=False)
             except Escape as exc:
                 raise Escape(f"is a hard link whose target {exc}") from None
-            if self.state.get(source) != ("file", None) or source == dest:
+            if source == dest:
+                raise Escape("is a hard link to itself")
+            if self.state.get(source) != ("file", None):
                 raise Escape(f"is a hard link to '{member.link}', which is not an earlier file in the archive")
             link = source
             self._record(dest, ("file", None))

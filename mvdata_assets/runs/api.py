@@ -42,6 +42,7 @@ from mvdata_assets.runs.wandb_api import (
     last_step,
     list_runs,
     run_details,
+    split_project,
     without_secrets,
 )
 
@@ -134,12 +135,13 @@ def sync_api(
     report = ApiSyncReport()
     if not projects:
         return report
+    try:  # every entry before any request: a bad one is named, not met after the others synced
+        paths = [(path, *split_project(path)) for path in projects]
+    except ValueError as exc:
+        raise ApiSourceError(str(exc)) from None
     client = client_factory()
     with tempfile.TemporaryDirectory(prefix="mvdata-wandb-") as work, ThreadPoolExecutor(concurrency) as pool:
-        for path in projects:
-            entity, _, project = path.partition("/")
-            if not entity or not project:
-                raise ApiSourceError(f"MVDATA_WANDB_PROJECTS: {path!r} is not entity/project")
+        for path, entity, project in paths:
             try:
                 _sync_project(conn, client, pool, concurrency, Path(work), entity, project, filters, force_refresh,
                               report, log)  # fmt: skip

@@ -175,6 +175,14 @@ def run_details(client: Client, entity: str, project: str, names: Sequence[str])
     return {node["name"]: node for node in nodes}
 
 
+def split_project(path: str) -> tuple[str, str]:
+    """(entity, project) of an MVDATA_WANDB_PROJECTS entry; ValueError naming it when it is not `entity/project`."""
+    entity, _, project = path.partition("/")
+    if not entity or not project or "/" in project:
+        raise ValueError(f"MVDATA_WANDB_PROJECTS: {path!r} is not entity/project")
+    return entity, project
+
+
 def poll_project(client: Client, path: str, last: dict | None) -> tuple[list[str], int, dict]:
     """What changed in one project since the last sensor tick: (runs changed, runs new, the project's new cursor).
 
@@ -182,7 +190,7 @@ def poll_project(client: Client, path: str, last: dict | None) -> tuple[list[str
     tell live runs moving on (history, heartbeat) and ending (their state). Filters use only keys the SDK documents
     for `Api.runs` (`state`, `name`), so the cursor never holds a value a server could refuse.
     """
-    entity, _, project = path.partition("/")
+    entity, project = split_project(path)
     was_live = sorted((last or {}).get("live", {}))
     live_filter: dict = {"state": {"$in": list(LIVE_STATES)}}
     filters = {"$or": [live_filter, {"name": {"$in": was_live}}]} if was_live else live_filter

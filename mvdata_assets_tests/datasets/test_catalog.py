@@ -345,6 +345,20 @@ def test_missing_file_is_named(tmp_path: Path) -> None:
     assert errors == [f"{missing}: catalog file not found"]
 
 
+def test_a_catalog_path_that_is_a_folder_is_named(tmp_path: Path) -> None:
+    folder = tmp_path / "catalog.yaml"
+    folder.mkdir()
+    (error,) = catalog_errors(folder)
+    assert error.startswith(f"{folder}: cannot read catalog: ") and "Is a directory" in error
+
+
+def test_a_catalog_not_in_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("datasets: {}\n# caf\u00e9\n".encode("latin-1"))
+    (error,) = catalog_errors(path)
+    assert error.startswith(f"{path}: cannot read catalog: ") and "'utf-8' codec can't decode" in error
+
+
 def test_broken_yaml_is_named_with_its_line(tmp_path: Path) -> None:
     path = tmp_path / "broken.yaml"
     path.write_text("datasets:\n  coco:\n    files: [\n", encoding="utf-8")

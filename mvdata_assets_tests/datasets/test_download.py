@@ -6,6 +6,7 @@ import fcntl
 import hashlib
 import io
 import os
+import re
 import subprocess
 import sys
 import time
@@ -17,8 +18,9 @@ import pytest
 import yaml
 
 from mvdata_assets.cli import main
-from mvdata_assets.datasets.catalog import load_catalog
-from mvdata_assets.datasets.download import download_dataset
+from mvdata_assets.datasets.catalog import CatalogFile, Dataset, UrlList, load_catalog
+from mvdata_assets.datasets.download import ImageOptions, download_dataset, fetch_image_part
+from mvdata_assets.datasets.url_lists import UrlListError
 from mvdata_assets.db import connect
 from mvdata_assets_tests.datasets.fileserver import FileServer
 
@@ -92,3 +94,35 @@ def test_an_archive_member_never_replaces_a_verified_file_of_the_dataset(tmp_pat
     assert "would overwrite 'questions.json', a file of the dataset's catalog" in (run.results[1].error or "")
     assert (tmp_path / "data" / "qa" / "questions.json").read_bytes() == questions
     assert run.summary.status == "partial"
+
+
+# A URL-list dataset as the catalog gives it; nothing here is fetched, so its URL is never requested.
+CC3M = Dataset(
+    "cc3m",
+    "image URLs and their captions",
+    "public",
+    files=(CatalogFile("http://127.0.0.1:9/list.tsv", "list.tsv"),),
+    url_list=UrlList(("list.tsv",), "tsv", url_column=1, caption_column=0),
+)
+
+
+def test_an_image_part_of_a_list_not_downloaded_yet_says_to_materialise_the_dataset_first(tmp_path: Path) -> None:
+    missing = tmp_path / "data" / "cc3m" / "list.tsv"
+    with pytest.raises(UrlListError, match=f"^{re.escape(str(missing))} is missing: materialise datasets/cc3m first$"):
+        fetch_image_part(CC3M, tmp_path / "data", "list.tsv", range(0, 1), ImageOptions())
+    assert not (tmp_path / "data").exists()  # no shard folder made for a list that isn't there
+
+
+def test_an_image_part_of_a_list_the_dataset_does_not_have_is_refused(tmp_path: Path) -> None:
+    other = tmp_path / "data" / "cc3m" / "other.tsv"  # on disk, but not a list of the catalog entry
+    other.parent.mkdir(parents=True)
+    other.write_text("a cat\thttp://127.0.0.1:9/a.jpg\n", encoding="utf-8")
+    with pytest.raises(UrlListError, match=r"^cc3m has no URL list 'other\.tsv' \(its lists: list\.tsv\)$"):
+        fetch_image_part(CC3M, tmp_path / "data", "other.tsv", range(0, 1), ImageOptions())
+    assert not (other.parent / "shards").exists()
+
+
+def test_an_image_part_of_a_dataset_without_url_lists_is_refused(tmp_path: Path) -> None:
+    coco = Dataset("coco", "images", "public", files=(CatalogFile("http://127.0.0.1:9/val.zip", "val.zip"),))
+    with pytest.raises(UrlListError, match=r"^coco is not a URL-list dataset \(its catalog entry has no url_list\)$"):
+        fetch_image_part(coco, tmp_path / "data", "val.zip", range(0, 1), ImageOptions())

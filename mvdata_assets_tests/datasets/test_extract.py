@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import tarfile
@@ -382,6 +383,13 @@ UNSAFE: list[tuple[str, list[Entry], str, str]] = [
         "hl",
         "is a hard link to 'later.txt', which is not an earlier file in the archive",
     ),
+    (
+        "tar",
+        [("dir", "d/"), ("hardlink", "hl", "d")],
+        "hl",
+        "is a hard link to 'd', which is not an earlier file in the archive",
+    ),  # a hard link to a directory
+    ("tar", [("file", "hl", b"x"), ("hardlink", "hl", "hl")], "hl", "is a hard link to itself"),
     ("tar", [("fifo", "pipe")], "pipe", DEVICE),
     ("tar", [("chr", "null")], "null", DEVICE),
     ("zip", [("file", "../evil.txt", b"x")], "../evil.txt", UP),
@@ -532,6 +540,21 @@ def test_unsupported_extension_is_a_value_error_naming_the_file(target: Path) ->
     with pytest.raises(ValueError, match=r"images\.rar: unsupported archive type") as caught:
         extract(archive, target)
     assert not isinstance(caught.value, UnsafeArchive | BadArchive)
+
+
+@pytest.mark.parametrize("link", [False, True], ids=["file", "symlink-to-file"])
+def test_a_target_that_is_not_a_directory_is_refused_naming_it(tmp_path: Path, link: bool) -> None:
+    archive = make_tar(tmp_path / "a.tar", GOOD)
+    target = tmp_path / "coco"
+    (tmp_path / "file").write_bytes(b"not a folder")
+    if link:
+        target.symlink_to(tmp_path / "file")
+    else:
+        (tmp_path / "file").rename(target)
+    with pytest.raises(NotADirectoryError, match=f"^extraction target {re.escape(str(target))} is not a directory$"):
+        extract(archive, target)
+    assert target.read_bytes() == b"not a folder"
+    assert not is_extracted(archive, target)
 
 
 def _truncated(path: Path) -> None:

@@ -178,7 +178,7 @@ def test_sbu_json_of_parallel_arrays_and_json_records(tmp_path: Path) -> None:
     with pytest.raises(UrlListError, match=r"1 'image_urls' but 0 'captions'"):
         list(read_list(arrays, spec))
     arrays.write_text(json.dumps({"urls": [], "captions": []}))
-    with pytest.raises(UrlListError, match=r"no array 'image_urls' \(it has urls, captions\)"):
+    with pytest.raises(UrlListError, match=r"no key 'image_urls' \(it has urls, captions\)"):
         list(read_list(arrays, spec))
     arrays.write_text("{not json")
     with pytest.raises(UrlListError, match="not JSON"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -240,6 +241,15 @@ def test_faults_are_retried_or_reported_per_run(sdk: WandbServer, tmp_path: Path
     assert {r.key[2] for r in report.runs if r.status == "failed"} == {"run0"}
     assert not mismatches(expected_rows(logged["run0"]), stored_rows(conn, "run0"))  # a failed refresh loses nothing
     sdk.clear_faults()
+
+
+@pytest.mark.parametrize("path", ["vqa-sweep", f"{E}/", "/vqa-sweep"])
+def test_a_project_that_is_not_entity_slash_project_is_named(tmp_path: Path, path: str) -> None:
+    """load_settings takes MVDATA_WANDB_PROJECTS as given; the sync refuses a bad entry before any request."""
+    conn = duckdb.connect(str(tmp_path / "w.duckdb"))
+    with pytest.raises(ApiSourceError, match=f"^MVDATA_WANDB_PROJECTS: '{re.escape(path)}' is not entity/project$"):
+        sync_api(conn, [path], client_factory=object)
+    conn.close()
 
 
 def test_filters_and_a_bad_key(sdk: WandbServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
