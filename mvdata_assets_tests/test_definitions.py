@@ -174,6 +174,21 @@ def test_materialize_fills_tables_and_reports_what_it_did(home: Path) -> None:
     assert refreshed["wandb/history"]["runs_updated"].value == len(DEMO_RUNS)
     assert refreshed["wandb/history"]["dagster/row_count"].value == stored
     assert {c.metadata["counts"].value for c in forced.get_asset_check_evaluations()} == {"counted in this run"}
+    assert {m["wandb/history"]["runs_marked_crashed"].value for m in (first, second, refreshed)} == {
+        0
+    }  # all within the window
+
+    # a run whose window its file has been quiet for is marked crashed: said in the metadata and the log
+    quiet = {"resources": {"wandb": {"config": {"running_window_s": 0.001}}}}
+    crashed, marked = _materialize(home, instance, quiet)
+    assert (
+        marked["wandb/history"]["runs_marked_crashed"].value == 1 == marked["wandb/runs"]["runs_marked_crashed"].value
+    )
+    logged = [e.user_message for e in instance.all_logs(crashed.run_id) if "marked crashed" in e.user_message]
+    assert len(logged) == 1 and logged[0].endswith("; marked crashed, quiet past the running window: 1"), logged
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        killed = conn.execute("SELECT state FROM wandb.runs WHERE display_name = 'clip-lr6e-4-killed'").fetchone()
+    assert killed == ("crashed",)
 
 
 def test_downstream_follows_the_tables_by_itself(home: Path) -> None:

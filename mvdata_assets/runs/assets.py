@@ -81,6 +81,7 @@ def _sync_metadata(offline: SyncReport, api: ApiSyncReport) -> dict:
         "runs_updated": MetadataValue.int(offline.count("grown", "replaced", "refreshed") + api.count("updated")),
         "runs_unchanged": MetadataValue.int(offline.count("unchanged") + api.count("unchanged")),
         "runs_deleted_upstream": MetadataValue.int(api.count("deleted")),
+        "runs_marked_crashed": MetadataValue.int(offline.marked_crashed),
         "bytes_read": MetadataValue.int(offline.bytes_read),
         "api_requests_for_runs": MetadataValue.int(sum(r.requests for r in api.runs)),
         "seconds": MetadataValue.float(round(offline.seconds + api.seconds, 3)),
@@ -126,11 +127,12 @@ def wandb_tables(
         )
         for problem in offline.problems + api.problems:
             context.log.warning(problem)
+        crashed = offline.marked_crashed
         context.log.info(
             f"{len(offline.files)} run files: {offline.count('new')} new, "
             f"{offline.count('grown', 'replaced', 'refreshed')} updated, {offline.count('unchanged')} unchanged; "
             f"{offline.bytes_read} bytes in {offline.seconds:.2f} s"
-            + (f"; {offline.marked_crashed} quiet runs marked crashed" if offline.marked_crashed else "")
+            + (f"; marked crashed, quiet past the running window: {crashed}" if crashed else "")
         )
         if wandb.projects:
             context.log.info(
