@@ -12,7 +12,9 @@ What it measures: a big file and many small files, served by nginx on 127.0.0.1 
     subprocess, MVDATA_CATALOG a catalog of the served files, a fresh MVDATA_HOME per run (the files land in its
     datasets/<name>/), MVDATA_WANDB_TRACKING=off, one DAGSTER_HOME for the script's run;
   - Dagster's fixed start-up: the same for a dataset of one 1-byte file in the same catalog. The asset's time is shown
-    raw and, on a row of its own, minus this start-up (best minus best, median minus median);
+    raw and, on rows of their own, minus this start-up (best minus best, median minus median): as the difference of
+    the two commands' times, and as the difference of their steps' times as Dagster logged them in the same runs
+    (STEP_START to STEP_SUCCESS in the run's event log), which leaves out the ~2 s of each process that cancel;
   - the big file's limits on this machine, each alone: its sha256 from the page cache on one core, and writing its
     bytes to the disk (`dd oflag=direct conv=fdatasync`). A download that verifies and makes durable cannot beat
     either; curl, which does neither, can;
@@ -22,7 +24,8 @@ What it measures: a big file and many small files, served by nginx on 127.0.0.1 
 The engine's and the asset's times include verifying sha256 and making the files durable (fsync or syncfs, renames
 from .part, a folder fsync); curl's and aria2c's include neither.
 
-Targets (judged on the engine, best of --repeat; the same ratios are printed for the asset minus its start-up):
+Targets (judged on the engine, best of --repeat; the same ratios are printed for the asset minus its start-up, by
+the commands' and by the steps' times):
   1. a 1 GiB file, sha256 verified: engine throughput >= 0.9x curl's;
   2. 2,000 x 64 KiB files: curl seconds / engine seconds >= 0.5.
 
@@ -101,6 +104,7 @@ ENGINE = "engine"
 ASSET = "asset: dagster asset materialize"
 STARTUP = "dagster start-up (1-byte dataset)"
 NET = "asset minus start-up"
+NET_STEPS = "asset minus start-up, steps"
 ARIA2_QUIET = ["-q", "--console-log-level=error", "--summary-interval=0", "--allow-overwrite=true",
                "--auto-file-renaming=false"]  # fmt: skip
 
@@ -319,26 +323,46 @@ def write_catalog(path: Path, base: str, datasets: dict[str, list[dict]]) -> Pat
     return path
 
 
-def asset(catalog: Path, name: str, dagster_home: Path) -> Tool:
-    """`dagster asset materialize` of the dataset `name`, its MVDATA_HOME the run's fresh folder."""
+def asset(catalog: Path, name: str, dagster_home: Path, steps: list[float]) -> Tool:
+    """`dagster asset materialize` of the dataset `name`, its MVDATA_HOME the run's fresh folder; each run's step
+    time, as Dagster logged it, is appended to `steps`."""
 
     def run(home: Path) -> tuple[Timing, Path]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("MVDATA_")}  # none of the user's settings
         env |= {"MVDATA_CATALOG": str(catalog), "MVDATA_HOME": str(home), "MVDATA_WANDB_TRACKING": "off",
                 "DAGSTER_HOME": str(dagster_home)}  # fmt: skip
         argv = [str(DAGSTER), "asset", "materialize", "-m", "mvdata_assets.definitions", "--select", f"datasets/{name}"]
-        return timed(argv, cwd=ROOT, env=env), home / "datasets" / name
+        timing = timed(argv, cwd=ROOT, env=env)
+        steps.append(step_seconds(dagster_home))
+        return timing, home / "datasets" / name
 
     return run
+
+
+def step_seconds(dagster_home: Path) -> float:
+    """Wall seconds of the newest run's one step, from its STEP_START to its STEP_SUCCESS event."""
+    from dagster import DagsterEventType, DagsterInstance  # here: only the asset rows need Dagster
+
+    with DagsterInstance.from_config(str(dagster_home)) as instance:
+        (run,) = instance.get_runs(limit=1)
+        kinds = {DagsterEventType.STEP_START, DagsterEventType.STEP_SUCCESS}
+        stamps = {e.dagster_event.event_type: e.timestamp for e in instance.all_logs(run.run_id, of_type=kinds)}
+    if set(stamps) != kinds:
+        raise RuntimeError(f"run {run.run_id} logged no successful step: {sorted(stamps)}")
+    return stamps[DagsterEventType.STEP_SUCCESS] - stamps[DagsterEventType.STEP_START]
 
 
 # ---- the two workloads: {row: run} ----
 
 
-def dagster_rows(base: str, dataset: str, files: list[dict], tiny: dict, home: Path) -> dict[str, tuple[Tool, list]]:
-    """The asset and Dagster's start-up (the 1-byte `bench_startup`), from one catalog of both datasets."""
+def dagster_rows(
+    base: str, dataset: str, files: list[dict], tiny: dict, home: Path, steps: dict[str, list[float]]
+) -> dict[str, tuple[Tool, list]]:
+    """The asset and Dagster's start-up (the 1-byte `bench_startup`), from one catalog of both datasets; their step
+    times into `steps[ASSET]` and `steps[STARTUP]`."""
     catalog = write_catalog(DATA / f"catalog-{dataset}.yaml", base, {dataset: files, "bench_startup": [tiny]})
-    return {ASSET: (asset(catalog, dataset, home), files), STARTUP: (asset(catalog, "bench_startup", home), [tiny])}
+    return {ASSET: (asset(catalog, dataset, home, steps.setdefault(ASSET, [])), files),
+            STARTUP: (asset(catalog, "bench_startup", home, steps.setdefault(STARTUP, [])), [tiny])}  # fmt: skip
 
 
 def big_runs(tools: dict[str, str], base: str, big: dict, c_stream: str | None, dagster: dict) -> dict:
@@ -492,15 +516,18 @@ def conditions(count: int = 300) -> tuple[int, int, float]:
 # ---- report ----
 
 
-def summary(times: dict[str, list[Timing]]) -> dict[str, tuple[float, float, float]]:
-    """(best s, median s, median CPU s) per row, with the asset minus the start-up added after the asset, and the
-    limits last."""
+def summary(times: dict[str, list[Timing]], steps: dict[str, list[float]]) -> dict[str, tuple[float, float, float]]:
+    """(best s, median s, median CPU s) per row, with the asset minus the start-up (by the commands' times, and by the
+    steps' times, whose CPU is not logged) added after the asset, and the limits last."""
     rows = {n: (min(w for w, _ in t), statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
             for n, t in times.items()}  # fmt: skip
     asset_row, start = rows[ASSET], rows[STARTUP]
     net = (asset_row[0] - start[0], asset_row[1] - start[1], asset_row[2] - start[2])
+    asset_steps, start_steps = steps[ASSET], steps[STARTUP]
+    by_steps = (min(asset_steps) - min(start_steps), statistics.median(asset_steps) - statistics.median(start_steps),
+                float("nan"))  # fmt: skip
     tools = {n: r for n, r in rows.items() if n != STARTUP and n not in LIMITS}
-    return {**tools, NET: net, STARTUP: start, **{n: r for n, r in rows.items() if n in LIMITS}}
+    return {**tools, NET: net, NET_STEPS: by_steps, STARTUP: start, **{n: r for n, r in rows.items() if n in LIMITS}}
 
 
 def table(rows: dict[str, tuple[float, float, float]], baseline: str, amount: float, unit: str) -> None:
@@ -509,7 +536,8 @@ def table(rows: dict[str, tuple[float, float, float]], baseline: str, amount: fl
     for name, (best, med, cpu) in rows.items():
         rate = f"{amount / best:.0f}" if best > 0 else "n/a"
         vs_best, vs_med = ratio(rows, baseline, name)
-        print(f"  {name:<34}{best:>8.3f}{med:>10.3f}{rate:>14}{cpu:>14.2f}{vs_best:>9.2f}{vs_med:>8.2f}")
+        cpu_text = "n/a" if cpu != cpu else f"{cpu:.2f}"  # nan: not measured (the step's CPU is not logged)
+        print(f"  {name:<34}{best:>8.3f}{med:>10.3f}{rate:>14}{cpu_text:>14}{vs_best:>9.2f}{vs_med:>8.2f}")
 
 
 def ratio(rows: dict, baseline: str, row: str) -> tuple[float, float]:
@@ -519,7 +547,7 @@ def ratio(rows: dict, baseline: str, row: str) -> tuple[float, float]:
 
 
 def verdicts(rows: dict, baseline: str, target: float, what: str, repeat: int) -> None:
-    for name in (ENGINE, NET):
+    for name in (ENGINE, NET, NET_STEPS):
         got = ratio(rows, baseline, name)[0]
         word = "PASS" if got >= target else "MISS"
         print(f"{word} {what} ({name}): {got:.2f} (target >= {target}, best of {repeat})")
@@ -540,11 +568,16 @@ def main() -> int:
         with nginx(tools["nginx"], WWW) as base:
             home = fresh_dir("dagster-home")  # one DAGSTER_HOME for all the runs, as a user has
             (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-            big_work = big_runs(tools, base, big, c_stream, dagster_rows(base, "bench_big", [big], tiny, home))
-            small_work = small_runs(tools, base, smalls, dagster_rows(base, "bench_small", smalls, tiny, home))
+            big_steps: dict[str, list[float]] = {}
+            small_steps: dict[str, list[float]] = {}
+            big_work = big_runs(tools, base, big, c_stream,
+                                dagster_rows(base, "bench_big", [big], tiny, home, big_steps))  # fmt: skip
+            small_work = small_runs(tools, base, smalls,
+                                    dagster_rows(base, "bench_small", smalls, tiny, home, small_steps))  # fmt: skip
             print(f"nginx on {base}, serving {WWW}; {os.cpu_count()} CPUs; best and median of {args.repeat} runs")
             warm(base, [big, tiny])
             big_work[STARTUP]()  # untimed: Dagster's first start reads its files into the page cache
+            big_steps[STARTUP].clear()
             steal0, total0, create_before = conditions()
             big_times = measure(big_work, args.repeat, f"{args.big_mib} MiB")
             warm(base, smalls)  # again just before their rounds, in case the big file's pushed them out
@@ -557,7 +590,7 @@ def main() -> int:
     steal = (steal1 - steal0) / (total1 - total0) if total1 > total0 else 0.0
     print(f"\nconditions: CPU steal {steal:.0%} during the runs; creating a file under {DATA} took "
           f"{create_before:.0f} us before and {create_after:.0f} us after them")  # fmt: skip
-    big_rows, small_rows = summary(big_times), summary(small_times)
+    big_rows, small_rows = summary(big_times, big_steps), summary(small_times, small_steps)
     print(f"\n{args.big_mib} MiB file ({big['size']:,} bytes; MB = 10^6 bytes); vs: {CURL_BIG}'s seconds / the row's")
     table(big_rows, CURL_BIG, big["size"] / 1e6, "MB/s")
     print(f"\n{args.small} x {args.small_kib} KiB files; vs: {CURL_SMALL}'s seconds / the row's")
