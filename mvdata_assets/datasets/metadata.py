@@ -5,12 +5,15 @@ warehouse's tables hold every row.
 """
 
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from dagster import AssetCheckResult, AssetCheckSeverity, MetadataValue
 
 from mvdata_assets import charts
 from mvdata_assets.datasets.download import DatasetRun
 from mvdata_assets.datasets.images import describe_error_kind
+from mvdata_assets.datasets.shards import ShardResult
 from mvdata_assets.tracking import DownloadTracker, TrackedRun
 
 
@@ -27,14 +30,21 @@ def tracking_metadata(tracked: TrackedRun | None, tracker: DownloadTracker | Non
     return {"wandb_run_number": tracked.number, "wandb_run_name": tracked.name, **where}
 
 
+T = TypeVar("T")
 MAX_TABLE_ROWS = 200  # rows of a file or shard table in the UI; the warehouse's table holds them all
 
 
-def _capped_table(header: tuple[str, ...], rows: list[tuple], table: str) -> MetadataValue:
-    """A Markdown table of the first MAX_TABLE_ROWS rows, saying how many more `table` holds: a dataset's files
-    may number in the thousands, and the whole metadata entry is one event-log write."""
-    more = f"\n\n... and {len(rows) - MAX_TABLE_ROWS} more ({table})" if len(rows) > MAX_TABLE_ROWS else ""
-    return MetadataValue.md(charts.markdown_table(header, rows[:MAX_TABLE_ROWS]) + more)
+def _capped_table(header: tuple[str, ...], items: list[T], as_row: Callable[[T], tuple], table: str) -> MetadataValue:
+    """A Markdown table of the first MAX_TABLE_ROWS items, saying how many more `table` holds: a dataset's files
+    may number in the thousands, and the whole metadata entry is one event-log write. Only the items shown become
+    rows."""
+    more = f"\n\n... and {len(items) - MAX_TABLE_ROWS} more ({table})" if len(items) > MAX_TABLE_ROWS else ""
+    return MetadataValue.md(charts.markdown_table(header, [as_row(item) for item in items[:MAX_TABLE_ROWS]]) + more)
+
+
+def _shard_row(listed_shard: tuple[str, ShardResult]) -> tuple:
+    listed, s = listed_shard
+    return listed, f"{s.index:05d}", s.state, s.total, s.in_place, s.failed, f"{s.tar_bytes / 1e6:.1f} MB"
 
 
 def images_metadata(run: DatasetRun) -> dict:
@@ -43,10 +53,6 @@ def images_metadata(run: DatasetRun) -> dict:
     listed = sum(images[k] for k in ("downloaded", "failed", "skipped"))
     seconds = sum(listed_run.run.seconds for listed_run in run.lists)
     shards = [(lr.list, s) for lr in run.lists for s in lr.run.shards]
-    shard_rows = [
-        (listed, f"{s.index:05d}", s.state, s.total, s.in_place, s.failed, f"{s.tar_bytes / 1e6:.1f} MB")
-        for listed, s in shards
-    ]
     return {
         "images_downloaded": images["downloaded"],
         "images_failed": images["failed"],
@@ -68,7 +74,10 @@ def images_metadata(run: DatasetRun) -> dict:
             else "no image failed"
         ),
         "shards": _capped_table(
-            ("list", "shard", "state", "images", "in place", "failed", "tar"), shard_rows, "datasets.shards"
+            ("list", "shard", "state", "images", "in place", "failed", "tar"),
+            shards,
+            _shard_row,
+            "datasets.shards",
         ),
     }
 
@@ -89,10 +98,8 @@ def dataset_metadata(run: DatasetRun) -> dict:
         "extracted": MetadataValue.json(run.extracted),
         "files": _capped_table(
             ("path", "status", "bytes", "attempts", "error"),
-            [  # the failed files first
-                (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or "")
-                for r in sorted(run.results, key=lambda r: r.status != "failed")
-            ],
+            sorted(run.results, key=lambda r: r.status != "failed"),  # the failed files first
+            lambda r: (os.path.relpath(r.path, run.folder), r.status, r.bytes, r.attempts, r.error or ""),
             "datasets.files",
         ),
     }
