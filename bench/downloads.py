@@ -550,7 +550,7 @@ def verdicts(rows: dict, baseline: str, target: float, what: str, repeat: int) -
     for name in (ENGINE, NET, NET_STEPS):
         got = ratio(rows, baseline, name)[0]
         word = "PASS" if got >= target else "MISS"
-        print(f"{word} {what} ({name}): {got:.2f} (target >= {target}, best of {repeat})")
+        print(f"{word} {what} ({name}): {got:.3f} (target >= {target}, best of {repeat})")
 
 
 def main() -> int:
