@@ -10,6 +10,7 @@ leaks into the caller.
 from __future__ import annotations
 
 import functools
+import gzip
 import hashlib
 import io
 import json
@@ -157,6 +158,7 @@ def _png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
 
 
 DEMO_PORT = 47_817  # loopback port of the demo's file server, when free
+ARCHIVE_TIME = (2017, 9, 1, 0, 0, 0)  # of every member of the demo's zip
 DEMO_LIST_IMAGES = 48  # the demo CC3M list's images, fetched into 3 WebDataset shards of 16
 
 
@@ -166,14 +168,18 @@ def write_demo_files(www: Path, base_url: str) -> dict[str, bytes]:
     rng = random.Random(0)
     images = {f"val2017/{i:012d}.png": _png(32, 24, (rng.randrange(256), rng.randrange(256), 90)) for i in range(24)}
     captions = {"annotations": [{"image_id": i, "caption": f"a demo picture number {i}"} for i in range(24)]}
+    # the archives carry fixed times instead of now: the same bytes every time, so a second demo finds its files
+    # verified and downloads nothing
     zipped = io.BytesIO()
     with zipfile.ZipFile(zipped, "w") as archive:
-        for name, data in images.items():
-            archive.writestr(name, data)
-        archive.writestr("annotations/captions_val2017.json", json.dumps(captions))
+        for name, data in [*images.items(), ("annotations/captions_val2017.json", json.dumps(captions).encode())]:
+            archive.writestr(zipfile.ZipInfo(name, date_time=ARCHIVE_TIME), data)
     questions = [{"question_id": i, "image_id": i % 24, "question": "What colour is it?"} for i in range(100)]
     answers = io.BytesIO()
-    with tarfile.open(fileobj=answers, mode="w:gz") as archive:
+    with (
+        gzip.GzipFile(fileobj=answers, mode="wb", mtime=0) as gzipped,
+        tarfile.open(fileobj=gzipped, mode="w") as archive,
+    ):
         data = json.dumps([{"question_id": q["question_id"], "answer": "red"} for q in questions]).encode()
         info = tarfile.TarInfo("annotations/v2_demo_annotations.json")
         info.size = len(data)
