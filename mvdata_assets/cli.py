@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -68,14 +69,19 @@ def _size(n: float) -> str:
 
 def status() -> int:
     """Each dataset's state from the warehouse and the disk, with no network: a folder that merely exists
-    is not "complete"; every catalog file (and image shard) must be on disk as its verified download left it.
-    A URL-list dataset also shows its images in place out of those listed: link rot leaves it partial."""
+    is not "complete"; every catalog file (and image shard) must be on disk as its verified download left it, and
+    match the catalog as it is now. A URL-list dataset also shows its images in place out of those listed: link rot
+    leaves it partial, and it is complete only when its last download was (every shard of its lists made). A
+    dataset whose last download failed (a list that can't be read, no image in place) shows as failed."""
     from mvdata_assets.datasets import store as dataset_store
     from mvdata_assets.datasets.catalog import load_catalog
+    from mvdata_assets.datasets.files import FileTask, Known, present
 
     settings = load_settings()
     catalog = load_catalog(settings.catalog)
-    recorded: dict[tuple[str, str], tuple] = {}
+    known: dict[tuple[str, str], Known] = {}  # (dataset, path) -> what its verified download recorded
+    last_run: dict[str, datetime] = {}
+    summaries: dict[str, str] = {}  # dataset -> the status of its last download
     shards: dict[str, list[tuple[str, int, int]]] = {}  # dataset -> (tar path, images, in place)
     if settings.warehouse.exists():
         with connect(settings.warehouse, settings.lock_timeout_s) as conn:
@@ -83,7 +89,10 @@ def status() -> int:
             for dataset, path, size, mtime_ns, sha256, file_status, updated in conn.execute(
                 "SELECT dataset, path, bytes, mtime_ns, sha256, status, updated_at FROM datasets.files"
             ).fetchall():
-                recorded[(dataset, path)] = (size, mtime_ns, sha256, file_status, updated)
+                if file_status in ("downloaded", "skipped") and sha256 and mtime_ns is not None:
+                    known[(dataset, path)] = Known(size, mtime_ns, sha256)
+                last_run[dataset] = max(last_run.get(dataset, updated), updated)
+            summaries = dict(conn.execute("SELECT dataset, status FROM datasets.download_summary").fetchall())
             for dataset, path, images, in_place in conn.execute(
                 "SELECT dataset, path, images, in_place FROM datasets.shards ORDER BY dataset, list, shard"
             ).fetchall():
@@ -93,24 +102,22 @@ def status() -> int:
         if dataset.access == "manual":
             print(f"{name:<16} {'manual':<9} {'-':>9} {'-':>12}  {'-':>15}  {dataset.instructions}")
             continue
-        verified, on_disk, last = 0, 0, None
-        files = [settings.data_root / name / file.path for file in dataset.files]
-        files += [Path(path) for path, _, _ in shards.get(name, [])]
-        for path in files:
-            row = recorded.get((name, str(path)))
-            if row and row[3] in ("downloaded", "skipped") and row[2] and path.is_file():
-                st = path.stat()
-                if (st.st_size, st.st_mtime_ns) == (row[0], row[1]):
-                    verified += 1
-                    on_disk += st.st_size
-            if row:
-                last = max(last, row[4]) if last else row[4]
-        total = len(files)
+        tasks = [FileTask(f.url, settings.data_root / name / f.path, f.size, f.sha256) for f in dataset.files]
+        tasks += [FileTask(path, Path(path)) for path, _, _ in shards.get(name, [])]  # checked against their record
+        in_place = [record for t in tasks if present(t, record := known.get((name, str(t.dest))))]
+        verified, total = len(in_place), len(tasks)
+        on_disk = sum(record.bytes for record in in_place)
         listed = sum(images for _, images, _ in shards.get(name, []))
-        in_place = sum(in_place for _, _, in_place in shards.get(name, []))
-        state = "complete" if verified == total and in_place == listed else "partial" if verified else "missing"
-        images = f"{in_place}/{listed}" if dataset.url_list else "-"
-        when = last.strftime("%Y-%m-%d %H:%M") if last else "never"
+        images_in_place = sum(n for _, _, n in shards.get(name, []))
+        last = summaries.get(name)
+        if last == "failed":
+            state = "failed"
+        elif verified == total and images_in_place == listed and (dataset.url_list is None or last == "complete"):
+            state = "complete"
+        else:
+            state = "partial" if verified else "missing"
+        images = f"{images_in_place}/{listed}" if dataset.url_list else "-"
+        when = last_run[name].strftime("%Y-%m-%d %H:%M") if name in last_run else "never"
         print(f"{name:<16} {state:<9} {f'{verified}/{total}':>9} {_size(on_disk):>12}  {images:>15}  {when}")
     return 0
 
@@ -187,15 +194,19 @@ def download(names: list[str], verify: bool, retry_failed: bool = False) -> int:
             tracked = tracker.record(run.summary, run.bytes_transferred) if tracker else None
             if tracked:
                 bars.console.print(f"W&B: {tracked.name}: {tracked.url or tracked.offline_dir}")
-            _print_outcome(bars.console.print, name, run)
-            failed += sum(r.status == "failed" for r in run.results + run.shards)  # files: link rot is reported apart
+            _print_outcome(bars.console.print, name, run, catalog[name].instructions)
+            # a failed file, or a dataset that failed (no image of its lists in place); link rot alone is reported
+            failed += run.summary.status == "failed" or any(r.status == "failed" for r in run.results + run.shards)
     return 1 if failed else 0
 
 
-def _print_outcome(say: Callable[[str], None], name: str, run: DatasetRun) -> None:
-    """A dataset's download in a few lines: its counts, each failed file with its reason, and its images."""
+def _print_outcome(say: Callable[[str], None], name: str, run: DatasetRun, instructions: str | None) -> None:
+    """A dataset's download in a few lines: its counts, each failed file with its reason, and its images; a manual
+    dataset's instructions."""
     s = run.summary
     say(f"{name}: {s.status} ({s.downloaded} downloaded, {s.skipped} skipped, {s.failed} failed)")
+    if s.status == "manual":
+        say(f"  a manual download: {instructions}")
     for result in run.results:
         if result.status == "failed":
             say(f"  {result.path}: {result.error}")

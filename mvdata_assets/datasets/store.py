@@ -177,15 +177,19 @@ def summarize(
     images: Counter[str] | None = None,
 ) -> Summary:
     """Counts of the dataset's files; a URL-list dataset adds its images (`images`: downloaded, failed, skipped,
-    bytes of the shards on disk), so its success rate is the share of images in place."""
+    bytes of the shards on disk), so its success rate is the share of images in place. A URL-list dataset none of
+    whose listed images is in place has failed, whatever its list file did: it holds nothing to train on."""
     counts = Counter(r.status for r in results)
     on_disk = sum(r.bytes for r in results if r.status != "failed")
     if images:
         counts.update({k: images[k] for k in ("downloaded", "failed", "skipped")})
         on_disk += images["bytes"]
     total = counts["downloaded"] + counts["failed"] + counts["skipped"]
+    no_image = images is not None and images["failed"] > 0 and images["downloaded"] + images["skipped"] == 0
     if manual:
         status = "manual"
+    elif no_image:
+        status = "failed"
     elif counts["failed"] == 0:
         status = "complete"
     elif counts["failed"] == total:

@@ -202,6 +202,13 @@ def test_status_is_true_to_the_disk(setup, capsys: pytest.CaptureFixture[str]) -
     (home / "datasets" / "mini_coco" / "val.zip").write_bytes(b"changed")
     status()
     assert "mini_coco        missing         0/1" in capsys.readouterr().out
+    # a catalog that now asks for another file: the one on disk, as recorded, is not it
+    catalog_path = Path(os.environ["MVDATA_CATALOG"])
+    catalog = yaml.safe_load(catalog_path.read_text())
+    catalog["datasets"]["mini_vqa"]["files"][0]["sha256"] = "0" * 64
+    catalog_path.write_text(yaml.safe_dump(catalog))
+    status()
+    assert "mini_vqa         missing         0/2" in capsys.readouterr().out
 
 
 def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> None:
@@ -216,6 +223,10 @@ def test_download_from_a_terminal(setup, capsys: pytest.CaptureFixture[str]) -> 
     assert "not in the catalog: no_such_dataset" in capsys.readouterr().out
     assert main(["download", "mini_coco"]) == 0
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
+    assert main(["download", "flickr"]) == 0  # nothing to fetch: it says what to do instead
+    assert "flickr: manual (0 downloaded, 0 skipped, 0 failed)\n  a manual download: fill in the form" in (
+        capsys.readouterr().out
+    )
 
 
 def test_a_terminal_download_trusts_its_records_until_asked_to_verify(
@@ -233,6 +244,10 @@ def test_a_terminal_download_trusts_its_records_until_asked_to_verify(
 
     assert main(["download", "mini_coco"]) == 0
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
+    assert main(["download", "flickr"]) == 0  # nothing to fetch: it says what to do instead
+    assert "flickr: manual (0 downloaded, 0 skipped, 0 failed)\n  a manual download: fill in the form" in (
+        capsys.readouterr().out
+    )
     assert len(file_server.requests_for("coco/val.zip")) == fetched and target.read_bytes() != GOOD_ZIP
 
     assert main(["download", "mini_coco", "--verify"]) == 0
@@ -283,6 +298,10 @@ def test_the_terminal_says_what_failed_in_one_line_and_goes_on(
     monkeypatch.delenv("MVDATA_DOWNLOAD_CONCURRENCY")
     assert main(["download", "mini_coco"]) == 0
     assert "mini_coco: complete (0 downloaded, 1 skipped, 0 failed)" in capsys.readouterr().out
+    assert main(["download", "flickr"]) == 0  # nothing to fetch: it says what to do instead
+    assert "flickr: manual (0 downloaded, 0 skipped, 0 failed)\n  a manual download: fill in the form" in (
+        capsys.readouterr().out
+    )
 
 
 def _jpeg(shade: int) -> bytes:
@@ -405,6 +424,19 @@ def test_url_list_status_and_terminal_download(url_list_setup, capsys: pytest.Ca
     status()
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("mini_cc"))
     assert "partial         3/4" in line and "7/10" in line
+
+
+def test_a_terminal_download_of_a_list_whose_images_all_failed_fails(
+    url_list_setup, capsys: pytest.CaptureFixture[str]
+) -> None:
+    file_server, home, _, _ = url_list_setup
+    for name in ("img0", "img1", "img2", "img3", "img4", "img5", "img6", "page"):
+        file_server.fault(f"img/{name}.jpg", "status", status=404, times=5)
+    assert main(["download", "mini_cc"]) == 1  # the list arrived, but the dataset holds no image
+    out = " ".join(capsys.readouterr().out.split())
+    assert "mini_cc: failed (1 downloaded, 0 skipped, 10 failed)" in out
+    status()
+    assert "mini_cc          failed" in capsys.readouterr().out
 
 
 def test_a_terminal_download_fetches_failed_images_again_when_asked(

@@ -156,6 +156,17 @@ def test_summary_status(statuses: list[str], manual: bool, status: str) -> None:
     assert summary.bytes_on_disk == 100 * (len(statuses) - statuses.count("failed"))
 
 
+def test_a_url_list_summary_with_no_image_in_place_has_failed() -> None:
+    images = Counter(downloaded=0, failed=40, skipped=0, bytes=0)
+
+    summary = store.summarize("cc3m", [downloaded("/d/list.tsv", size=40)], None, 2.0, images=images)
+
+    assert (summary.status, summary.downloaded, summary.failed, summary.total) == ("failed", 1, 40, 41)
+    assert store.summarize("cc3m", [downloaded("/d/list.tsv", size=40)], None, 2.0, images=Counter()).status == (
+        "complete"  # an empty list: nothing listed, nothing failed
+    )
+
+
 def test_a_url_list_summary_counts_its_images(conn: duckdb.DuckDBPyConnection) -> None:
     images = Counter(downloaded=90, failed=8, skipped=2, bytes=5000)
 
