@@ -35,6 +35,7 @@ from mvdata_assets.datasets.url_lists import (
     fetch_url_list,
     finished_shards,
     plan_url_list,
+    planned_version,
 )
 from mvdata_assets.db import exclusive
 from mvdata_assets.settings import Settings
@@ -180,9 +181,15 @@ def _download(
             store.record_files(conn, dataset.name, results)
         try:
             if images_in_parts:
-                run.plans = {listed: plan_url_list(where.list_path, where.shards_dir, dataset.url_list,
-                                                   captions=where.captions, list_sha256=where.list_sha256)
-                             for listed, where in _lists(dataset, run)}  # fmt: skip
+                for listed, where in _lists(dataset, run):
+                    run.plans[listed] = plan_url_list(
+                        where.list_path,
+                        where.shards_dir,
+                        dataset.url_list,
+                        captions=where.captions,
+                        list_sha256=where.list_sha256,
+                    )
+                    _record_finished_parts(dataset.name, run, listed, where, known, connect, run.plans[listed])
             else:
                 _fetch_images(dataset, run, known, verify, images or ImageOptions(), shard_progress, connect)
         except UrlListError:
@@ -191,12 +198,35 @@ def _download(
             with connect() as conn:
                 store.record_summary(conn, run.summary)
             raise
-    seconds = time.monotonic() - started
-    run.summary = store.summarize(dataset.name, results, dataset.est_size_bytes, seconds, images=run.images)
+    run.summary = _summary(dataset, run, time.monotonic() - started)
     with connect() as conn:
         store.record_files(conn, dataset.name, results)
         store.record_summary(conn, run.summary)
     return run
+
+
+def _summary(dataset: Dataset, run: DatasetRun, seconds: float) -> store.Summary:
+    """The dataset's counts, its images included; partial while a shard planned for its parts is not finished, or a
+    shard was left to another process writing it."""
+    summary = store.summarize(dataset.name, run.results, dataset.est_size_bytes, seconds, images=run.images)
+    unfinished = sum(len(listed.run.shards) for listed in run.lists) < sum(p.shards for p in run.plans.values())
+    if summary.status == "complete" and (unfinished or any(listed.run.busy for listed in run.lists)):
+        summary = dataclasses.replace(summary, status="partial")
+    return summary
+
+
+def _record_finished_parts(
+    name: str,
+    run: DatasetRun,
+    listed: str,
+    where: ListPlace,
+    known: dict[Path, Known],
+    connect: Connect,
+    plan: ListPlan,
+) -> None:
+    """The shards of a list fetched in parts that are finished now, into the run and the warehouse."""
+    shards = finished_shards(where.shards_dir) if where.shards_dir.is_dir() else []
+    _record_list(name, run, listed, where, UrlListRun(shards, 0.0, plan.stale_removed), known, connect)
 
 
 def _recheck_shards(shards_dir: Path, known: dict[Path, Known], verify: bool) -> list[str]:
@@ -319,11 +349,12 @@ def _record_list(
 
 
 def fetch_image_part(
-    dataset: Dataset, data_root: Path, listed: str, shards: range, options: ImageOptions
+    dataset: Dataset, data_root: Path, listed: str, version: str, shards: range, options: ImageOptions
 ) -> UrlListRun:
     """One part of a list's shards, as a partition fetches it (perhaps on another machine): shards and their
     parquet only, never the warehouse, and no dataset lock, so parts run side by side. Raises UrlListError when
-    the list is not the one planned by `download_dataset(images_in_parts=True)`."""
+    the list on disk is not the one of plan `version` (see `plan_url_list`, run by
+    `download_dataset(images_in_parts=True)`)."""
     spec = dataset.url_list
     if spec is None:
         raise UrlListError(f"{dataset.name} is not a URL-list dataset (its catalog entry has no url_list)")
@@ -333,6 +364,9 @@ def fetch_image_part(
     where = _place(dataset, data_root / dataset.name, listed, own.sha256 if own is not None else None)
     if not where.list_path.is_file():
         raise UrlListError(f"{where.list_path} is missing: materialise datasets/{dataset.name} first")
+    if planned_version(where.shards_dir) != version:
+        raise UrlListError(f"{listed} is planned as another version than this part's ({version}): the list changed "
+                           "since, and its parts have new partition keys")  # fmt: skip
     return _fetch_list(spec, where, options, shards=shards)
 
 
@@ -371,12 +405,8 @@ def record_image_parts(
         run = DatasetRun(store.Summary(dataset.name, "failed", 0, 0, 0, 0, None, 0, 0.0), folder, results)
         for listed, where in _lists(dataset, run):
             run.plans[listed] = count_list(where.list_path, spec, where.captions)
-            shards = finished_shards(where.shards_dir) if where.shards_dir.is_dir() else []
-            _record_list(dataset.name, run, listed, where, UrlListRun(shards, 0.0), known, connect)
-        run.summary = store.summarize(dataset.name, results, dataset.est_size_bytes, time.monotonic() - started,
-                                      images=run.images)  # fmt: skip
-        if sum(len(listed.run.shards) for listed in run.lists) < sum(plan.shards for plan in run.plans.values()):
-            run.summary = dataclasses.replace(run.summary, status="partial")  # parts not finished yet
+            _record_finished_parts(dataset.name, run, listed, where, known, connect, run.plans[listed])
+        run.summary = _summary(dataset, run, time.monotonic() - started)
         with connect() as conn:
             store.record_summary(conn, run.summary)
     return run

@@ -36,7 +36,9 @@ from mvdata_assets.resources import DatasetsResource
 from mvdata_assets.warehouse import DATASETS_GROUP as GROUP
 from mvdata_assets.warehouse import WarehouseResource
 
-SPAN = "@"  # a partition key is `<list path>@<first shard>-<last shard>`
+# a partition key is `<list path>@<plan version>@<first shard>-<last shard>`: a list that changes (or is read
+# otherwise) gets new keys, so Dagster shows its partitions as not materialised yet
+SPAN = "@"
 CELERY_QUEUE, IMAGES_QUEUE = "dagster-celery/queue", "images"  # the tag dagster-celery routes a step by, and where
 
 
@@ -55,17 +57,18 @@ def image_partitions(name: str) -> DynamicPartitionsDefinition:
 def part_keys(plans: dict[str, ListPlan], per_part: int) -> list[str]:
     """The partition keys of planned lists: one per `per_part` shards of each list, in list and shard order."""
     return [
-        f"{listed}{SPAN}{first:05d}-{min(first + per_part, plan.shards) - 1:05d}"
+        f"{listed}{SPAN}{plan.version}{SPAN}{first:05d}-{min(first + per_part, plan.shards) - 1:05d}"
         for listed, plan in plans.items()
         for first in range(0, plan.shards, per_part)
     ]
 
 
-def shards_of(key: str) -> tuple[str, range]:
-    """The list and the shard indexes of a partition key."""
-    listed, _, span = key.rpartition(SPAN)
+def shards_of(key: str) -> tuple[str, str, range]:
+    """The list, the plan version and the shard indexes of a partition key."""
+    rest, _, span = key.rpartition(SPAN)
+    listed, _, version = rest.rpartition(SPAN)
     first, _, last = span.partition("-")
-    return listed, range(int(first), int(last) + 1)
+    return listed, version, range(int(first), int(last) + 1)
 
 
 def register_parts(context: AssetExecutionContext, name: str, plans: dict[str, ListPlan], per_part: int) -> dict:
@@ -104,8 +107,9 @@ def build_images_asset(dataset: Dataset) -> AssetsDefinition:
         f"parquet under the data root, recorded in the warehouse by datasets/{dataset.name}_shards.",
     )
     def _images(context: AssetExecutionContext, datasets: DatasetsResource) -> MaterializeResult:
-        listed, shards = shards_of(context.partition_key)
-        run = fetch_image_part(dataset, Path(datasets.data_root), listed, shards, datasets.image_options(False))
+        listed, version, shards = shards_of(context.partition_key)
+        run = fetch_image_part(dataset, Path(datasets.data_root), listed, version, shards,
+                               datasets.image_options(False))  # fmt: skip
         context.log.info(f"{dataset.name}: {listed} shards {shards.start}-{shards.stop - 1}: {run.downloaded} "
                          f"images downloaded, {run.skipped} already in shards, {run.failed} failed")  # fmt: skip
         return MaterializeResult(

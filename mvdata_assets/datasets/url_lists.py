@@ -15,8 +15,10 @@ Dagster.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import time
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 MAX_IMAGE_BYTES = 32 * 1024 * 1024
-CLAIM_SUFFIX = ".lock"  # `<shard>.lock`: held by the process writing a shard of a part
+CLAIMS = ".claims"  # `<shards folder>/.claims/<shard>.lock`: held by the process writing that shard
 LIST_RECORD = "_list.json"  # which list, and which reading of it, the shards of a folder come from
 
 
@@ -120,17 +122,33 @@ def _recorded(out_dir: Path) -> dict | None:
     return json.loads(record.read_text()) if record.exists() else None
 
 
+def plan_version(fingerprint: dict) -> str:
+    """A short name for one list and one reading of it: what a part's partition key carries."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:8]
+
+
 def _remove_stale(out_dir: Path, fingerprint: dict) -> int:
-    """Removes shards written from another list or another reading of it; returns how many."""
+    """Removes shards written from another list or another reading of it; returns how many. Refuses (UrlListError)
+    while a shard is being written: a part of the earlier plan still running would finish it under the new one."""
     record = out_dir / LIST_RECORD
     if _recorded(out_dir) == fingerprint:
         return 0
-    stale = [p for pattern in ("*.tar", "*.parquet", "*.part", f"*{CLAIM_SUFFIX}") for p in out_dir.glob(pattern)]
-    for path in stale:
-        path.unlink()
-    part = record.with_name(record.name + ".part")
-    part.write_text(json.dumps(fingerprint, sort_keys=True))
-    durable.replace(part, record)
+    with contextlib.ExitStack() as held:
+        claims = sorted((out_dir / CLAIMS).glob("*.lock"))
+        for claim in claims:
+            try:
+                held.enter_context(FileLock(claim, timeout=0))
+            except Timeout:
+                raise UrlListError(
+                    f"{out_dir}: shard {claim.stem} of an earlier version of the list is being written (a part still "
+                    "running): let its run end or cancel it, then plan the list again"
+                ) from None
+        stale = [p for pattern in ("*.tar", "*.parquet", "*.part") for p in out_dir.glob(pattern)]
+        for path in [*stale, *claims]:
+            path.unlink()
+        part = record.with_name(record.name + ".part")
+        part.write_text(json.dumps(fingerprint, sort_keys=True))
+        durable.replace(part, record)
     return sum(p.suffix == ".parquet" for p in stale)
 
 
@@ -160,7 +178,8 @@ def fetch_url_list(
     Images reach public addresses only, and the `allowed_networks` (see addresses.py).
 
     `shards` fetches only those shard indexes: one part of a list that several processes or machines fetch at once,
-    after `plan_url_list` has removed stale shards for all of them (a part never removes anything).
+    after `plan_url_list` has removed stale shards for all of them (a part never removes anything). Every shard is
+    written under a claim (`.claims/<shard>.lock`): a shard another process is writing is left to it (`busy`).
     """
     started = time.monotonic()
     fingerprint = _fingerprint(list_path, captions, spec, list_sha256)
@@ -174,6 +193,7 @@ def fetch_url_list(
             f"{out_dir} holds no shards planned from this version of {list_path.name} (or its reading): "
             "plan the list again (materialise its dataset asset) before fetching parts of it"
         )
+    (out_dir / CLAIMS).mkdir(exist_ok=True)
     width = len(str(spec.shard_size - 1))
     fetching = Fetching(max_bytes, retries, retry_backoff_s, spec.decode)
     results: list[ShardResult] = []
@@ -190,15 +210,18 @@ def fetch_url_list(
                 if index >= shards.stop:
                     return
                 continue
-            done = finished
-            if shards is not None:  # a part may run twice at once (a step started again elsewhere): one writer a shard
-                claim = FileLock(out_dir / f"{index:05d}{CLAIM_SUFFIX}")
-                try:
-                    claim.acquire(timeout=0)
-                except Timeout:
-                    busy.append(index)
-                    continue
-                done = functools.partial(_release_then, claim, finished)
+            # one writer a shard, whoever runs it: parts side by side, a part started again elsewhere, a whole list
+            claim = FileLock(out_dir / CLAIMS / f"{index:05d}.lock")
+            try:
+                claim.acquire(timeout=0)
+            except Timeout:
+                busy.append(index)
+                continue
+            if _recorded(out_dir) != fingerprint:  # planned again since this run began: its shards are the new plan's
+                claim.release()
+                raise UrlListError(f"{list_path.name} was planned again while its shards were fetched: {out_dir} now "
+                                   "holds another version's shards, fetched by that plan's partitions")  # fmt: skip
+            done = functools.partial(_release_then, claim, finished)
             tar_path, parquet_path = out_dir / f"{index:05d}.tar", out_dir / f"{index:05d}.parquet"
             previous = None
             if tar_path.exists() and parquet_path.exists():
@@ -223,11 +246,12 @@ def _release_then(claim: FileLock, finished: Callable[[ShardResult], None], resu
 
 @dataclass(frozen=True)
 class ListPlan:
-    """A list made ready to be fetched in parts: how many shards it makes."""
+    """A list made ready to be fetched in parts: how many shards it makes, and from which version of it."""
 
     rows: int
     shards: int
     stale_removed: int  # shards of an earlier list (or reading of it) removed
+    version: str = ""  # `plan_version` of the list and its reading ("" when only counted)
 
 
 def plan_url_list(
@@ -237,8 +261,16 @@ def plan_url_list(
     removes the shards of an earlier list or reading of it and records which list the shards come from, so no part
     removes another's work; counts the list's rows."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stale = _remove_stale(out_dir, _fingerprint(list_path, captions, spec, list_sha256))
-    return dataclasses.replace(count_list(list_path, spec, captions), stale_removed=stale)
+    fingerprint = _fingerprint(list_path, captions, spec, list_sha256)
+    stale = _remove_stale(out_dir, fingerprint)
+    return dataclasses.replace(count_list(list_path, spec, captions), stale_removed=stale,
+                               version=plan_version(fingerprint))  # fmt: skip
+
+
+def planned_version(out_dir: Path) -> str | None:
+    """The `plan_version` of the list whose shards `out_dir` holds (None: none planned there)."""
+    recorded = _recorded(out_dir)
+    return plan_version(recorded) if recorded is not None else None
 
 
 def count_list(list_path: Path, spec: UrlList, captions: Path | None = None) -> ListPlan:

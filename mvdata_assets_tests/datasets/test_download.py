@@ -16,13 +16,15 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
+from filelock import FileLock
 
 from mvdata_assets.cli import main
 from mvdata_assets.datasets.catalog import CatalogFile, Dataset, UrlList, load_catalog
 from mvdata_assets.datasets.download import ImageOptions, download_dataset, fetch_image_part
-from mvdata_assets.datasets.url_lists import UrlListError
+from mvdata_assets.datasets.url_lists import CLAIMS, UrlListError
 from mvdata_assets.db import connect
 from mvdata_assets_tests.datasets.fileserver import FileServer
+from mvdata_assets_tests.datasets.lists import image
 
 DATA = bytes(range(256)) * 800  # 200 KiB
 
@@ -109,7 +111,7 @@ CC3M = Dataset(
 def test_an_image_part_of_a_list_not_downloaded_yet_says_to_materialise_the_dataset_first(tmp_path: Path) -> None:
     missing = tmp_path / "data" / "cc3m" / "list.tsv"
     with pytest.raises(UrlListError, match=f"^{re.escape(str(missing))} is missing: materialise datasets/cc3m first$"):
-        fetch_image_part(CC3M, tmp_path / "data", "list.tsv", range(0, 1), ImageOptions())
+        fetch_image_part(CC3M, tmp_path / "data", "list.tsv", "v", range(0, 1), ImageOptions())
     assert not (tmp_path / "data").exists()  # no shard folder made for a list that isn't there
 
 
@@ -118,11 +120,32 @@ def test_an_image_part_of_a_list_the_dataset_does_not_have_is_refused(tmp_path: 
     other.parent.mkdir(parents=True)
     other.write_text("a cat\thttp://127.0.0.1:9/a.jpg\n", encoding="utf-8")
     with pytest.raises(UrlListError, match=r"^cc3m has no URL list 'other\.tsv' \(its lists: list\.tsv\)$"):
-        fetch_image_part(CC3M, tmp_path / "data", "other.tsv", range(0, 1), ImageOptions())
+        fetch_image_part(CC3M, tmp_path / "data", "other.tsv", "v", range(0, 1), ImageOptions())
     assert not (other.parent / "shards").exists()
 
 
 def test_an_image_part_of_a_dataset_without_url_lists_is_refused(tmp_path: Path) -> None:
     coco = Dataset("coco", "images", "public", files=(CatalogFile("http://127.0.0.1:9/val.zip", "val.zip"),))
     with pytest.raises(UrlListError, match=r"^coco is not a URL-list dataset \(its catalog entry has no url_list\)$"):
-        fetch_image_part(coco, tmp_path / "data", "val.zip", range(0, 1), ImageOptions())
+        fetch_image_part(coco, tmp_path / "data", "val.zip", "v", range(0, 1), ImageOptions())
+
+
+def test_a_url_list_whose_shard_another_process_writes_is_partial(tmp_path: Path) -> None:
+    """A shard left to the process that holds its claim (a part, another download) is not counted as done."""
+    png = image("PNG", 3)
+    with FileServer() as server:
+        rows = "".join(f"caption {i}\t{server.add(f'img/{i}.png', png)}\n" for i in range(4)).encode()
+        listed = server.add("list.tsv", rows)
+        spec = UrlList(("list.tsv",), "tsv", url_column=1, caption_column=0, shard_size=2)
+        dataset = Dataset("cc", "two shards of two images", "public", files=(CatalogFile(listed, "list.tsv"),),
+                          url_list=spec)  # fmt: skip
+        warehouse = lambda: connect(tmp_path / "w.duckdb")  # noqa: E731
+        download_dataset(dataset, tmp_path / "data", warehouse, images_in_parts=True)  # planned for parts
+        claims = tmp_path / "data" / "cc" / "shards" / "list" / CLAIMS
+        claims.mkdir()
+        with FileLock(claims / "00001.lock"):  # a part writes shard 1 while the whole list is downloaded
+            run = download_dataset(dataset, tmp_path / "data", warehouse,
+                                   images=ImageOptions(allowed_networks=("127.0.0.0/8",)))  # fmt: skip
+    assert [s.index for s in run.lists[0].run.shards] == [0] and run.lists[0].run.busy == [1]
+    # shard 0's two images, the list found in place; shard 1 left to its writer
+    assert (run.summary.status, run.summary.downloaded, run.summary.skipped) == ("partial", 2, 1)

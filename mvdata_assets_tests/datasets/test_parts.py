@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 import duckdb
 import pytest
 import yaml
 from dagster import DagsterInstance, materialize
+from filelock import FileLock
 from PIL import Image
 
+from mvdata_assets.datasets.catalog import load_catalog
+from mvdata_assets.datasets.download import ImageOptions, fetch_image_part
 from mvdata_assets.datasets.parts import part_keys, shards_of
-from mvdata_assets.datasets.url_lists import ListPlan
+from mvdata_assets.datasets.url_lists import CLAIMS, ListPlan, UrlListError
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.settings import load_settings
 from mvdata_assets_tests.datasets.downloading import catalog_assets
@@ -63,10 +67,22 @@ def _run(instance: DagsterInstance, selection: list[str], partition: str | None 
 
 
 def test_partition_keys_cover_every_shard_once() -> None:
-    keys = part_keys({"a/list.tsv": ListPlan(rows=21, shards=11, stale_removed=0), "b.tsv": ListPlan(2, 1, 0)}, 4)
-    assert keys == ["a/list.tsv@00000-00003", "a/list.tsv@00004-00007", "a/list.tsv@00008-00010", "b.tsv@00000-00000"]
-    covered = [(listed, i) for key in keys for listed, shards in [shards_of(key)] for i in shards]
-    assert covered == [("a/list.tsv", i) for i in range(11)] + [("b.tsv", 0)]
+    plans = {
+        "a/list.tsv": ListPlan(rows=21, shards=11, stale_removed=0, version="1a2b3c4d"),
+        "b.tsv": ListPlan(2, 1, 0, "9f"),
+    }
+    keys = part_keys(plans, 4)
+    assert keys == ["a/list.tsv@1a2b3c4d@00000-00003", "a/list.tsv@1a2b3c4d@00004-00007",
+                    "a/list.tsv@1a2b3c4d@00008-00010", "b.tsv@9f@00000-00000"]  # fmt: skip
+    covered = [(listed, version, i) for key in keys for listed, version, shards in [shards_of(key)] for i in shards]
+    assert covered == [("a/list.tsv", "1a2b3c4d", i) for i in range(11)] + [("b.tsv", "9f", 0)]
+
+
+def _summary(home: Path) -> tuple:
+    with duckdb.connect(str(home / "warehouse.duckdb"), read_only=True) as conn:
+        return conn.execute(
+            "SELECT status, downloaded, failed, skipped, total FROM datasets.download_summary"
+        ).fetchone()
 
 
 def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
@@ -74,8 +90,13 @@ def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
     instance = DagsterInstance.ephemeral()
     _run(instance, ["datasets/big_cc"])
     keys = instance.get_dynamic_partitions("big_cc_images")
-    assert keys == ["big.tsv@00000-00002", "big.tsv@00003-00005", "big.tsv@00006-00008", "big.tsv@00009-00009"]
+    version = shards_of(keys[0])[1]
+    assert re.fullmatch("[0-9a-f]{8}", version)
+    assert keys == [
+        f"big.tsv@{version}@{span}" for span in ("00000-00002", "00003-00005", "00006-00008", "00009-00009")
+    ]
     assert not [r for r in file_server.requests if r.name.startswith("img/")]  # the plan fetches no image
+    assert _summary(home) == ("partial", 1, 0, 0, 1)  # the list is in place, its images are not yet
 
     warehouse = home / "warehouse.duckdb"
     early = materialize(catalog_assets(), selection=["datasets/big_cc_shards"],
@@ -104,15 +125,50 @@ def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
         assert summary == (1 + IMAGES - 1, 1, 1 + IMAGES)  # the list file and the images
         tars = conn.execute("SELECT count(*), count(sha256) FROM datasets.files WHERE path LIKE '%.tar'").fetchone()
         assert tars == (10, 10)
+    recorded = _summary(home)
+    assert recorded[0] == "partial"  # one image is gone
+    _run(instance, ["datasets/big_cc"])  # planned again, the list unchanged: the finished shards still count
+    assert _summary(home) == recorded
+    assert instance.get_dynamic_partitions("big_cc_images") == keys
 
 
 def test_a_changed_list_replans_its_partitions(parts) -> None:
     file_server, catalog, home = parts
     instance = DagsterInstance.ephemeral()
     _run(instance, ["datasets/big_cc"])
-    _run(instance, ["datasets/big_cc_images"], "big.tsv@00000-00002")
-    _write_list(file_server, catalog, [f"i{i:02d}" for i in range(8)])  # 4 shards now, whose keys follow other rows
+    first = instance.get_dynamic_partitions("big_cc_images")[0]
+    _run(instance, ["datasets/big_cc_images"], first)
+    # the same number of shards from other rows: new keys, so no partition shows as materialised from the old list
+    _write_list(file_server, catalog, [f"i{i:02d}" for i in range(IMAGES - 1, -1, -1)])
     _run(instance, ["datasets/big_cc"])
-    assert instance.get_dynamic_partitions("big_cc_images") == ["big.tsv@00000-00002", "big.tsv@00003-00003"]
+    keys = instance.get_dynamic_partitions("big_cc_images")
+    assert [shards_of(key)[2] for key in keys] == [range(0, 3), range(3, 6), range(6, 9), range(9, 10)]
+    assert first not in keys and {shards_of(key)[1] for key in keys} != {shards_of(first)[1]}
     shards = home / "datasets" / "big_cc" / "shards" / "big"
     assert not list(shards.glob("*.tar"))  # the plan removed the shards of the earlier list
+    # a run of a part of the earlier plan, launched before it, refuses to fetch into the new plan's folder
+    listed, version, span = shards_of(first)
+    big_cc = load_catalog(catalog)["big_cc"]
+    with pytest.raises(UrlListError, match=f"is planned as another version than this part's \\({version}\\)"):
+        fetch_image_part(big_cc, home / "datasets", listed, version, span, ImageOptions())
+    assert not list(shards.glob("*.tar"))
+
+
+def test_a_list_is_not_planned_again_while_a_part_writes_one_of_its_shards(parts) -> None:
+    file_server, catalog, home = parts
+    instance = DagsterInstance.ephemeral()
+    _run(instance, ["datasets/big_cc"])
+    _run(instance, ["datasets/big_cc_images"], instance.get_dynamic_partitions("big_cc_images")[0])
+    shards = home / "datasets" / "big_cc" / "shards" / "big"
+    _write_list(file_server, catalog, [f"i{i:02d}" for i in range(8)])
+    with FileLock(shards / CLAIMS / "00004.lock"):  # a part of the earlier plan is writing shard 4
+        before = sorted(p.name for p in shards.iterdir())
+        refused = materialize(catalog_assets(), selection=["datasets/big_cc"], resources=_resources(),
+                              instance=instance, raise_on_error=False)  # fmt: skip
+    assert not refused.success
+    assert "shard 00004 of an earlier version of the list is being written" in str(
+        refused.get_step_failure_events()[0].step_failure_data.error
+    )
+    assert sorted(p.name for p in shards.iterdir()) == before  # nothing removed under the part
+    _run(instance, ["datasets/big_cc"])  # once the part is done, the list is planned again
+    assert not list(shards.glob("*.tar"))

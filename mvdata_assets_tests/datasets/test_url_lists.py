@@ -151,7 +151,7 @@ def test_a_changed_list_replaces_its_stale_shards(tmp_path: Path, file_server: F
     write_tsv(list_path, [(f"new{i}", file_server.add(f"new{i}.png", new)) for i in range(3)])
     second = fetch_url_list(list_path, out, CC3M)
     assert second.stale_removed == 2 and [s.state for s in second.shards] == ["fetched"]
-    assert sorted(p.name for p in out.iterdir()) == ["00000.parquet", "00000.tar", "_list.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".claims", "00000.parquet", "00000.tar", "_list.json"]
     assert set(outcomes(out)) == {"new0", "new1", "new2"}
 
     resharded = fetch_url_list(list_path, out, UrlList(("list.tsv",), "tsv", 1, 0, shard_size=2))
@@ -240,29 +240,34 @@ def test_a_part_of_a_list_changed_since_its_plan_is_refused(tmp_path: Path, file
 
     replanned = url_lists.plan_url_list(list_path, out, CC3M)
     assert (replanned.shards, replanned.stale_removed) == (2, 1)
-    assert sorted(p.name for p in out.iterdir()) == ["_list.json"]
+    assert sorted(p.name for p in out.iterdir()) == [url_lists.CLAIMS, "_list.json"]
 
 
-def test_a_shard_another_process_writes_is_left_to_it(tmp_path: Path, file_server: FileServer) -> None:
-    """A part started twice (a step the broker gave to a second worker) never writes a shard the first one holds."""
+@pytest.mark.parametrize("shards", [range(0, 2), None], ids=["a part", "the whole list"])
+def test_a_shard_another_process_writes_is_left_to_it(
+    tmp_path: Path, file_server: FileServer, shards: range | None
+) -> None:
+    """A part started twice (a step the broker gave to a second worker), or the whole list fetched beside the parts
+    (`mvdata download`), never writes a shard another process holds."""
     png = image("PNG", 4)
     list_path = write_tsv(tmp_path / "list.tsv", [(f"c{i}", file_server.add(f"c{i}.png", png)) for i in range(8)])
     out = tmp_path / "shards"
     url_lists.plan_url_list(list_path, out, CC3M)
+    (out / url_lists.CLAIMS).mkdir()
     holder = subprocess.Popen(  # another process holds shard 1's claim
         [sys.executable, "-c", "import sys, time; from filelock import FileLock; l = FileLock(sys.argv[1]); "
-         "l.acquire(); print('held', flush=True); time.sleep(60)", str(out / f"00001{url_lists.CLAIM_SUFFIX}")],
+         "l.acquire(); print('held', flush=True); time.sleep(60)", str(out / url_lists.CLAIMS / "00001.lock")],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
         file_server.clear_requests()
-        run = fetch_url_list(list_path, out, CC3M, shards=range(0, 2))
+        run = fetch_url_list(list_path, out, CC3M, shards=shards)
         assert [s.index for s in run.shards] == [0] and run.busy == [1]
         assert sorted(r.name for r in file_server.requests) == [f"c{i}.png" for i in range(4)]
         assert not (out / "00001.tar").exists() and not (out / "00001.tar.part").exists()
     finally:
         holder.kill()
         holder.wait()
-    again = fetch_url_list(list_path, out, CC3M, shards=range(0, 2))
+    again = fetch_url_list(list_path, out, CC3M, shards=shards)
     assert [s.state for s in again.shards] == ["skipped", "fetched"] and again.busy == []
