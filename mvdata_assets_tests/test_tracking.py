@@ -13,9 +13,22 @@ from pathlib import Path
 import duckdb
 import pytest
 import yaml
-from dagster import DagsterInstance, materialize
+from dagster import (
+    AssetSelection,
+    DagsterInstance,
+    Definitions,
+    ReexecutionOptions,
+    define_asset_job,
+    execute_job,
+    in_process_executor,
+    materialize,
+    reconstructable,
+)
 
 from mvdata_assets.cli import main
+from mvdata_assets.datasets import assets as dataset_assets_module
+from mvdata_assets.datasets.assets import dataset_assets
+from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.runs.offline import sync_offline
 from mvdata_assets.settings import load_settings
@@ -294,3 +307,45 @@ def test_a_dataset_step_that_raises_is_logged_as_failed(home: Path, tmp_path: Pa
     assert logged["dataset/huge/failed"] == 1 and logged["dataset/huge/downloaded"] == 0
     assert logged["summary/failed_datasets"] == 1 and logged["summary/fully_downloaded_datasets"] == 1
     assert logged["summary/total_files_attempted"] == 5
+
+
+def reexecuted_job():  # for `reconstructable`: the catalog's dataset assets as one job, from the settings now
+    settings = load_settings()
+    defs = Definitions(assets=dataset_assets(load_catalog(settings.catalog), 0),
+                       jobs=[define_asset_job("datasets", selection=AssetSelection.groups("datasets"))],
+                       resources=project_resources(settings), executor=in_process_executor)  # fmt: skip
+    return defs.resolve_job_def("datasets")
+
+
+def test_a_run_reexecuted_from_failure_logs_its_summary(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-execution runs only the failed dataset's step, under its own W&B run: that run's last dataset is it."""
+    failing = {"tiny_vqa"}
+    real = dataset_assets_module.download_dataset
+
+    def flaky(dataset, *args, **kwargs):
+        if dataset.name in failing:
+            raise RuntimeError("the warehouse was busy")
+        return real(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_assets_module, "download_dataset", flaky)
+    monkeypatch.setenv("MVDATA_WANDB_TRACKING", "on")  # the job's resources come from the settings
+    with DagsterInstance.ephemeral() as instance:
+        first = execute_job(reconstructable(reexecuted_job), instance, raise_on_error=False)
+        assert not first.success
+        failing.clear()
+        again = execute_job(reconstructable(reexecuted_job), instance, raise_on_error=False,
+                            reexecution_options=ReexecutionOptions.from_failure(first.run_id, instance))  # fmt: skip
+        assert again.success
+        steps = instance.get_run_by_id(again.run_id).step_keys_to_execute
+        assert "datasets__tiny_vqa" in steps and "datasets__tiny_coco" not in steps  # the failed dataset, downstream
+    conn = _read_back(home / "tracking")
+    logged = dict(
+        conn.sql("""SELECT r.display_name, count(*) FILTER (WHERE h.key LIKE 'summary/%')
+                              FROM wandb.runs r JOIN wandb.history h USING (entity, project, run_id)
+                              GROUP BY ALL""").fetchall()
+    )
+    assert logged["microvlme-datasets-2log"] > 0  # the re-execution's one dataset, then its summary
+    progress = conn.sql("""SELECT h.value FROM wandb.history h JOIN wandb.runs r USING (entity, project, run_id)
+                           WHERE r.display_name = 'microvlme-datasets-2log' AND h.key = 'progress/total_datasets'
+                        """).fetchall()
+    assert progress == [(1.0,)]

@@ -97,6 +97,17 @@ def _refuse_a_run_naming_no_asset(context: AssetExecutionContext) -> None:
         )
 
 
+def _datasets_in_run(context: AssetExecutionContext, catalog_names: list[str]) -> list[str]:
+    """The datasets whose steps this run executes, so that its W&B log knows which dataset is its last: those its
+    asset selection (or its job) names, narrowed to the steps it runs (a re-execution from failure: the failed ones)."""
+    selection, steps = context.run.asset_selection, context.run.step_keys_to_execute
+    names = catalog_names if selection is None else [key.path[-1] for key in selection if key.path[:1] == [GROUP]]
+    return sorted(
+        name for name in names
+        if name in catalog_names and (steps is None or dataset_key(name).to_python_identifier() in steps)
+    ) or catalog_names  # fmt: skip
+
+
 def as_markdown_text(text: str | None) -> str | None:
     """The UI renders descriptions as Markdown: `caption<TAB>url` would lose `<TAB>` as an HTML tag."""
     return re.sub(r"([<>])", r"\\\1", text) if text else text
@@ -138,9 +149,7 @@ def build_dataset_asset(dataset: Dataset, catalog_names: list[str], part_shards:
         tracking: DownloadTrackingResource,
     ):
         _refuse_a_run_naming_no_asset(context)
-        selection = context.run.asset_selection or set()
-        selected = [key.path[-1] for key in selection if key.path[:1] == [GROUP] and key.path[-1] in catalog_names]
-        tracker = tracking.tracker(context.run_id, sorted(selected) or catalog_names, datasets.data_root,
+        tracker = tracking.tracker(context.run_id, _datasets_in_run(context, catalog_names), datasets.data_root,
                                    context.log.warning)  # fmt: skip
         if tracker:
             tracker.start()
