@@ -138,10 +138,12 @@ def record_shards(conn: duckdb.DuckDBPyConnection, dataset: str, list_path: str,
 
 
 def forget_files_under(conn: duckdb.DuckDBPyConnection, dataset: str, folder: Path, keep: Iterable[str]) -> None:
-    """Drops the file rows under `folder` that are not in `keep` (shards removed as stale)."""
+    """Drops the rows of the files directly in `folder` that are not in `keep` (shards removed as stale); a list's
+    shards folder may hold another list's (`shards/train/` and `shards/train/extra/`), whose rows stay."""
     conn.execute(
-        f"DELETE FROM {SCHEMA}.files WHERE dataset = ? AND starts_with(path, ?) AND NOT list_contains(?, path)",
-        [dataset, f"{folder}/", list(keep)],
+        f"""DELETE FROM {SCHEMA}.files WHERE dataset = ? AND starts_with(path, ?) AND NOT contains(path[?:], '/')
+              AND NOT list_contains(?, path)""",
+        [dataset, f"{folder}/", len(f"{folder}/") + 1, list(keep)],
     )
 
 

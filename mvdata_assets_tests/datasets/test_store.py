@@ -127,12 +127,14 @@ def test_shards_a_changed_list_no_longer_makes_are_dropped_from_that_list_only(
 def test_forgetting_files_under_a_folder_spares_the_kept_ones_and_its_neighbours(
     conn: duckdb.DuckDBPyConnection,
 ) -> None:
-    paths = ["/d/shards/a/0.tar", "/d/shards/a/1.tar", "/d/shards/ab/0.tar", "/d/list.tsv"]
+    # /d/shards/a/extra/: the shards of list a/extra.tsv, inside list a.tsv's shards folder
+    paths = ["/d/shards/a/0.tar", "/d/shards/a/1.tar", "/d/shards/ab/0.tar", "/d/shards/a/extra/0.tar", "/d/list.tsv"]
     store.record_files(conn, "cc3m", [downloaded(p) for p in paths])
 
     store.forget_files_under(conn, "cc3m", Path("/d/shards/a"), keep=["/d/shards/a/0.tar"])
 
-    assert list(rows(conn, "cc3m")) == ["/d/list.tsv", "/d/shards/a/0.tar", "/d/shards/ab/0.tar"]
+    assert list(rows(conn, "cc3m")) == ["/d/list.tsv", "/d/shards/a/0.tar", "/d/shards/a/extra/0.tar",
+                                        "/d/shards/ab/0.tar"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
