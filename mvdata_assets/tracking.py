@@ -17,6 +17,7 @@ import os
 import secrets
 import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -84,14 +85,20 @@ def wandb_mode() -> str:
 
 
 def unreachable_reason(base_url: str, timeout_s: float = 3.0) -> str | None:
-    """Why the W&B server can't be reached, found in seconds: the SDK itself would retry until its init timeout."""
+    """Why the W&B server can't be reached, found in seconds: the SDK itself would retry until its init timeout.
+    Where a proxy serves the server's URL (HTTPS_PROXY and the like, as the SDK reads them), the proxy is what a
+    connection reaches first, so it is the one tried."""
     parts = urlsplit(base_url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    through = ""
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts, through = urlsplit(proxy if "://" in proxy else f"http://{proxy}"), f" through the proxy {proxy}"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     try:
         with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
             return None
     except OSError as exc:
-        return f"W&B server {base_url} is unreachable ({exc.strerror or exc})"
+        return f"W&B server {base_url} is unreachable{through} ({exc.strerror or exc})"
 
 
 def logs_dir(home: Path) -> Path:

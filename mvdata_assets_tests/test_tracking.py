@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from datetime import datetime
@@ -32,7 +33,7 @@ from mvdata_assets.datasets.catalog import load_catalog
 from mvdata_assets.resources import DownloadTrackingResource, project_resources
 from mvdata_assets.runs.offline import sync_offline
 from mvdata_assets.settings import load_settings
-from mvdata_assets.tracking import PROJECT, RunCounter
+from mvdata_assets.tracking import PROJECT, RunCounter, unreachable_reason
 from mvdata_assets_tests.datasets.conftest import closed_port
 from mvdata_assets_tests.datasets.downloading import catalog_assets
 from mvdata_assets_tests.datasets.fileserver import FileServer
@@ -349,3 +350,21 @@ def test_a_run_reexecuted_from_failure_logs_its_summary(home: Path, monkeypatch:
                            WHERE r.display_name = 'microvlme-datasets-2log' AND h.key = 'progress/total_datasets'
                         """).fetchall()
     assert progress == [(1.0,)]
+
+
+def test_behind_a_proxy_the_proxy_is_what_must_be_reachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster that reaches W&B only through a proxy: the server itself is never tried (nor reached: loopback
+    only here)."""
+    for name in ("no_proxy", "NO_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as proxy:
+        proxy.bind(("127.0.0.1", 0))
+        proxy.listen()
+        monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+        assert unreachable_reason("https://api.wandb.ai") is None
+    gone = f"http://127.0.0.1:{closed_port()}"
+    monkeypatch.setenv("HTTPS_PROXY", gone)
+    reason = unreachable_reason("https://api.wandb.ai", timeout_s=1.0)
+    assert reason is not None and reason.startswith(
+        f"W&B server https://api.wandb.ai is unreachable through the proxy {gone} ("
+    )
