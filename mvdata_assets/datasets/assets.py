@@ -250,7 +250,8 @@ def build_summary_asset(datasets: dict[str, Dataset], recorded_apart: Sequence[A
             version = DataVersion(store.summary_digest(conn))
         summaries = [
             store.Summary(*rows[name][:6], *rows[name][7:]) if name in rows
-            else store.Summary(name, "missing", 0, 0, 0, len(d.files), d.est_size_bytes, 0, 0.0)
+            else store.Summary(name, "manual" if d.access == "manual" else "missing", 0, 0, 0, len(d.files),
+                               d.est_size_bytes, 0, 0.0)
             for name, d in datasets.items()
         ]  # fmt: skip
         return MaterializeResult(

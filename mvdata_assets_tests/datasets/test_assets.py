@@ -145,6 +145,14 @@ def test_catalog_datasets_materialise_with_true_counts(setup) -> None:
     assert {(0x2E, 0x7D, 0x32), (0xC6, 0x28, 0x28)} <= pixels  # bars of downloaded and of failed files are drawn
 
 
+def test_the_report_before_any_download_tells_manual_datasets_from_missing_ones(setup) -> None:
+    file_server, home = setup
+    metadata, _ = _run(home, DagsterInstance.ephemeral(), selection=["datasets/download_summary"])
+    report = metadata["datasets/download_summary"]["report"].value
+    assert "| mini_coco | missing |" in report and "| flickr | manual |" in report
+    assert metadata["datasets/download_summary"]["missing"].value == 3  # mini_coco, mini_vqa, evil
+
+
 def test_second_run_skips_verified_files_without_network(setup) -> None:
     file_server, home = setup
     instance = DagsterInstance.ephemeral()
