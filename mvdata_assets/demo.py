@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -132,14 +133,21 @@ def write_demo_runs(out_dir: Path) -> list[str]:
         name: subprocess.Popen([sys.executable, "-m", "mvdata_assets.demo", name, str(out_dir)], env=env)
         for name in DEMO_RUNS
     }
-    for name, child in children.items():
-        code = child.wait()
-        killed = DEMO_RUNS[name][3] is not None
-        if code != 0 and not (killed and code == -signal.SIGKILL):
-            raise RuntimeError(f"writing demo run {name} failed with exit code {code}")
-        pids = out_dir / f".sidecars-{name}"
-        wait_for_exit([int(pid) for pid in pids.read_text().split()])  # the run file is final only then
-        pids.unlink()
+    try:
+        for name, child in children.items():
+            code = child.wait()
+            killed = DEMO_RUNS[name][3] is not None
+            if code != 0 and not (killed and code == -signal.SIGKILL):
+                raise RuntimeError(f"writing demo run {name} failed with exit code {code}")
+            pids = out_dir / f".sidecars-{name}"
+            wait_for_exit([int(pid) for pid in pids.read_text().split()])  # the run file is final only then
+            pids.unlink()
+    except BaseException:  # the other writers stop too, and no partial set is left to be taken for the demo's runs
+        for child in children.values():
+            child.kill()
+            child.wait()
+        shutil.rmtree(out_dir / "wandb", ignore_errors=True)
+        raise
     return list(children)
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import pytest
 
+from mvdata_assets import demo
 from mvdata_assets.demo import write_demo_files
 
 
@@ -20,3 +22,15 @@ def test_the_demo_files_are_the_same_bytes_an_hour_later(tmp_path: Path, monkeyp
     assert {name: (tmp_path / "b" / name).read_bytes() == data for name, data in again.items()} == dict.fromkeys(
         first, True
     )
+
+
+def test_a_writer_that_fails_stops_the_others_and_leaves_no_partial_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial set of runs would be taken for the demo's own by the next `mvdata demo`, which writes none then."""
+    monkeypatch.setattr(demo, "DEMO_RUNS", {"no-such-run": (1e-3, "clip", 10, None), **demo.DEMO_RUNS})
+    with pytest.raises(RuntimeError, match="writing demo run no-such-run failed with exit code 1"):
+        demo.write_demo_runs(tmp_path / "runs")  # its writer knows no such run: it exits at once
+    assert not (tmp_path / "runs" / "wandb").exists()
+    # no writer left behind: every child of this process has ended (killed, and waited for)
+    assert not [pid for pid, (ppid, _, state) in demo.proc_table().items() if ppid == os.getpid() and state != "Z"]
