@@ -20,6 +20,7 @@ from dagster import (
     AssetExecutionContext,
     AssetKey,
     AssetsDefinition,
+    Config,
     DataVersion,
     DynamicPartitionsDefinition,
     MaterializeResult,
@@ -93,6 +94,11 @@ def register_parts(context: AssetExecutionContext, name: str, plans: dict[str, L
     }
 
 
+class ImagesConfig(Config):
+    retry_failed: bool = False
+    """Fetch the images that failed in this part's finished shards again, and rewrite those shards."""
+
+
 def build_images_asset(dataset: Dataset) -> AssetsDefinition:
     @asset(
         key=images_key(dataset.name),
@@ -106,10 +112,10 @@ def build_images_asset(dataset: Dataset) -> AssetsDefinition:
         description=f"The images of {dataset.name}'s URL lists, a range of shards per partition: tars and their "
         f"parquet under the data root, recorded in the warehouse by datasets/{dataset.name}_shards.",
     )
-    def _images(context: AssetExecutionContext, datasets: DatasetsResource) -> MaterializeResult:
+    def _images(context: AssetExecutionContext, config: ImagesConfig, datasets: DatasetsResource) -> MaterializeResult:
         listed, version, shards = shards_of(context.partition_key)
         run = fetch_image_part(dataset, Path(datasets.data_root), listed, version, shards,
-                               datasets.image_options(False))  # fmt: skip
+                               datasets.image_options(config.retry_failed))  # fmt: skip
         context.log.info(f"{dataset.name}: {listed} shards {shards.start}-{shards.stop - 1}: {run.downloaded} "
                          f"images downloaded, {run.skipped} already in shards, {run.failed} failed")  # fmt: skip
         return MaterializeResult(

@@ -131,6 +131,15 @@ def test_parts_fetch_shards_and_one_writer_records_them(parts) -> None:
     assert _summary(home) == recorded
     assert instance.get_dynamic_partitions("big_cc_images") == keys
 
+    # the lost image is back: a part fetches its shard's failed images again when asked, and the dataset is complete
+    file_server.add(f"img/i{IMAGES - 1:02d}.jpg", _jpeg(250), content_type="image/jpeg")
+    retry = {"ops": {"datasets__big_cc_images": {"config": {"retry_failed": True}}}}
+    again = materialize(catalog_assets(), selection=["datasets/big_cc_images"], partition_key=keys[-1],
+                        resources=_resources(), instance=instance, run_config=retry)  # fmt: skip
+    assert again.success
+    _run(instance, ["datasets/big_cc_shards"])
+    assert _summary(home) == ("complete", 0, 0, 1 + IMAGES, 1 + IMAGES)
+
 
 def test_a_changed_list_replans_its_partitions(parts) -> None:
     file_server, catalog, home = parts
