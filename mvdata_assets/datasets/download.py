@@ -189,7 +189,7 @@ def _download(
                         captions=where.captions,
                         list_sha256=where.list_sha256,
                     )
-                    _record_finished_parts(dataset.name, run, listed, where, known, connect, run.plans[listed])
+                    _record_finished_parts(dataset.name, run, listed, where, known, connect)
             else:
                 _fetch_images(dataset, run, known, verify, images or ImageOptions(), shard_progress, connect)
         except UrlListError:
@@ -216,17 +216,12 @@ def _summary(dataset: Dataset, run: DatasetRun, seconds: float) -> store.Summary
 
 
 def _record_finished_parts(
-    name: str,
-    run: DatasetRun,
-    listed: str,
-    where: ListPlace,
-    known: dict[Path, Known],
-    connect: Connect,
-    plan: ListPlan,
+    name: str, run: DatasetRun, listed: str, where: ListPlace, known: dict[Path, Known], connect: Connect
 ) -> None:
-    """The shards of a list fetched in parts that are finished now, into the run and the warehouse."""
+    """The shards of a planned list (`run.plans`) that are finished now, into the run and the warehouse."""
     shards = finished_shards(where.shards_dir) if where.shards_dir.is_dir() else []
-    _record_list(name, run, listed, where, UrlListRun(shards, 0.0, plan.stale_removed), known, connect)
+    stale_removed = run.plans[listed].stale_removed
+    _record_list(name, run, listed, where, UrlListRun(shards, 0.0, stale_removed), known, connect)
 
 
 def _recheck_shards(shards_dir: Path, known: dict[Path, Known], verify: bool) -> list[str]:
@@ -405,7 +400,7 @@ def record_image_parts(
         run = DatasetRun(store.Summary(dataset.name, "failed", 0, 0, 0, 0, None, 0, 0.0), folder, results)
         for listed, where in _lists(dataset, run):
             run.plans[listed] = count_list(where.list_path, spec, where.captions)
-            _record_finished_parts(dataset.name, run, listed, where, known, connect, run.plans[listed])
+            _record_finished_parts(dataset.name, run, listed, where, known, connect)
         run.summary = _summary(dataset, run, time.monotonic() - started)
         with connect() as conn:
             store.record_summary(conn, run.summary)

@@ -122,7 +122,7 @@ def _recorded(out_dir: Path) -> dict | None:
     return json.loads(record.read_text()) if record.exists() else None
 
 
-def plan_version(fingerprint: dict) -> str:
+def _plan_version(fingerprint: dict) -> str:
     """A short name for one list and one reading of it: what a part's partition key carries."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -251,7 +251,7 @@ class ListPlan:
     rows: int
     shards: int
     stale_removed: int  # shards of an earlier list (or reading of it) removed
-    version: str = ""  # `plan_version` of the list and its reading ("" when only counted)
+    version: str = ""  # a short name of the list and its reading, from `_list.json` ("" when only counted)
 
 
 def plan_url_list(
@@ -264,13 +264,13 @@ def plan_url_list(
     fingerprint = _fingerprint(list_path, captions, spec, list_sha256)
     stale = _remove_stale(out_dir, fingerprint)
     return dataclasses.replace(count_list(list_path, spec, captions), stale_removed=stale,
-                               version=plan_version(fingerprint))  # fmt: skip
+                               version=_plan_version(fingerprint))  # fmt: skip
 
 
 def planned_version(out_dir: Path) -> str | None:
-    """The `plan_version` of the list whose shards `out_dir` holds (None: none planned there)."""
+    """The version (as `ListPlan.version`) of the list whose shards `out_dir` holds (None: none planned there)."""
     recorded = _recorded(out_dir)
-    return plan_version(recorded) if recorded is not None else None
+    return _plan_version(recorded) if recorded is not None else None
 
 
 def count_list(list_path: Path, spec: UrlList, captions: Path | None = None) -> ListPlan:
